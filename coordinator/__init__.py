@@ -1,0 +1,3 @@
+"""relaymesh coordinator: shared state (registry, peer map) and direct-path coordination."""
+
+__all__: list[str] = []

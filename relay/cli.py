@@ -1,0 +1,305 @@
+"""The ``relaymesh`` command.
+
+Every subcommand has ``--help``; ``--json`` where a machine may read the
+output; errors are one line on stderr and a non-zero exit (2 for a usage
+mistake, 1 for a failure), never a traceback for a user mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import trio
+
+from . import __version__
+from .client import ConnectError, open_relay_client
+from .config import ConfigError, load_config
+from .keys import KeyFileError, NodeKey, PrivateKey, Sealer, SealError, load_key_file, write_key_file
+from .node import serve_relay_node
+
+__all__ = ["main"]
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+def _fail(msg: str, code: int = 1) -> NoReturn:
+    print(f"relaymesh: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _load_key(path: Path) -> PrivateKey:
+    if not path.exists():
+        raise UserError(f"{path}: no such key file (create one with: relaymesh keygen --out {path})")
+    try:
+        return load_key_file(path)
+    except KeyFileError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _parse_nodekey(text: str) -> NodeKey:
+    try:
+        return NodeKey.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# ---- keygen ----------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key = PrivateKey.generate()
+    if args.out is not None:
+        try:
+            write_key_file(args.out, key)
+        except FileExistsError:
+            raise UserError(f"{args.out}: already exists; not overwriting a key") from None
+        except OSError as exc:
+            raise UserError(f"{args.out}: cannot write: {exc.strerror}") from None
+    if args.json:
+        out: dict[str, Any] = {"public_key": str(key.public)}
+        if args.out is None:
+            out["private_key"] = key.to_text()
+        else:
+            out["key_file"] = str(args.out)
+        print(json.dumps(out))
+    elif args.out is None:
+        # No file: the private key must go somewhere, and stdout is what the user asked for.
+        print(key.to_text())
+        print(key.public, file=sys.stderr)
+    else:
+        print(key.public)
+    return 0
+
+
+# ---- relay -----------------------------------------------------------------
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    overrides = {
+        "relay": {
+            "region": args.region,
+            "name": args.name,
+            "port": args.port,
+            "http_port": args.http_port,
+            "key_file": str(args.key_file) if args.key_file else None,
+            "listen_host": args.listen_host,
+        }
+    }
+    try:
+        cfg = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                info = await nursery.start(serve_relay_node, cfg)
+            except OSError as exc:
+                raise UserError(f"cannot listen: {exc.strerror or exc}") from None
+            if args.json:
+                print(json.dumps({
+                    "region": info.region, "name": info.name, "public_key": str(info.public_key),
+                    "ws_url": info.ws_url, "http_url": info.http_url,
+                }), flush=True)
+            else:
+                print(f"relay {info.region}/{info.name} is up", flush=True)
+                print(f"  key       {info.public_key}")
+                print(f"  websocket {info.ws_url}")
+                print(f"  http      {info.http_url}  (/healthz /metrics /api/v1/status)")
+                print("connect two terminals through it:")
+                print("  relaymesh keygen --out alice.key; relaymesh keygen --out bob.key")
+                print(f"  relaymesh listen --url {info.ws_url} --key-file bob.key")
+                print(f"  relaymesh send --url {info.ws_url} --key-file alice.key --to <bob's key> hello",
+                      flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            log = logging.getLogger("relaymesh")
+            log.info("shutting down: telling clients to move")
+            await info.server.drain(reconnect_in_ms=0, grace_s=2.0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    return 0
+
+
+# ---- listen / send ---------------------------------------------------------
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    key = _load_key(args.key_file)
+    sealer = Sealer(key)
+
+    async def run() -> None:
+        try:
+            async with open_relay_client(args.url, key, token=args.token) as client:
+                if args.json:
+                    print(json.dumps({"listening": str(key.public), "url": args.url}), flush=True)
+                else:
+                    print(f"listening as {key.public} on {args.url}", flush=True)
+                received = 0
+                while args.count is None or received < args.count:
+                    packet = await client.receive()
+                    try:
+                        plain = sealer.open(packet.src, packet.payload)
+                    except SealError:
+                        print(f"relaymesh: dropped a packet from {packet.src} that did not open",
+                              file=sys.stderr, flush=True)
+                        continue
+                    received += 1
+                    if args.json:
+                        print(json.dumps({"from": str(packet.src),
+                                          "text": plain.decode(errors="replace")}), flush=True)
+                    else:
+                        print(f"{packet.src}: {plain.decode(errors='replace')}", flush=True)
+        except ConnectError as exc:
+            raise UserError(str(exc)) from None
+
+    trio.run(run)
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    key = _load_key(args.key_file)
+    sealer = Sealer(key)
+    dest: NodeKey = args.to
+
+    async def run() -> None:
+        try:
+            async with open_relay_client(args.url, key, token=args.token) as client:
+                sent = 0
+                if args.message == "-":
+                    # One packet per line, sent as it is read, so a terminal works like a chat.
+                    stdin = trio.wrap_file(sys.stdin)
+                    async for line in stdin:
+                        await client.send(dest, sealer.seal(dest, line.rstrip("\n").encode()))
+                        sent += 1
+                else:
+                    await client.send(dest, sealer.seal(dest, args.message.encode()))
+                    sent = 1
+                with trio.fail_after(10):
+                    await client.wait_sent()
+                gone = client.peer_gone.get(dest)
+                if args.json:
+                    print(json.dumps({"sent": sent, "to": str(dest),
+                                      "peer_gone": gone.name.lower() if gone is not None else None}))
+                elif gone is not None:
+                    print(f"relaymesh: the relay says {dest} is not connected there", file=sys.stderr)
+        except ConnectError as exc:
+            raise UserError(str(exc)) from None
+        except trio.TooSlowError:
+            raise UserError("the relay did not take the packets within 10 s") from None
+
+    trio.run(run)
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import cmd_bench
+
+    return cmd_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relaymesh",
+        description="A relay mesh for end-to-end-encrypted packets.",
+    )
+    parser.add_argument("--version", action="version", version=f"relaymesh {__version__}")
+    parser.add_argument("--log-level", default=None,
+                        choices=["debug", "info", "warning", "error"],
+                        help="log verbosity (default: info for relay, warning otherwise)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("keygen", help="make a new node key", description="Make a new node key.")
+    p.add_argument("--out", type=Path, help="write the private key to this new file (mode 0600)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("relay", help="run a relay node", description="Run a relay node.")
+    p.add_argument("--config", type=Path, help="TOML config file (see config/relay.example.toml)")
+    p.add_argument("--region", help="region id, e.g. eu")
+    p.add_argument("--name", help="relay name, unique in the mesh, e.g. eu-1")
+    p.add_argument("--listen-host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="WebSocket port (0: any free port)")
+    p.add_argument("--http-port", type=int, help="HTTP API port (0: any free port)")
+    p.add_argument("--key-file", type=Path, help="relay private key; created if missing")
+    p.add_argument("--json", action="store_true", help="print the relay's URLs as JSON")
+    p.set_defaults(func=cmd_relay, default_log="info")
+
+    for name, func, helptext in (
+        ("listen", cmd_listen, "print the packets that arrive for a key"),
+        ("send", cmd_send, "send a message to a node key"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        p.add_argument("--url", required=True, help="relay WebSocket URL, e.g. ws://127.0.0.1:3340/derp")
+        p.add_argument("--key-file", type=Path, required=True, help="your private key file")
+        p.add_argument("--token", help="admission token, if the relay asks for one")
+        p.add_argument("--json", action="store_true", help="print JSON lines")
+        if name == "listen":
+            p.add_argument("--count", type=int, help="exit after this many messages")
+        else:
+            p.add_argument("--to", type=_parse_nodekey, required=True, metavar="NODEKEY",
+                           help="the recipient's public key (nodekey:...)")
+            p.add_argument("message", help="the message, or - to send each line of stdin")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("bench", help="measure the relay against a bare byte-copy relay",
+                       description="Measure packets/s, MB/s and latency through a relay process, "
+                                   "and the same for a bare trio relay that copies bytes, same run.")
+    p.add_argument("--size", type=int, default=1200, help="packet payload bytes (default 1200)")
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per throughput run")
+    p.add_argument("--pairs", type=int, default=1, help="sender/receiver pairs")
+    p.add_argument("--no-baseline", action="store_true", help="skip the byte-copy baseline")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level or getattr(args, "default_log", "warning"))
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as exc:
+        _fail(str(exc))
+    except BaseExceptionGroup as group:
+        # Errors raised inside a nursery arrive grouped; a user mistake is still one line.
+        users, _ = group.split(UserError)
+        if users is None:
+            raise
+        _fail(str(_first(users)))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _first(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

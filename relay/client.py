@@ -1,0 +1,440 @@
+"""RelayClient: the client side of the relay protocol.
+
+``open_relay_client(url, key)`` connects, proves the key, and yields a client
+with ``send(dest, payload)`` and ``receive()``. Behind it one supervisor task
+keeps a connection up: when the relay goes away (closed, restarting, silent
+past two keepalives) it reconnects with jittered exponential backoff, trying
+the given URLs in turn. Packets queued while disconnected wait (bounded;
+``send`` blocks when the queue is full) and go out after the reconnect.
+
+Like the relay, the client has one writer task per connection that sends
+everything queued as one WebSocket message, control frames first.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import nacl.utils
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from . import wire
+from .handshake import open_server_info, seal_client_info
+from .keys import NodeKey, PrivateKey
+from .wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
+
+__all__ = [
+    "ClientStatistics",
+    "ConnectError",
+    "Packet",
+    "RelayClient",
+    "open_relay_client",
+]
+
+log = logging.getLogger(__name__)
+
+_HDR = struct.Struct(">BI")
+_K = wire.KEY_BYTES
+
+
+class ConnectError(Exception):
+    """The first connection to a relay failed (unreachable, refused, bad handshake)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    src: NodeKey
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientStatistics:
+    connected: bool
+    url: str | None
+    connects: int
+    packets_sent: int
+    packets_received: int
+    send_queued: int
+    lost_in_flight: int
+    last_close: str | None
+
+
+class _Disconnect(Exception):
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class RelayClient:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        key: PrivateKey,
+        *,
+        token: str | None = None,
+        mesh_key: bytes | None = None,
+        server_key: NodeKey | None = None,
+        preferred: bool = False,
+        send_queue_packets: int = 1024,
+        receive_queue_packets: int = 1024,
+        max_message_bytes: int = 64 * 1024,
+        connect_timeout_s: float = 5.0,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one relay URL is needed")
+        self.urls = list(urls)
+        self.key = key
+        self._token = token
+        self._mesh_key = mesh_key
+        self._pinned_server_key = server_key
+        self._preferred = preferred
+        self._send_cap = send_queue_packets
+        self._max_message = max_message_bytes
+        self._connect_timeout = connect_timeout_s
+        self._backoff_initial = backoff_initial_s
+        self._backoff_max = backoff_max_s
+        # Written by send()/ping() (any task); drained by the connection's writer.
+        self._data: deque[bytes] = deque()
+        self._ctrl: deque[bytes] = deque()
+        self._wake = trio.Event()
+        self._space = trio.Event()
+        self._recv_send, self._recv_receive = trio.open_memory_channel[Packet](receive_queue_packets)
+        self._pings: dict[bytes, trio.Event] = {}
+        # Written by the supervisor.
+        self.server_key: NodeKey | None = None
+        self.server_info: dict[str, object] = {}
+        self.url: str | None = None
+        self.connected = False
+        self._connected_event = trio.Event()
+        self._connects = 0
+        self._last_close: str | None = None
+        self._restart_hint_s: float | None = None
+        # Written by the reader.
+        self.health = ""
+        self.peer_gone: dict[NodeKey, wire.PeerGoneReason] = {}
+        self.on_peer_gone: list[Callable[[NodeKey, wire.PeerGoneReason], None]] = []
+        self._packets_sent = 0
+        self._packets_received = 0
+        self._lost_in_flight = 0
+
+    # ---- public surface -------------------------------------------------
+
+    @property
+    def public_key(self) -> NodeKey:
+        return self.key.public
+
+    def send_nowait(self, dest: NodeKey, payload: bytes) -> bool:
+        """Queue a packet; False if the send queue is full (nothing queued)."""
+        if len(self._data) >= self._send_cap:
+            return False
+        self._queue(dest, payload)
+        return True
+
+    async def send(self, dest: NodeKey, payload: bytes) -> None:
+        """Queue a packet for ``dest``, waiting while the send queue is full."""
+        while len(self._data) >= self._send_cap:
+            self._space = trio.Event()
+            await self._space.wait()
+        self._queue(dest, payload)
+        await trio.lowlevel.checkpoint()
+
+    def _queue(self, dest: NodeKey, payload: bytes) -> None:
+        if len(payload) > wire.MAX_PACKET_BYTES:
+            raise ValueError(f"payload of {len(payload)} bytes is over {wire.MAX_PACKET_BYTES}")
+        self._data.append(_HDR.pack(FrameType.SEND_PACKET, _K + len(payload)) + dest.raw + payload)
+        self._wake.set()
+
+    async def receive(self) -> Packet:
+        return await self._recv_receive.receive()
+
+    async def ping(self) -> float:
+        """Round trip to the relay in seconds (over the WebSocket, through its queues)."""
+        data = nacl.utils.random(wire.PING_BYTES)
+        done = trio.Event()
+        self._pings[data] = done
+        try:
+            start = trio.current_time()
+            self._ctrl.append(wire.encode(wire.Ping(data=data)))
+            self._wake.set()
+            await done.wait()
+            return trio.current_time() - start
+        finally:
+            self._pings.pop(data, None)
+
+    def note_preferred(self, preferred: bool) -> None:
+        self._preferred = preferred
+        self._ctrl.append(wire.encode(wire.NotePreferred(preferred=preferred)))
+        self._wake.set()
+
+    async def wait_connected(self) -> None:
+        while not self.connected:
+            await self._connected_event.wait()
+
+    async def wait_sent(self) -> None:
+        """Until everything queued so far has been handed to the socket."""
+        while self._data or self._ctrl or not self.connected:
+            await trio.sleep(0.005)
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(
+            connected=self.connected,
+            url=self.url,
+            connects=self._connects,
+            packets_sent=self._packets_sent,
+            packets_received=self._packets_received,
+            send_queued=len(self._data),
+            lost_in_flight=self._lost_in_flight,
+            last_close=self._last_close,
+        )
+
+    # ---- supervisor ------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a connection up until cancelled. started() after the first handshake.
+
+        The first connection's failure is raised as :class:`ConnectError`;
+        after that, failures are retried forever with backoff.
+        """
+        attempt = 0
+        index = 0
+        started = False
+        while True:
+            url = self.urls[index % len(self.urls)]
+            try:
+                await self._session(url, task_status if not started else None)
+                started = True
+                attempt = 0
+            except ConnectError as exc:
+                if not started and index + 1 >= len(self.urls):
+                    raise
+                self._last_close = str(exc)
+                log.info("relay %s: %s", url, exc)
+                index += 1
+                attempt += 1
+            except _Disconnect as exc:
+                started = True
+                self._last_close = exc.why
+                log.info("relay %s disconnected: %s", url, exc.why)
+                attempt = 1
+            delay = self._restart_hint_s
+            self._restart_hint_s = None
+            if delay is None:
+                cap = min(self._backoff_max, self._backoff_initial * 2 ** min(attempt, 16))
+                delay = random.uniform(cap / 2, cap)
+            await trio.sleep(delay)
+
+    async def _session(self, url: str, task_status: trio.TaskStatus[None] | None) -> None:
+        try:
+            async with open_websocket_url(
+                url,
+                subprotocols=[wire.SUBPROTOCOL],
+                max_message_size=1024 * 1024,
+                receive_buffer_size=64 * 1024,
+                connect_timeout=self._connect_timeout,
+                disconnect_timeout=1.0,
+            ) as ws:
+                decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
+                try:
+                    with trio.fail_after(self._connect_timeout):
+                        await self._handshake(ws, decoder)
+                except trio.TooSlowError:
+                    raise ConnectError(f"{url}: relay did not finish the handshake in time") from None
+                except ProtocolError as exc:
+                    raise ConnectError(f"{url}: {exc}") from None
+                except ConnectionClosed as exc:
+                    raise ConnectError(f"{url}: relay closed the connection: {_why(exc)}") from None
+                decoder.max_body = wire.MAX_FRAME_BODY
+                self.url = url
+                self.connected = True
+                self._connects += 1
+                self._connected_event.set()
+                if task_status is not None:
+                    task_status.started()
+                why = "closed"
+                try:
+                    async with trio.open_nursery() as nursery:
+                        result: list[str] = []
+                        nursery.start_soon(self._reader, ws, decoder, nursery.cancel_scope, result)
+                        nursery.start_soon(self._writer, ws, nursery.cancel_scope, result)
+                    why = result[0] if result else "closed"
+                finally:
+                    self.connected = False
+                    self._connected_event = trio.Event()
+                raise _Disconnect(why)
+        except (OSError, HandshakeError, ConnectionRejected) as exc:
+            raise ConnectError(f"{url}: cannot connect: {exc}") from None
+
+    async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> None:
+        server_key_event = await self._next_event(ws, decoder)
+        if not isinstance(server_key_event, wire.ServerKey):
+            raise RemoteProtocolError(
+                f"expected ServerKey, got {type(server_key_event).__name__}", CloseReason.BAD_HANDSHAKE
+            )
+        server_key = NodeKey(server_key_event.public_key)
+        if self._pinned_server_key is not None and server_key != self._pinned_server_key:
+            raise RemoteProtocolError(
+                f"relay key {server_key} is not the expected {self._pinned_server_key}",
+                CloseReason.BAD_HANDSHAKE,
+            )
+        info = seal_client_info(
+            self.key, server_key_event, token=self._token, mesh_key=self._mesh_key,
+            preferred=self._preferred,
+        )
+        await ws.send_message(wire.encode(info))
+        reply = await self._next_event(ws, decoder)
+        if not isinstance(reply, wire.ServerInfo):
+            raise RemoteProtocolError(
+                f"expected ServerInfo, got {type(reply).__name__}", CloseReason.BAD_HANDSHAKE
+            )
+        self.server_info = open_server_info(self.key, server_key, reply)
+        self.server_key = server_key
+
+    @staticmethod
+    async def _next_event(ws: WebSocketConnection, decoder: wire.FrameDecoder) -> wire.Event:
+        while True:
+            event = decoder.next_event()
+            if not isinstance(event, wire.NeedData):
+                return event
+            msg = await ws.get_message()
+            if isinstance(msg, str):
+                raise RemoteProtocolError("relay sent a text message", CloseReason.TEXT_MESSAGE)
+            decoder.receive_data(msg)
+
+    # ---- the two tasks of a connection -----------------------------------
+
+    def _keepalive_s(self) -> float:
+        value = self.server_info.get("keepalive_s", 30.0)
+        return float(value) if isinstance(value, int | float) and value > 0 else 30.0
+
+    async def _reader(self, ws: WebSocketConnection, decoder: wire.FrameDecoder,
+                      scope: trio.CancelScope, result: list[str]) -> None:
+        # Silence for two keepalive periods means the relay (or the path to it) is gone.
+        silence_s = 2 * self._keepalive_s() + 5
+        send_packet = self._recv_send
+        try:
+            while True:
+                with trio.move_on_after(silence_s) as timer:
+                    msg = await ws.get_message()
+                if timer.cancelled_caught:
+                    result.append(f"relay silent for {silence_s:g} s")
+                    return
+                if isinstance(msg, str):
+                    result.append("relay sent a text message")
+                    return
+                decoder.receive_data(msg)
+                while (frame := decoder.next_frame()) is not None:
+                    ftype, body = frame
+                    if ftype == FrameType.RECV_PACKET and len(body) >= _K:
+                        self._packets_received += 1
+                        packet = Packet(NodeKey(body[:_K]), body[_K:])
+                        try:
+                            send_packet.send_nowait(packet)
+                        except trio.WouldBlock:
+                            await send_packet.send(packet)
+                    else:
+                        self._on_control(wire.decode_body(ftype, body))
+        except ConnectionClosed as exc:
+            result.append(f"relay closed the connection: {_why(exc)}")
+        except RemoteProtocolError as exc:
+            result.append(f"protocol error: {exc}")
+        finally:
+            scope.cancel()
+
+    def _on_control(self, event: wire.Event | None) -> None:
+        match event:
+            case wire.Pong(data=data):
+                done = self._pings.get(data)
+                if done is not None:
+                    done.set()
+            case wire.Ping(data=data):
+                self._ctrl.append(wire.encode(wire.Pong(data=data)))
+                self._wake.set()
+            case wire.PeerGone(peer=peer, reason=reason):
+                key = NodeKey(peer)
+                self.peer_gone[key] = reason
+                for cb in self.on_peer_gone:
+                    cb(key, reason)
+            case wire.Health(problem=problem):
+                self.health = problem
+            case wire.Restarting(reconnect_in_ms=ms):
+                self._restart_hint_s = ms / 1000
+            case _:
+                pass  # KeepAlive, or a frame a newer relay sends that we can ignore
+
+    async def _writer(self, ws: WebSocketConnection, scope: trio.CancelScope,
+                      result: list[str]) -> None:
+        data = self._data
+        ctrl = self._ctrl
+        max_bytes = self._max_message
+        keepalive = wire.encode(wire.KeepAlive())
+        interval = self._keepalive_s()
+        try:
+            while True:
+                if not data and not ctrl:
+                    self._wake = trio.Event()
+                    with trio.move_on_after(interval):
+                        await self._wake.wait()
+                    if not data and not ctrl:
+                        ctrl.append(keepalive)
+                chunks = list(ctrl)
+                ctrl.clear()
+                size = sum(map(len, chunks))
+                packets = 0
+                while data and size < max_bytes:
+                    frame = data.popleft()
+                    chunks.append(frame)
+                    size += len(frame)
+                    packets += 1
+                if packets:
+                    self._space.set()
+                try:
+                    await ws.send_message(b"".join(chunks))
+                except BaseException:
+                    self._lost_in_flight += packets
+                    raise
+                self._packets_sent += packets
+        except ConnectionClosed as exc:
+            result.append(f"relay closed the connection: {_why(exc)}")
+        finally:
+            scope.cancel()
+
+
+def _why(exc: ConnectionClosed) -> str:
+    reason = exc.reason
+    if reason is None:
+        return "unknown"
+    return f"{reason.code} {reason.reason or reason.name}"
+
+
+@asynccontextmanager
+async def open_relay_client(
+    url: str | Sequence[str], key: PrivateKey, **options: object
+) -> AsyncIterator[RelayClient]:
+    """Connect to a relay (or the first reachable of several) and keep the connection up.
+
+    Raises :class:`ConnectError` if the first connection fails. Options are
+    :class:`RelayClient`'s keyword arguments.
+    """
+    urls = [url] if isinstance(url, str) else list(url)
+    client = RelayClient(urls, key, **options)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        try:
+            yield client
+        finally:
+            nursery.cancel_scope.cancel()

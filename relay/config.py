@@ -1,0 +1,162 @@
+"""Relay configuration: one frozen, typed object per process, loaded from TOML.
+
+pydantic does the validation so an error names the key and the problem;
+:func:`load_config` adds the file. Unknown keys are errors (a typo must not
+silently fall back to a default). Relative paths in a file are taken
+relative to that file. Units are in the names.
+
+Example (config/relay.example.toml has every key)::
+
+    [relay]
+    region = "eu"
+    name = "eu-1"
+    port = 3340
+    http_port = 3341
+    key_file = "eu-1.key"
+
+    [admission]
+    policy = "token"
+    tokens_file = "tokens.txt"
+
+    [limits]
+    send_queue_packets = 512
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = ["AdmissionConfig", "ConfigError", "LimitsConfig", "RelayConfig", "RelaySection", "load_config"]
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator: file, key, problem."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RelaySection(_Frozen):
+    region: str = Field("local", min_length=1, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    name: str = Field("relay-1", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    listen_host: str = "127.0.0.1"
+    #: WebSocket data plane (path /derp). 0 picks a free port.
+    port: int = Field(3340, ge=0, le=65535)
+    #: HTTP API (health, metrics). 0 picks a free port.
+    http_port: int = Field(3341, ge=0, le=65535)
+    #: The relay's private key; created (mode 0600) if missing. None: a new key each start.
+    key_file: Path | None = None
+
+
+class AdmissionConfig(_Frozen):
+    #: open: any client that proves its key. token: it must also present a listed token.
+    policy: Literal["open", "token"] = "open"
+    #: One token per line; blank lines and lines starting with # are ignored.
+    tokens_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tokens_for_token_policy(self) -> AdmissionConfig:
+        if self.policy == "token" and self.tokens_file is None:
+            raise ValueError("policy 'token' needs tokens_file")
+        return self
+
+
+class LimitsConfig(_Frozen):
+    handshake_timeout_s: float = Field(5.0, gt=0)
+    #: A client whose socket accepts nothing for this long is dropped.
+    write_timeout_s: float = Field(5.0, gt=0)
+    keepalive_interval_s: float = Field(30.0, gt=0)
+    #: Packets queued per client before the oldest is dropped.
+    send_queue_packets: int = Field(512, ge=1, le=1_000_000)
+    #: Control frames (pong, peer gone, health) queued per client.
+    control_queue_frames: int = Field(64, ge=1, le=100_000)
+    #: The writer coalesces queued frames into WebSocket messages of about this size.
+    max_message_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: The largest WebSocket message accepted from a peer.
+    max_receive_message_bytes: int = Field(1024 * 1024, ge=70 * 1024, le=64 * 1024 * 1024)
+    receive_buffer_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
+    #: Per-client receive rate; 0 means unlimited. Over it the reader slows, nothing is dropped.
+    rate_bytes_per_s: int = Field(0, ge=0)
+    #: Bytes a client may send at once above the rate; 0 means one second of rate.
+    rate_burst_bytes: int = Field(0, ge=0)
+    #: A sender is told a destination is gone at most this often per destination.
+    peer_gone_interval_s: float = Field(1.0, ge=0)
+
+
+class RelayConfig(_Frozen):
+    relay: RelaySection = RelaySection()
+    admission: AdmissionConfig = AdmissionConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {_where(err['loc'])}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for section, key in (("relay", "key_file"), ("admission", "tokens_file")):
+        sec = raw.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            p = Path(sec[key]).expanduser()
+            sec[key] = str(p if p.is_absolute() else base / p)
+
+
+def _merge(raw: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for section, values in overrides.items():
+        sec = out.setdefault(section, {})
+        if not isinstance(sec, dict):
+            continue  # validation reports the bad section
+        sec.update({k: v for k, v in values.items() if v is not None})
+    return out
+
+
+def load_config(
+    path: Path | None = None, *, overrides: dict[str, dict[str, Any]] | None = None
+) -> RelayConfig:
+    """The configuration from ``path`` (or defaults) with ``overrides`` (CLI flags) on top."""
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        _resolve_paths(raw, path.parent)
+    merged = _merge(raw, overrides or {})
+    try:
+        return RelayConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_tokens(path: Path) -> frozenset[str]:
+    """Admission tokens from a file: one a line; ``#`` comments and blank lines ignored."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read tokens file: {exc.strerror}") from None
+    tokens = frozenset(
+        line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    )
+    if not tokens:
+        raise ConfigError(f"{path}: tokens file lists no token")
+    return tokens

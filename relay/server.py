@@ -1,0 +1,589 @@
+"""The relay server: accept clients over WebSocket, authenticate, route packets.
+
+Theory of operation
+-------------------
+Each accepted connection runs :meth:`RelayServer._handle`: a handshake under a
+deadline, then one nursery holding a reader task and a writer task. When one
+of them ends (peer closed, bad frame, write timeout, replaced) it records why
+and cancels the nursery, and the handler closes the WebSocket with that
+reason. The nursery never outlives the handler.
+
+Routing is synchronous and never blocks: the reader of client X decodes a
+SendPacket to Y, turns it into a RecvPacket frame (same length: the 32-byte
+destination key is swapped for X's key) and appends it to Y's bounded data
+queue. If Y's queue is full the oldest queued packet is dropped; if Y is
+already closing the new one is. Every drop is counted under a
+:class:`DropReason`. Y's writer wakes, takes everything queued (control frames
+first, then data up to ``max_message_bytes``) and sends it as one WebSocket
+message. Coalescing is what makes small packets cheap: the per-message cost of
+the WebSocket layer is paid once per batch, not once per packet.
+
+A per-client token bucket (``rate_bytes_per_s``) slows the *reader* of a
+client that sends too fast, which pushes back through TCP instead of dropping.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import logging
+import struct
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from . import wire
+from .config import RelayConfig
+from .handshake import ClientHello, mesh_proof, new_challenge, open_client_info, seal_server_info
+from .keys import NodeKey, PrivateKey
+from .wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
+
+__all__ = ["ClientStats", "DropReason", "RelayServer", "RelayStats", "serve_relay"]
+
+log = logging.getLogger(__name__)
+
+_HDR = struct.Struct(">BI")
+_RECV = FrameType.RECV_PACKET
+_SEND = FrameType.SEND_PACKET
+_K = wire.KEY_BYTES
+#: How long a close handshake may take before the socket is just closed.
+_CLOSE_TIMEOUT_S = 2.0
+#: Remember at most this many recent senders per client (for PeerGone on disconnect).
+_MAX_SENDERS_TRACKED = 4096
+
+
+class DropReason(enum.Enum):
+    #: The destination's queue was full: its oldest packet was dropped for a new one.
+    QUEUE_FULL = "queue_full"
+    #: No client with that key is connected here.
+    UNKNOWN_DEST = "unknown_dest"
+    #: The destination was closing; the packet arrived too late.
+    DEST_CLOSING = "dest_closing"
+    #: Still queued when the destination disconnected.
+    DISCONNECTED = "disconnected"
+    #: A control frame (pong, peer gone) did not fit the control queue.
+    CONTROL_QUEUE_FULL = "control_queue_full"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientStats:
+    key: str
+    remote: str
+    is_mesh: bool
+    preferred: bool
+    connected_at: float
+    data_queued: int
+    data_capacity: int
+    control_queued: int
+    packets_in: int
+    bytes_in: int
+    packets_out: int
+    bytes_out: int
+    messages_out: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayStats:
+    clients: int
+    mesh_peers: int
+    accepts: int
+    handshakes_ok: int
+    packets_in: int
+    bytes_in: int
+    packets_out: int
+    bytes_out: int
+    messages_out: int
+    drops: dict[str, int]
+    closes: dict[str, int]
+    skipped_frames: int
+
+
+class _Closing(Exception):
+    """Raised inside a connection's tasks to end it with a reason."""
+
+    def __init__(self, reason: CloseReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class _Client:
+    """One authenticated connection."""
+
+    def __init__(self, ws: WebSocketConnection, hello: ClientHello, remote: str, *, is_mesh: bool,
+                 data_cap: int, ctrl_cap: int) -> None:
+        # Fixed once the handshake is done.
+        self.ws = ws
+        self.key = hello.client_key.raw
+        self.node_key = hello.client_key
+        self.remote = remote
+        self.is_mesh = is_mesh
+        self.data_cap = data_cap
+        self.ctrl_cap = ctrl_cap
+        self.connected_at = trio.current_time()
+        self.cancel_scope = trio.CancelScope()
+        # Appended to by any reader task (routing); drained by this client's writer.
+        self.data: deque[bytes] = deque()
+        self.ctrl: deque[bytes] = deque()
+        self.wake = trio.Event()
+        self.writer_waiting = False
+        self.closing = False
+        self.senders: set[bytes] = set()
+        # Owned by this client's reader task.
+        self.preferred = hello.preferred
+        self.gone_notified: dict[bytes, float] = {}
+        self.packets_in = 0
+        self.bytes_in = 0
+        # Owned by this client's writer task.
+        self.packets_out = 0
+        self.bytes_out = 0
+        self.messages_out = 0
+        # Set by whoever ends the connection first.
+        self.close_reason: CloseReason | None = None
+        self.close_detail = ""
+
+    def end(self, reason: CloseReason, detail: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+            self.close_detail = detail
+        self.closing = True
+        self.cancel_scope.cancel()
+
+    def _poke(self) -> None:
+        if self.writer_waiting:
+            self.writer_waiting = False
+            self.wake.set()
+
+    def stats(self) -> ClientStats:
+        return ClientStats(
+            key=str(self.node_key),
+            remote=self.remote,
+            is_mesh=self.is_mesh,
+            preferred=self.preferred,
+            connected_at=self.connected_at,
+            data_queued=len(self.data),
+            data_capacity=self.data_cap,
+            control_queued=len(self.ctrl),
+            packets_in=self.packets_in,
+            bytes_in=self.bytes_in,
+            packets_out=self.packets_out,
+            bytes_out=self.bytes_out,
+            messages_out=self.messages_out,
+        )
+
+
+@dataclass
+class _Counters:
+    accepts: int = 0
+    handshakes_ok: int = 0
+    packets_in: int = 0
+    bytes_in: int = 0
+    packets_out: int = 0
+    bytes_out: int = 0
+    messages_out: int = 0
+    skipped_frames: int = 0
+    drops: Counter[DropReason] = field(default_factory=Counter)
+    closes: Counter[str] = field(default_factory=Counter)
+
+
+class RelayServer:
+    """Routes packets between the clients connected to one relay."""
+
+    def __init__(
+        self,
+        cfg: RelayConfig,
+        key: PrivateKey,
+        *,
+        tokens: frozenset[str] = frozenset(),
+        mesh_key: bytes | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.key = key
+        self._limits = cfg.limits
+        self._tokens = tokens
+        self._mesh_key = mesh_key
+        self._clients: dict[bytes, _Client] = {}
+        self._c = _Counters()
+        #: Called (synchronously) when a client connects or disconnects; for the coordinator.
+        self.on_connect: list[Callable[[NodeKey], None]] = []
+        self.on_disconnect: list[Callable[[NodeKey], None]] = []
+        self.port: int | None = None
+
+    # ---- public surface -------------------------------------------------
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept WebSocket clients on ``host:port`` until cancelled; started() with the port."""
+        lim = self._limits
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                lambda task_status: serve_websocket(
+                    self._handle,
+                    host,
+                    port,
+                    ssl_context=None,
+                    handler_nursery=nursery,
+                    max_message_size=lim.max_receive_message_bytes,
+                    receive_buffer_size=lim.receive_buffer_bytes,
+                    connect_timeout=lim.handshake_timeout_s,
+                    disconnect_timeout=_CLOSE_TIMEOUT_S,
+                    task_status=task_status,
+                )
+            )
+            self.port = server.port
+            task_status.started(server.port)
+
+    def statistics(self) -> RelayStats:
+        c = self._c
+        return RelayStats(
+            clients=sum(1 for cl in self._clients.values() if not cl.is_mesh),
+            mesh_peers=sum(1 for cl in self._clients.values() if cl.is_mesh),
+            accepts=c.accepts,
+            handshakes_ok=c.handshakes_ok,
+            packets_in=c.packets_in + sum(cl.packets_in for cl in self._clients.values()),
+            bytes_in=c.bytes_in + sum(cl.bytes_in for cl in self._clients.values()),
+            packets_out=c.packets_out + sum(cl.packets_out for cl in self._clients.values()),
+            bytes_out=c.bytes_out + sum(cl.bytes_out for cl in self._clients.values()),
+            messages_out=c.messages_out + sum(cl.messages_out for cl in self._clients.values()),
+            drops={r.value: c.drops[r] for r in DropReason},
+            closes=dict(c.closes),
+            skipped_frames=c.skipped_frames,
+        )
+
+    def client_statistics(self) -> list[ClientStats]:
+        return [cl.stats() for cl in self._clients.values()]
+
+    def is_connected(self, key: NodeKey) -> bool:
+        return key.raw in self._clients
+
+    def broadcast_health(self, problem: str) -> None:
+        """Tell every client about a problem (empty string: healthy again)."""
+        frame = wire.encode(wire.Health(problem=problem))
+        for cl in list(self._clients.values()):
+            self._enqueue_ctrl(cl, frame)
+
+    async def drain(self, *, reconnect_in_ms: int = 0, try_for_ms: int = 10_000,
+                    grace_s: float = 2.0) -> None:
+        """Tell every client we are restarting, give writers ``grace_s`` to flush, close all."""
+        frame = wire.encode(wire.Restarting(reconnect_in_ms=reconnect_in_ms, try_for_ms=try_for_ms))
+        clients = list(self._clients.values())
+        for cl in clients:
+            self._enqueue_ctrl(cl, frame)
+        with trio.move_on_after(grace_s):
+            while any(cl.ctrl or cl.data for cl in clients if not cl.closing):
+                await trio.sleep(0.01)
+        for cl in clients:
+            cl.end(CloseReason.GOING_AWAY, "relay restarting")
+
+    # ---- connection lifecycle --------------------------------------------
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        self._c.accepts += 1
+        if request.path.split("?", 1)[0] != "/derp":
+            await request.reject(404, body=b"not found: the relay endpoint is /derp\n")
+            self._c.closes["bad_path"] += 1
+            return
+        if wire.SUBPROTOCOL not in request.proposed_subprotocols:
+            await request.reject(400, body=b"the WebSocket subprotocol must be 'derp'\n")
+            self._c.closes["bad_subprotocol"] += 1
+            return
+        ws = await request.accept(subprotocol=wire.SUBPROTOCOL)
+        remote = str(ws.remote.url if hasattr(ws.remote, "url") else ws.remote)
+        decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
+        try:
+            with trio.fail_after(self._limits.handshake_timeout_s):
+                hello = await self._handshake(ws, decoder)
+        except trio.TooSlowError:
+            await self._close(ws, CloseReason.HANDSHAKE_TIMEOUT, "no ClientInfo in time")
+            return
+        except _Closing as exc:
+            await self._close(ws, exc.reason, exc.detail)
+            return
+        except ProtocolError as exc:
+            await self._close(ws, exc.reason, str(exc))
+            return
+        except ConnectionClosed:
+            self._c.closes["closed_in_handshake"] += 1
+            return
+        self._c.handshakes_ok += 1
+        is_mesh = hello.mesh_proof is not None
+        client = _Client(
+            ws, hello, remote, is_mesh=is_mesh,
+            data_cap=self._limits.send_queue_packets, ctrl_cap=self._limits.control_queue_frames,
+        )
+        decoder.max_body = wire.MAX_FRAME_BODY
+        self._register(client)
+        try:
+            with client.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._run_reader, client, decoder, nursery.cancel_scope)
+                    nursery.start_soon(self._run_writer, client, nursery.cancel_scope)
+        finally:
+            self._unregister(client)
+        reason = client.close_reason or CloseReason.CLOSED_BY_PEER
+        await self._close(ws, reason, client.close_detail)
+
+    async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> ClientHello:
+        challenge = new_challenge()
+        await ws.send_message(
+            wire.encode(wire.ServerKey(public_key=self.key.public.raw, challenge=challenge))
+        )
+        while True:
+            msg = await ws.get_message()
+            if isinstance(msg, str):
+                raise _Closing(CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol")
+            decoder.receive_data(msg)
+            event = decoder.next_event()
+            if event is wire.NEED_DATA:
+                continue
+            if not isinstance(event, wire.ClientInfo):
+                raise RemoteProtocolError(
+                    f"expected ClientInfo, got {type(event).__name__}", CloseReason.BAD_HANDSHAKE
+                )
+            hello = open_client_info(self.key, challenge, event)
+            self._admit(hello, challenge)
+            lim = self._limits
+            info = {
+                "rate_bytes_per_s": lim.rate_bytes_per_s,
+                "rate_burst_bytes": self._burst(),
+                "keepalive_s": lim.keepalive_interval_s,
+                "max_packet_bytes": wire.MAX_PACKET_BYTES,
+            }
+            await ws.send_message(wire.encode(seal_server_info(self.key, hello.client_key, info)))
+            return hello
+
+    def _admit(self, hello: ClientHello, challenge: bytes) -> None:
+        if hello.mesh_proof is not None:
+            # Mesh peers are judged by the mesh key alone, never by client policy.
+            if self._mesh_key is None:
+                raise _Closing(CloseReason.UNAUTHORIZED, "this relay is not part of a mesh")
+            want = mesh_proof(self._mesh_key, challenge, hello.client_key)
+            if not hmac.compare_digest(want, hello.mesh_proof):
+                self._c.closes["bad_mesh_key"] += 1
+                raise _Closing(CloseReason.UNAUTHORIZED, "mesh key proof does not match")
+            return
+        if self.cfg.admission.policy == "token" and (
+            hello.token is None or hello.token not in self._tokens
+        ):
+            raise _Closing(CloseReason.UNAUTHORIZED, "admission token missing or not accepted")
+
+    def _burst(self) -> int:
+        lim = self._limits
+        return lim.rate_burst_bytes or lim.rate_bytes_per_s
+
+    def _register(self, client: _Client) -> None:
+        old = self._clients.get(client.key)
+        if old is not None:
+            old.end(CloseReason.REPLACED, "a newer connection with the same key took over")
+            log.info("client %s replaced (%s → %s)", client.node_key.short(), old.remote, client.remote)
+        self._clients[client.key] = client
+        for cb in self.on_connect:
+            cb(client.node_key)
+
+    def _unregister(self, client: _Client) -> None:
+        client.closing = True
+        c = self._c
+        c.packets_in += client.packets_in
+        c.bytes_in += client.bytes_in
+        c.packets_out += client.packets_out
+        c.bytes_out += client.bytes_out
+        c.messages_out += client.messages_out
+        client.packets_in = client.bytes_in = client.packets_out = 0
+        client.bytes_out = client.messages_out = 0
+        if client.data:
+            c.drops[DropReason.DISCONNECTED] += len(client.data)
+            client.data.clear()
+        if self._clients.get(client.key) is not client:
+            return  # replaced: the newer connection owns the key now
+        del self._clients[client.key]
+        gone = wire.encode(wire.PeerGone(peer=client.key, reason=wire.PeerGoneReason.DISCONNECTED))
+        for sender in client.senders:
+            other = self._clients.get(sender)
+            if other is not None:
+                self._enqueue_ctrl(other, gone)
+        for cb in self.on_disconnect:
+            cb(client.node_key)
+
+    async def _close(self, ws: WebSocketConnection, reason: CloseReason, detail: str) -> None:
+        self._c.closes[reason.label] += 1
+        if reason not in (CloseReason.NORMAL, CloseReason.CLOSED_BY_PEER, CloseReason.GOING_AWAY):
+            log.info("closing connection from %s: %s: %s", ws.remote, reason.label, detail)
+        text = f"{reason.label}: {detail}" if detail else reason.label
+        # A close reason is limited to 123 bytes by RFC 6455.
+        text = text.encode()[:123].decode(errors="ignore")
+        with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
+            scope.shield = True
+            await ws.aclose(reason if reason != CloseReason.CLOSED_BY_PEER else 1000, text)
+
+    # ---- the two tasks of a connection -----------------------------------
+
+    async def _run_reader(self, client: _Client, decoder: wire.FrameDecoder,
+                          scope: trio.CancelScope) -> None:
+        try:
+            await self._read_loop(client, decoder)
+        except ConnectionClosed:
+            client.end(CloseReason.CLOSED_BY_PEER, "")
+        except ProtocolError as exc:
+            client.end(exc.reason, str(exc))
+        except _Closing as exc:
+            client.end(exc.reason, exc.detail)
+        finally:
+            scope.cancel()
+
+    async def _read_loop(self, client: _Client, decoder: wire.FrameDecoder) -> None:
+        lim = self._limits
+        rate = lim.rate_bytes_per_s
+        burst = float(self._burst())
+        tokens = burst
+        last = trio.current_time()
+        get_message = client.ws.get_message
+        next_frame = decoder.next_frame
+        route = self._route
+        while True:
+            msg = await get_message()
+            if isinstance(msg, str):
+                raise _Closing(CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol")
+            if rate:
+                now = trio.current_time()
+                tokens = min(burst, tokens + (now - last) * rate) - len(msg)
+                last = now
+                if tokens < 0:
+                    await trio.sleep(-tokens / rate)
+            decoder.receive_data(msg)
+            while (frame := next_frame()) is not None:
+                ftype, body = frame
+                if ftype == _SEND:
+                    route(client, body)
+                else:
+                    self._control(client, ftype, body)
+            if decoder.skipped_frames:
+                self._c.skipped_frames += decoder.skipped_frames
+                decoder.skipped_frames = 0
+
+    def _route(self, src: _Client, body: bytes) -> None:
+        if len(body) < _K:
+            raise RemoteProtocolError(f"SendPacket body of {len(body)} bytes has no destination")
+        n = len(body) - _K
+        if n > wire.MAX_PACKET_BYTES:
+            raise RemoteProtocolError(
+                f"packet of {n} bytes is over the limit", CloseReason.FRAME_TOO_LARGE
+            )
+        src.packets_in += 1
+        src.bytes_in += n
+        dest_key = body[:_K]
+        dest = self._clients.get(dest_key)
+        if dest is None:
+            self._c.drops[DropReason.UNKNOWN_DEST] += 1
+            self._note_gone(src, dest_key)
+            return
+        if dest.closing:
+            self._c.drops[DropReason.DEST_CLOSING] += 1
+            return
+        q = dest.data
+        if len(q) >= dest.data_cap:
+            q.popleft()
+            self._c.drops[DropReason.QUEUE_FULL] += 1
+        q.append(_HDR.pack(_RECV, len(body)) + src.key + body[_K:])
+        if len(dest.senders) < _MAX_SENDERS_TRACKED:
+            dest.senders.add(src.key)
+        if dest.writer_waiting:
+            dest.writer_waiting = False
+            dest.wake.set()
+
+    def _note_gone(self, src: _Client, dest_key: bytes) -> None:
+        now = trio.current_time()
+        last = src.gone_notified.get(dest_key)
+        if last is not None and now - last < self._limits.peer_gone_interval_s:
+            return
+        if len(src.gone_notified) > _MAX_SENDERS_TRACKED:
+            src.gone_notified.clear()
+        src.gone_notified[dest_key] = now
+        self._enqueue_ctrl(
+            src, wire.encode(wire.PeerGone(peer=dest_key, reason=wire.PeerGoneReason.NOT_HERE))
+        )
+
+    def _control(self, client: _Client, ftype: int, body: bytes) -> None:
+        event = wire.decode_body(ftype, body)
+        match event:
+            case None:
+                self._c.skipped_frames += 1
+            case wire.Ping(data=data):
+                self._enqueue_ctrl(client, wire.encode(wire.Pong(data=data)))
+            case wire.KeepAlive() | wire.Pong():
+                pass
+            case wire.NotePreferred(preferred=preferred):
+                client.preferred = preferred
+            case _:
+                raise RemoteProtocolError(
+                    f"{type(event).__name__} is not a frame a client may send",
+                    CloseReason.UNEXPECTED_FRAME,
+                )
+
+    def _enqueue_ctrl(self, client: _Client, frame: bytes) -> None:
+        if client.closing:
+            return
+        if len(client.ctrl) >= client.ctrl_cap:
+            self._c.drops[DropReason.CONTROL_QUEUE_FULL] += 1
+            return
+        client.ctrl.append(frame)
+        client._poke()
+
+    async def _run_writer(self, client: _Client, scope: trio.CancelScope) -> None:
+        try:
+            await self._write_loop(client)
+        except ConnectionClosed:
+            client.end(CloseReason.CLOSED_BY_PEER, "")
+        except trio.TooSlowError:
+            client.end(CloseReason.WRITE_TIMEOUT,
+                       f"socket accepted nothing for {self._limits.write_timeout_s:g} s")
+        finally:
+            scope.cancel()
+
+    async def _write_loop(self, client: _Client) -> None:
+        lim = self._limits
+        max_bytes = lim.max_message_bytes
+        keepalive = wire.encode(wire.KeepAlive())
+        send_message = client.ws.send_message
+        data = client.data
+        ctrl = client.ctrl
+        while True:
+            if not data and not ctrl:
+                client.wake = trio.Event()
+                client.writer_waiting = True
+                with trio.move_on_after(lim.keepalive_interval_s):
+                    await client.wake.wait()
+                client.writer_waiting = False
+                if not data and not ctrl:
+                    ctrl.append(keepalive)
+            chunks = list(ctrl)
+            ctrl.clear()
+            size = sum(map(len, chunks))
+            packets = 0
+            while data and size < max_bytes:
+                frame = data.popleft()
+                chunks.append(frame)
+                size += len(frame)
+                packets += 1
+            with trio.fail_after(lim.write_timeout_s):
+                await send_message(b"".join(chunks))
+            client.packets_out += packets
+            client.bytes_out += size
+            client.messages_out += 1
+
+
+async def serve_relay(
+    cfg: RelayConfig,
+    key: PrivateKey,
+    *,
+    tokens: frozenset[str] = frozenset(),
+    mesh_key: bytes | None = None,
+    task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a relay's WebSocket server until cancelled; started() with the server."""
+    server = RelayServer(cfg, key, tokens=tokens, mesh_key=mesh_key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, cfg.relay.listen_host, cfg.relay.port)
+        task_status.started(server)
