@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from . import _wsmask  # noqa: E402
+
+_wsmask.install()
+
 from .client import ConnectError, Packet, RelayClient, open_relay_client  # noqa: E402
 from .config import ConfigError, RelayConfig, load_config  # noqa: E402
 from .keys import NodeKey, PrivateKey, Sealer  # noqa: E402

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import nacl.utils
 import trio
@@ -41,6 +42,7 @@ __all__ = [
     "ConnectError",
     "Packet",
     "RelayClient",
+    "client_handshake",
     "open_relay_client",
 ]
 
@@ -117,7 +119,7 @@ class RelayClient:
         self._pings: dict[bytes, trio.Event] = {}
         # Written by the supervisor.
         self.server_key: NodeKey | None = None
-        self.server_info: dict[str, object] = {}
+        self.server_info: dict[str, Any] = {}
         self.url: str | None = None
         self.connected = False
         self._connected_event = trio.Event()
@@ -280,40 +282,10 @@ class RelayClient:
             raise ConnectError(f"{url}: cannot connect: {exc}") from None
 
     async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> None:
-        server_key_event = await self._next_event(ws, decoder)
-        if not isinstance(server_key_event, wire.ServerKey):
-            raise RemoteProtocolError(
-                f"expected ServerKey, got {type(server_key_event).__name__}", CloseReason.BAD_HANDSHAKE
-            )
-        server_key = NodeKey(server_key_event.public_key)
-        if self._pinned_server_key is not None and server_key != self._pinned_server_key:
-            raise RemoteProtocolError(
-                f"relay key {server_key} is not the expected {self._pinned_server_key}",
-                CloseReason.BAD_HANDSHAKE,
-            )
-        info = seal_client_info(
-            self.key, server_key_event, token=self._token, mesh_key=self._mesh_key,
-            preferred=self._preferred,
+        self.server_key, self.server_info = await client_handshake(
+            ws, decoder, self.key, token=self._token, mesh_key=self._mesh_key,
+            server_key=self._pinned_server_key, preferred=self._preferred,
         )
-        await ws.send_message(wire.encode(info))
-        reply = await self._next_event(ws, decoder)
-        if not isinstance(reply, wire.ServerInfo):
-            raise RemoteProtocolError(
-                f"expected ServerInfo, got {type(reply).__name__}", CloseReason.BAD_HANDSHAKE
-            )
-        self.server_info = open_server_info(self.key, server_key, reply)
-        self.server_key = server_key
-
-    @staticmethod
-    async def _next_event(ws: WebSocketConnection, decoder: wire.FrameDecoder) -> wire.Event:
-        while True:
-            event = decoder.next_event()
-            if not isinstance(event, wire.NeedData):
-                return event
-            msg = await ws.get_message()
-            if isinstance(msg, str):
-                raise RemoteProtocolError("relay sent a text message", CloseReason.TEXT_MESSAGE)
-            decoder.receive_data(msg)
 
     # ---- the two tasks of a connection -----------------------------------
 
@@ -412,6 +384,53 @@ class RelayClient:
             result.append(f"relay closed the connection: {_why(exc)}")
         finally:
             scope.cancel()
+
+
+async def _next_event(ws: WebSocketConnection, decoder: wire.FrameDecoder) -> wire.Event:
+    while True:
+        event = decoder.next_event()
+        if not isinstance(event, wire.NeedData):
+            return event
+        msg = await ws.get_message()
+        if isinstance(msg, str):
+            raise RemoteProtocolError("relay sent a text message", CloseReason.TEXT_MESSAGE)
+        decoder.receive_data(msg)
+
+
+async def client_handshake(
+    ws: WebSocketConnection,
+    decoder: wire.FrameDecoder,
+    key: PrivateKey,
+    *,
+    token: str | None = None,
+    mesh_key: bytes | None = None,
+    server_key: NodeKey | None = None,
+    preferred: bool = False,
+) -> tuple[NodeKey, dict[str, Any]]:
+    """Run the client side of the handshake on an open WebSocket.
+
+    Returns the relay's key and its ServerInfo. Raises RemoteProtocolError if
+    the relay is not who ``server_key`` says or does not follow the protocol,
+    ConnectionClosed if it refuses us.
+    """
+    hello = await _next_event(ws, decoder)
+    if not isinstance(hello, wire.ServerKey):
+        raise RemoteProtocolError(
+            f"expected ServerKey, got {type(hello).__name__}", CloseReason.BAD_HANDSHAKE
+        )
+    got = NodeKey(hello.public_key)
+    if server_key is not None and got != server_key:
+        raise RemoteProtocolError(
+            f"relay key {got} is not the expected {server_key}", CloseReason.BAD_HANDSHAKE
+        )
+    info = seal_client_info(key, hello, token=token, mesh_key=mesh_key, preferred=preferred)
+    await ws.send_message(wire.encode(info))
+    reply = await _next_event(ws, decoder)
+    if not isinstance(reply, wire.ServerInfo):
+        raise RemoteProtocolError(
+            f"expected ServerInfo, got {type(reply).__name__}", CloseReason.BAD_HANDSHAKE
+        )
+    return got, open_server_info(key, got, reply)
 
 
 def _why(exc: ConnectionClosed) -> str:

@@ -526,6 +526,40 @@ class FrameDecoder:
         self._pos = end
         return frame_type, bytes(buf[pos + HEADER_BYTES : end])
 
+    def split(self) -> list[tuple[int, bytes]]:
+        """Every whole frame buffered now, as :meth:`next_frame` would return them one by one.
+
+        One call per received message instead of one per frame: this is the
+        relay's hot path, so the loop is written out with locals.
+        """
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        limit = self.max_body
+        unpack = _HEADER.unpack_from
+        frames: list[tuple[int, bytes]] = []
+        append = frames.append
+        while end - pos >= HEADER_BYTES:
+            frame_type, length = unpack(buf, pos)
+            if length > limit:
+                self._pos = pos
+                self._error = RemoteProtocolError(
+                    f"frame of type 0x{frame_type:02x} claims {length} bytes,"
+                    f" over the limit of {limit}",
+                    CloseReason.FRAME_TOO_LARGE,
+                )
+                # The frames before the bad one are still delivered; the error comes next call.
+                return frames
+            stop = pos + HEADER_BYTES + length
+            if stop > end:
+                break
+            append((frame_type, bytes(buf[pos + HEADER_BYTES : stop])))
+            pos = stop
+        self._pos = pos
+        return frames
+
     def next_event(self) -> Event | NeedData:
         """The next event, or :data:`NEED_DATA`. Unknown frame types are skipped."""
         while True:
