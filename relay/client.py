@@ -17,7 +17,7 @@ import logging
 import random
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +42,7 @@ __all__ = [
     "ConnectError",
     "Packet",
     "RelayClient",
+    "RelayClosedError",
     "client_handshake",
     "open_relay_client",
 ]
@@ -74,10 +75,15 @@ class ClientStatistics:
     last_close: str | None
 
 
+class RelayClosedError(Exception):
+    """The client stopped for good: replaced by a newer connection with the same key."""
+
+
 class _Disconnect(Exception):
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, code: int | None = None) -> None:
         super().__init__(why)
         self.why = why
+        self.code = code
 
 
 class RelayClient:
@@ -126,6 +132,7 @@ class RelayClient:
         self._connects = 0
         self._last_close: str | None = None
         self._restart_hint_s: float | None = None
+        self.closed_reason: str | None = None
         # Written by the reader.
         self.health = ""
         self.peer_gone: dict[NodeKey, wire.PeerGoneReason] = {}
@@ -150,19 +157,27 @@ class RelayClient:
     async def send(self, dest: NodeKey, payload: bytes) -> None:
         """Queue a packet for ``dest``, waiting while the send queue is full."""
         while len(self._data) >= self._send_cap:
+            if self.closed_reason is not None:
+                raise RelayClosedError(self.closed_reason)
             self._space = trio.Event()
             await self._space.wait()
         self._queue(dest, payload)
         await trio.lowlevel.checkpoint()
 
     def _queue(self, dest: NodeKey, payload: bytes) -> None:
+        if self.closed_reason is not None:
+            raise RelayClosedError(self.closed_reason)
         if len(payload) > wire.MAX_PACKET_BYTES:
             raise ValueError(f"payload of {len(payload)} bytes is over {wire.MAX_PACKET_BYTES}")
         self._data.append(_HDR.pack(FrameType.SEND_PACKET, _K + len(payload)) + dest.raw + payload)
         self._wake.set()
 
     async def receive(self) -> Packet:
-        return await self._recv_receive.receive()
+        """The next packet for us. Raises :class:`RelayClosedError` once the client stopped."""
+        try:
+            return await self._recv_receive.receive()
+        except trio.EndOfChannel:
+            raise RelayClosedError(self.closed_reason or "closed") from None
 
     async def ping(self) -> float:
         """Round trip to the relay in seconds (over the WebSocket, through its queues)."""
@@ -231,6 +246,14 @@ class RelayClient:
             except _Disconnect as exc:
                 started = True
                 self._last_close = exc.why
+                if exc.code == CloseReason.REPLACED:
+                    # Another connection with our key took over. Reconnecting would
+                    # kick it off in turn, and the two would fight for ever: stop.
+                    log.warning("relay %s: %s; this client stops", url, exc.why)
+                    self.closed_reason = exc.why
+                    self._recv_send.close()
+                    self._space.set()
+                    return
                 log.info("relay %s disconnected: %s", url, exc.why)
                 attempt = 1
             delay = self._restart_hint_s
@@ -267,17 +290,15 @@ class RelayClient:
                 self._connected_event.set()
                 if task_status is not None:
                     task_status.started()
-                why = "closed"
+                result: list[_Disconnect] = []
                 try:
                     async with trio.open_nursery() as nursery:
-                        result: list[str] = []
                         nursery.start_soon(self._reader, ws, decoder, nursery.cancel_scope, result)
                         nursery.start_soon(self._writer, ws, nursery.cancel_scope, result)
-                    why = result[0] if result else "closed"
                 finally:
                     self.connected = False
                     self._connected_event = trio.Event()
-                raise _Disconnect(why)
+                raise result[0] if result else _Disconnect("closed")
         except (OSError, HandshakeError, ConnectionRejected) as exc:
             raise ConnectError(f"{url}: cannot connect: {exc}") from None
 
@@ -294,7 +315,7 @@ class RelayClient:
         return float(value) if isinstance(value, int | float) and value > 0 else 30.0
 
     async def _reader(self, ws: WebSocketConnection, decoder: wire.FrameDecoder,
-                      scope: trio.CancelScope, result: list[str]) -> None:
+                      scope: trio.CancelScope, result: list[_Disconnect]) -> None:
         # Silence for two keepalive periods means the relay (or the path to it) is gone.
         silence_s = 2 * self._keepalive_s() + 5
         send_packet = self._recv_send
@@ -303,10 +324,10 @@ class RelayClient:
                 with trio.move_on_after(silence_s) as timer:
                     msg = await ws.get_message()
                 if timer.cancelled_caught:
-                    result.append(f"relay silent for {silence_s:g} s")
+                    result.append(_Disconnect(f"relay silent for {silence_s:g} s"))
                     return
                 if isinstance(msg, str):
-                    result.append("relay sent a text message")
+                    result.append(_Disconnect("relay sent a text message"))
                     return
                 decoder.receive_data(msg)
                 while (frame := decoder.next_frame()) is not None:
@@ -321,9 +342,9 @@ class RelayClient:
                     else:
                         self._on_control(wire.decode_body(ftype, body))
         except ConnectionClosed as exc:
-            result.append(f"relay closed the connection: {_why(exc)}")
+            result.append(_closed(exc))
         except RemoteProtocolError as exc:
-            result.append(f"protocol error: {exc}")
+            result.append(_Disconnect(f"protocol error: {exc}"))
         finally:
             scope.cancel()
 
@@ -349,7 +370,7 @@ class RelayClient:
                 pass  # KeepAlive, or a frame a newer relay sends that we can ignore
 
     async def _writer(self, ws: WebSocketConnection, scope: trio.CancelScope,
-                      result: list[str]) -> None:
+                      result: list[_Disconnect]) -> None:
         data = self._data
         ctrl = self._ctrl
         max_bytes = self._max_message
@@ -381,9 +402,14 @@ class RelayClient:
                     raise
                 self._packets_sent += packets
         except ConnectionClosed as exc:
-            result.append(f"relay closed the connection: {_why(exc)}")
+            result.append(_closed(exc))
         finally:
             scope.cancel()
+
+
+def _closed(exc: ConnectionClosed) -> _Disconnect:
+    code = exc.reason.code if exc.reason is not None else None
+    return _Disconnect(f"relay closed the connection: {_why(exc)}", code)
 
 
 async def _next_event(ws: WebSocketConnection, decoder: wire.FrameDecoder) -> wire.Event:
@@ -451,9 +477,25 @@ async def open_relay_client(
     """
     urls = [url] if isinstance(url, str) else list(url)
     client = RelayClient(urls, key, **options)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
-        try:
-            yield client
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # One failure (a ConnectError, or the caller's own exception) is raised as
+        # itself, as a plain context manager would; real groups pass through.
+        leaves = list(_leaves(group))
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc

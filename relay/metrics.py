@@ -53,6 +53,10 @@ class RelayCollector(Collector):
             "relaymesh_messages_sent", "WebSocket messages written (packets are coalesced).",
             s.messages_out,
         )
+        yield counter(
+            "relaymesh_rate_limited_seconds", "Seconds client readers were paused by the rate limit.",
+            s.rate_limited_s,
+        )
         yield counter("relaymesh_frames_skipped", "Frames of unknown type skipped.", s.skipped_frames)
         drops = CounterMetricFamily(
             "relaymesh_packets_dropped", "Packets dropped, by reason.", labels=[*labels, "reason"]

@@ -38,6 +38,7 @@ from . import wire
 from .config import RelayConfig
 from .handshake import ClientHello, mesh_proof, new_challenge, open_client_info, seal_server_info
 from .keys import NodeKey, PrivateKey
+from .ratelimit import TokenBucket
 from .wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
 
 __all__ = ["ClientStats", "DropReason", "RelayServer", "RelayStats", "serve_relay"]
@@ -98,6 +99,8 @@ class RelayStats:
     drops: dict[str, int]
     closes: dict[str, int]
     skipped_frames: int
+    #: Seconds readers spent paused by the per-client rate limit.
+    rate_limited_s: float
 
 
 class _Closing(Exception):
@@ -184,6 +187,7 @@ class _Counters:
     bytes_out: int = 0
     messages_out: int = 0
     skipped_frames: int = 0
+    rate_limited_s: float = 0.0
     drops: Counter[DropReason] = field(default_factory=Counter)
     closes: Counter[str] = field(default_factory=Counter)
 
@@ -251,6 +255,7 @@ class RelayServer:
             drops={r.value: c.drops[r] for r in DropReason},
             closes=dict(c.closes),
             skipped_frames=c.skipped_frames,
+            rate_limited_s=c.rate_limited_s,
         )
 
     def client_statistics(self) -> list[ClientStats]:
@@ -435,10 +440,11 @@ class RelayServer:
 
     async def _read_loop(self, client: _Client, decoder: wire.FrameDecoder) -> None:
         lim = self._limits
-        rate = lim.rate_bytes_per_s
-        burst = float(self._burst())
-        tokens = burst
-        last = trio.current_time()
+        bucket = (
+            TokenBucket(lim.rate_bytes_per_s, self._burst(), trio.current_time())
+            if lim.rate_bytes_per_s
+            else None
+        )
         get_message = client.ws.get_message
         clients = self._clients
         drops = self._c.drops
@@ -449,12 +455,11 @@ class RelayServer:
             msg = await get_message()
             if isinstance(msg, str):
                 raise _Closing(CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol")
-            if rate:
-                now = trio.current_time()
-                tokens = min(burst, tokens + (now - last) * rate) - len(msg)
-                last = now
-                if tokens < 0:
-                    await trio.sleep(-tokens / rate)
+            if bucket is not None:
+                pause = bucket.take(len(msg), trio.current_time())
+                if pause:
+                    self._c.rate_limited_s += pause
+                    await trio.sleep(pause)
             decoder.receive_data(msg)
             # The routing hot path, written out: one pass over every frame of the message.
             # Consecutive packets usually go to the same destination, so it is looked up once.
@@ -493,6 +498,8 @@ class RelayServer:
                     dest.wake.set()
             client.packets_in += routed
             client.bytes_in += routed_bytes
+            if decoder.error is not None:
+                raise decoder.error
             if decoder.skipped_frames:
                 self._c.skipped_frames += decoder.skipped_frames
                 decoder.skipped_frames = 0

@@ -490,6 +490,11 @@ class FrameDecoder:
         self._error: RemoteProtocolError | None = None
 
     @property
+    def error(self) -> RemoteProtocolError | None:
+        """The error that broke this decoder, if any; :meth:`split` defers raising it."""
+        return self._error
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet handed out as frames."""
         return len(self._buf) - self._pos
@@ -550,8 +555,11 @@ class FrameDecoder:
                     f" over the limit of {limit}",
                     CloseReason.FRAME_TOO_LARGE,
                 )
-                # The frames before the bad one are still delivered; the error comes next call.
-                return frames
+                if frames:
+                    # Deliver the good frames before the bad one; the error comes next
+                    # call, or from :attr:`error`.
+                    return frames
+                raise self._error
             stop = pos + HEADER_BYTES + length
             if stop > end:
                 break

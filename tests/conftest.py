@@ -1,0 +1,36 @@
+"""Shared test helpers: relays on loopback port 0, inside the test's nursery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from relay.config import load_config
+from relay.keys import PrivateKey
+from relay.server import RelayServer
+
+
+async def start_relay(
+    nursery: trio.Nursery,
+    *,
+    port: int = 0,
+    key: PrivateKey | None = None,
+    tokens: frozenset[str] = frozenset(),
+    admission: dict[str, Any] | None = None,
+    **limits: Any,
+) -> tuple[RelayServer, str]:
+    """A RelayServer on 127.0.0.1 and its ws:// URL; it stops with ``nursery``."""
+    overrides: dict[str, dict[str, Any]] = {"limits": limits}
+    if admission:
+        overrides["admission"] = admission
+    cfg = load_config(overrides=overrides)
+    server = RelayServer(cfg, key or PrivateKey.generate(), tokens=tokens)
+    bound = await nursery.start(server.serve, "127.0.0.1", port)
+    return server, f"ws://127.0.0.1:{bound}/derp"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "trio"

@@ -1,0 +1,224 @@
+"""A real relay on loopback with real clients: delivery, drops, bad input, policy."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from relay import wire
+from relay.client import ConnectError, RelayClient, RelayClosedError, client_handshake, open_relay_client
+from relay.handshake import seal_client_info
+from relay.keys import NodeKey, PrivateKey
+from relay.wire import CloseReason
+from tests.conftest import start_relay
+
+SEQ = struct.Struct(">I")
+
+
+async def test_thousands_of_packets_each_way_none_lost_or_reordered(nursery: trio.Nursery) -> None:
+    server, url = await start_relay(nursery, send_queue_packets=10_000)
+    n = 3000
+    a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
+    async with open_relay_client(url, a_key) as a, open_relay_client(url, b_key) as b:
+
+        async def pump(src: RelayClient, dest: NodeKey) -> None:
+            for i in range(n):
+                await src.send(dest, SEQ.pack(i) + b"x" * (i % 1500))
+
+        async def drain(dst: RelayClient, expect_src: NodeKey) -> None:
+            for i in range(n):
+                p = await dst.receive()
+                assert p.src == expect_src
+                assert SEQ.unpack(p.payload[:4])[0] == i
+                assert len(p.payload) == 4 + i % 1500
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(pump, a, b_key.public)
+                inner.start_soon(pump, b, a_key.public)
+                inner.start_soon(drain, b, a_key.public)
+                inner.start_soon(drain, a, b_key.public)
+    stats = server.statistics()
+    assert stats.packets_in == 2 * n
+    assert sum(stats.drops.values()) == 0
+    # Coalescing: far fewer messages than packets went out.
+    assert stats.messages_out < stats.packets_out
+
+
+async def test_slow_receiver_drops_are_counted_and_add_up(nursery: trio.Nursery) -> None:
+    server, url = await start_relay(nursery, send_queue_packets=8, write_timeout_s=30)
+    a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
+    n, size = 600, 60_000  # far more than the socket buffers hold
+    async with open_relay_client(url, a_key) as a, \
+            open_relay_client(url, b_key, receive_queue_packets=1) as b:
+        for i in range(n):
+            await a.send(b_key.public, SEQ.pack(i) + bytes(size))
+        with trio.fail_after(20):
+            await a.wait_sent()
+            # Everything the relay read was either delivered or counted as dropped.
+            while server.statistics().packets_in < n:
+                await trio.sleep(0.01)
+        received: list[int] = []
+        with trio.fail_after(20):
+            while len(received) + server.statistics().drops["queue_full"] < n:
+                received.append(SEQ.unpack((await b.receive()).payload[:4])[0])
+    drops = server.statistics().drops["queue_full"]
+    assert drops > 0
+    assert len(received) + drops == n
+    assert received == sorted(received)  # whatever survived kept its order
+    assert received[-1] == n - 1  # the newest packets survive; the oldest were dropped
+
+
+async def test_unknown_destination_gets_peer_gone(nursery: trio.Nursery) -> None:
+    server, url = await start_relay(nursery)
+    nobody = PrivateKey.generate().public
+    async with open_relay_client(url, PrivateKey.generate()) as a:
+        for _ in range(5):
+            await a.send(nobody, b"hello?")
+        with trio.fail_after(5):
+            while nobody not in a.peer_gone:
+                await trio.sleep(0.01)
+    assert a.peer_gone[nobody] is wire.PeerGoneReason.NOT_HERE
+    assert server.statistics().drops["unknown_dest"] == 5
+
+
+async def test_peer_gone_when_a_correspondent_disconnects(nursery: trio.Nursery) -> None:
+    _, url = await start_relay(nursery)
+    b_key = PrivateKey.generate()
+    async with open_relay_client(url, PrivateKey.generate()) as a:
+        async with open_relay_client(url, b_key) as b:
+            await a.send(b_key.public, b"hi")
+            await b.receive()
+        with trio.fail_after(5):
+            while b_key.public not in a.peer_gone:
+                await trio.sleep(0.01)
+    assert a.peer_gone[b_key.public] is wire.PeerGoneReason.DISCONNECTED
+
+
+async def test_ping_pong(nursery: trio.Nursery) -> None:
+    _, url = await start_relay(nursery)
+    async with open_relay_client(url, PrivateKey.generate()) as a:
+        with trio.fail_after(5):
+            rtt = await a.ping()
+    assert rtt >= 0
+
+
+async def test_second_connection_with_same_key_replaces_the_first(nursery: trio.Nursery) -> None:
+    server, url = await start_relay(nursery)
+    key = PrivateKey.generate()
+    peer = PrivateKey.generate()
+    async with open_relay_client(url, key) as first, open_relay_client(url, peer) as other:
+        async with open_relay_client(url, key) as second:
+            with trio.fail_after(5), pytest.raises(RelayClosedError, match="replaced"):
+                await first.receive()
+            with pytest.raises(RelayClosedError):
+                first.send_nowait(peer.public, b"x")
+            # The newer connection is the one that gets traffic.
+            await other.send(key.public, b"to the newest")
+            with trio.fail_after(5):
+                assert (await second.receive()).payload == b"to the newest"
+    assert server.statistics().closes["replaced"] == 1
+
+
+async def test_token_policy(nursery: trio.Nursery, tmp_path: object) -> None:
+    server, url = await start_relay(
+        nursery, tokens=frozenset({"let-me-in"}),
+        admission={"policy": "token", "tokens_file": "unused-in-tests"},
+    )
+    with pytest.raises(ConnectError, match="unauthorized"):
+        async with open_relay_client(url, PrivateKey.generate()):
+            pass
+    with pytest.raises(ConnectError, match="unauthorized"):
+        async with open_relay_client(url, PrivateKey.generate(), token="wrong"):
+            pass
+    async with open_relay_client(url, PrivateKey.generate(), token="let-me-in") as ok:
+        assert ok.connected
+    assert server.statistics().closes["unauthorized"] == 2
+
+
+async def test_pinned_relay_key_mismatch_is_refused(nursery: trio.Nursery) -> None:
+    _, url = await start_relay(nursery)
+    with pytest.raises(ConnectError, match="not the expected"):
+        async with open_relay_client(url, PrivateKey.generate(),
+                                     server_key=PrivateKey.generate().public):
+            pass
+
+
+async def test_rate_limit_slows_the_reader_and_drops_nothing(nursery: trio.Nursery) -> None:
+    server, url = await start_relay(nursery, rate_bytes_per_s=200_000, rate_burst_bytes=20_000,
+                                    send_queue_packets=10_000)
+    a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
+    n = 100
+    async with open_relay_client(url, a_key) as a, open_relay_client(url, b_key) as b:
+        for i in range(n):
+            await a.send(b_key.public, SEQ.pack(i) + bytes(5000))
+        with trio.fail_after(20):
+            got = [SEQ.unpack((await b.receive()).payload[:4])[0] for _ in range(n)]
+    assert got == list(range(n))
+    stats = server.statistics()
+    assert stats.rate_limited_s > 0
+    assert sum(stats.drops.values()) == 0
+
+
+async def test_write_timeout_drops_only_the_stuck_client(nursery: trio.Nursery) -> None:
+    server, url = await start_relay(nursery, write_timeout_s=0.5, send_queue_packets=64)
+    stuck_key = PrivateKey.generate()
+    async with open_websocket_url(url, subprotocols=["derp"]) as stuck:
+        await client_handshake(stuck, wire.FrameDecoder(), stuck_key)
+        # `stuck` never reads again. Fill its socket buffers until the relay gives up on it.
+        async with open_relay_client(url, PrivateKey.generate()) as a, \
+                open_relay_client(url, (c_key := PrivateKey.generate())) as c:
+            with trio.fail_after(30):
+                while server.statistics().closes.get("write_timeout", 0) == 0:
+                    a.send_nowait(stuck_key.public, bytes(60_000))
+                    await trio.sleep(0.001)
+            # Everyone else is still served.
+            await a.send(c_key.public, b"still here")
+            with trio.fail_after(5):
+                assert (await c.receive()).payload == b"still here"
+    assert not server.is_connected(stuck_key.public)
+
+
+async def test_reconnect_after_relay_restart(nursery: trio.Nursery) -> None:
+    key = PrivateKey.generate()
+    relay_scope = trio.CancelScope()
+
+    async def run_relay(port: int, *, task_status: trio.TaskStatus[int]) -> None:
+        with relay_scope:
+            async with trio.open_nursery() as inner:
+                server, url = await start_relay(inner, port=port, key=key)
+                task_status.started(int(url.rsplit(":", 1)[1].split("/")[0]))
+
+    port = await nursery.start(run_relay, 0)
+    url = f"ws://127.0.0.1:{port}/derp"
+    a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
+    async with open_relay_client(url, a_key) as a, open_relay_client(url, b_key) as b:
+        await a.send(b_key.public, b"before")
+        with trio.fail_after(5):
+            assert (await b.receive()).payload == b"before"
+        relay_scope.cancel()
+        with trio.fail_after(5):
+            while a.connected or b.connected:
+                await trio.sleep(0.01)
+        relay_scope = trio.CancelScope()
+        await nursery.start(run_relay, port)
+        with trio.fail_after(10):
+            await a.wait_connected()
+            await b.wait_connected()
+        await a.send(b_key.public, b"after")
+        with trio.fail_after(5):
+            assert (await b.receive()).payload == b"after"
+        assert a.statistics().connects == 2
+
+
+async def test_drain_sends_restarting_and_clients_follow(nursery: trio.Nursery) -> None:
+    server, url = await start_relay(nursery)
+    async with open_relay_client(url, PrivateKey.generate()) as a:
+        await server.drain(reconnect_in_ms=50, grace_s=1)
+        with trio.fail_after(5):
+            while a.statistics().connects < 2:
+                await trio.sleep(0.01)
+    assert server.statistics().closes["going_away"] == 1

@@ -1,0 +1,292 @@
+"""The frame codec: exact bytes both ways, streaming edge cases, fuzzing."""
+
+from __future__ import annotations
+
+import ast
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay import wire
+from relay.wire import (
+    MAGIC,
+    NEED_DATA,
+    CloseReason,
+    FrameDecoder,
+    FrameType,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+
+A = bytes(range(32))
+B = bytes(range(32, 64))
+C = bytes(24 * [7])
+
+
+def hdr(t: int, n: int) -> bytes:
+    return struct.pack(">BI", t, n)
+
+
+TABLE: list[tuple[wire.Event, bytes]] = [
+    (wire.ServerKey(public_key=A, challenge=B), hdr(1, 72) + MAGIC + A + B),
+    (wire.ClientInfo(client_key=A, nonce=C, sealed=b"xyz"), hdr(2, 59) + A + C + b"xyz"),
+    (wire.ServerInfo(nonce=C, sealed=b"s"), hdr(3, 25) + C + b"s"),
+    (wire.SendPacket(dest=B, payload=b"hello"), hdr(4, 37) + B + b"hello"),
+    (wire.SendPacket(dest=B, payload=b""), hdr(4, 32) + B),
+    (wire.RecvPacket(src=A, payload=b"hi"), hdr(5, 34) + A + b"hi"),
+    (wire.KeepAlive(), hdr(6, 0)),
+    (wire.NotePreferred(preferred=True), hdr(7, 1) + b"\x01"),
+    (wire.NotePreferred(preferred=False), hdr(7, 1) + b"\x00"),
+    (wire.PeerGone(peer=A, reason=wire.PeerGoneReason.NOT_HERE), hdr(8, 33) + A + b"\x01"),
+    (wire.PeerGone(peer=A, reason=wire.PeerGoneReason.DISCONNECTED), hdr(8, 33) + A + b"\x00"),
+    (wire.PeerPresent(peer=B), hdr(9, 32) + B),
+    (wire.ForwardPacket(src=A, dest=B, payload=b"p"), hdr(0x0A, 65) + A + B + b"p"),
+    (wire.WatchConns(), hdr(0x10, 0)),
+    (wire.ClosePeer(peer=A), hdr(0x11, 32) + A),
+    (wire.Ping(data=b"12345678"), hdr(0x12, 8) + b"12345678"),
+    (wire.Pong(data=b"87654321"), hdr(0x13, 8) + b"87654321"),
+    (wire.Health(problem="etcd unreachable"), hdr(0x14, 16) + b"etcd unreachable"),
+    (wire.Health(problem=""), hdr(0x14, 0)),
+    (wire.Restarting(reconnect_in_ms=1500, try_for_ms=60000),
+     hdr(0x15, 8) + struct.pack(">II", 1500, 60000)),
+]
+
+
+@pytest.mark.parametrize(("event", "data"), TABLE, ids=lambda v: type(v).__name__)
+def test_encode_gives_exact_bytes(event: wire.Event, data: bytes) -> None:
+    assert wire.encode(event) == data
+
+
+@pytest.mark.parametrize(("event", "data"), TABLE, ids=lambda v: type(v).__name__)
+def test_decode_exact_bytes(event: wire.Event, data: bytes) -> None:
+    dec = FrameDecoder()
+    dec.receive_data(data)
+    assert dec.next_event() == event
+    assert dec.next_event() is NEED_DATA
+
+
+def test_byte_at_a_time_gives_every_event_once() -> None:
+    stream = b"".join(data for _, data in TABLE)
+    dec = FrameDecoder()
+    got = []
+    for i in range(len(stream)):
+        dec.receive_data(stream[i : i + 1])
+        while (ev := dec.next_event()) is not NEED_DATA:
+            got.append(ev)
+    assert got == [ev for ev, _ in TABLE]
+    assert dec.buffered == 0
+
+
+def test_trailing_partial_frame_is_kept_for_later() -> None:
+    first = wire.encode(wire.Ping(data=b"aaaaaaaa"))
+    second = wire.encode(wire.SendPacket(dest=A, payload=b"x" * 100))
+    dec = FrameDecoder()
+    dec.receive_data(first + second[:50])
+    assert dec.next_event() == wire.Ping(data=b"aaaaaaaa")
+    assert dec.next_event() is NEED_DATA
+    assert dec.buffered == 50
+    dec.receive_data(second[50:])
+    assert dec.next_event() == wire.SendPacket(dest=A, payload=b"x" * 100)
+
+
+def test_unknown_frame_types_are_skipped_and_counted() -> None:
+    dec = FrameDecoder()
+    dec.receive_data(hdr(0x7F, 3) + b"abc" + hdr(0x0B, 0) + wire.encode(wire.KeepAlive()))
+    assert dec.next_event() == wire.KeepAlive()
+    assert dec.skipped_frames == 2
+
+
+def test_unknown_peer_gone_reason_still_means_gone() -> None:
+    ev = wire.decode_body(FrameType.PEER_GONE, A + b"\x09")
+    assert ev == wire.PeerGone(peer=A, reason=wire.PeerGoneReason.DISCONNECTED)
+
+
+def test_oversize_length_fails_on_the_header_alone() -> None:
+    dec = FrameDecoder(max_body=100)
+    dec.receive_data(hdr(4, 101))
+    with pytest.raises(RemoteProtocolError) as info:
+        dec.next_event()
+    assert info.value.reason is CloseReason.FRAME_TOO_LARGE
+    # Broken for good: the connection must close.
+    with pytest.raises(RemoteProtocolError):
+        dec.next_frame()
+
+
+def test_split_delivers_frames_before_a_bad_one_then_fails() -> None:
+    dec = FrameDecoder(max_body=100)
+    good = wire.encode(wire.Ping(data=b"12345678"))
+    dec.receive_data(good + hdr(4, 1000) + b"zz")
+    assert dec.split() == [(FrameType.PING, b"12345678")]
+    with pytest.raises(RemoteProtocolError):
+        dec.split()
+
+
+def test_split_matches_next_frame() -> None:
+    stream = b"".join(data for _, data in TABLE)
+    a, b = FrameDecoder(), FrameDecoder()
+    a.receive_data(stream[:-3])
+    b.receive_data(stream[:-3])
+    frames = []
+    while (f := b.next_frame()) is not None:
+        frames.append(f)
+    assert a.split() == frames
+    assert a.buffered == b.buffered
+
+
+@pytest.mark.parametrize(
+    ("ftype", "body", "reason"),
+    [
+        (FrameType.SERVER_KEY, b"NOTMAGIC" + A + B, CloseReason.BAD_HANDSHAKE),
+        (FrameType.SERVER_KEY, MAGIC + A, CloseReason.BAD_FRAME),
+        (FrameType.SEND_PACKET, b"short", CloseReason.BAD_FRAME),
+        (FrameType.RECV_PACKET, b"short", CloseReason.BAD_FRAME),
+        (FrameType.FORWARD_PACKET, A, CloseReason.BAD_FRAME),
+        (FrameType.CLIENT_INFO, A, CloseReason.BAD_FRAME),
+        (FrameType.SERVER_INFO, b"x", CloseReason.BAD_FRAME),
+        (FrameType.NOTE_PREFERRED, b"", CloseReason.BAD_FRAME),
+        (FrameType.PEER_GONE, A, CloseReason.BAD_FRAME),
+        (FrameType.PEER_PRESENT, b"x", CloseReason.BAD_FRAME),
+        (FrameType.CLOSE_PEER, A + b"x", CloseReason.BAD_FRAME),
+        (FrameType.PING, b"1234567", CloseReason.BAD_FRAME),
+        (FrameType.PONG, b"123456789", CloseReason.BAD_FRAME),
+        (FrameType.HEALTH, b"\xff\xfe", CloseReason.BAD_FRAME),
+        (FrameType.RESTARTING, b"1234", CloseReason.BAD_FRAME),
+    ],
+)
+def test_malformed_bodies_are_remote_errors(ftype: FrameType, body: bytes, reason: CloseReason) -> None:
+    dec = FrameDecoder()
+    dec.receive_data(hdr(ftype, len(body)) + body)
+    with pytest.raises(RemoteProtocolError) as info:
+        dec.next_event()
+    assert info.value.reason is reason
+    with pytest.raises(RemoteProtocolError):
+        dec.next_event()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        wire.SendPacket(dest=b"short", payload=b""),
+        wire.RecvPacket(src=A, payload=b"x" * (wire.MAX_PACKET_BYTES + 1)),
+        wire.ForwardPacket(src=A, dest=b"", payload=b""),
+        wire.ServerKey(public_key=A, challenge=b"short"),
+        wire.ClientInfo(client_key=A, nonce=b"short", sealed=b""),
+        wire.ServerInfo(nonce=b"", sealed=b""),
+        wire.PeerGone(peer=b"", reason=wire.PeerGoneReason.NOT_HERE),
+        wire.PeerPresent(peer=b""),
+        wire.ClosePeer(peer=b""),
+        wire.Ping(data=b"1"),
+        wire.Restarting(reconnect_in_ms=-1, try_for_ms=0),
+        wire.Restarting(reconnect_in_ms=0, try_for_ms=2**32),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_encoding_a_bad_event_is_a_local_error(event: wire.Event) -> None:
+    with pytest.raises(LocalProtocolError):
+        wire.encode(event)
+
+
+def test_encoding_a_non_event_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        wire.encode("not an event")  # type: ignore[arg-type]
+
+
+def test_largest_packet_fits_the_default_limit() -> None:
+    ev = wire.ForwardPacket(src=A, dest=B, payload=b"z" * wire.MAX_PACKET_BYTES)
+    dec = FrameDecoder()
+    dec.receive_data(wire.encode(ev))
+    assert dec.next_event() == ev
+
+
+def test_need_data_repr() -> None:
+    assert repr(NEED_DATA) == "NEED_DATA"
+    assert CloseReason.WRITE_TIMEOUT.label == "write_timeout"
+
+
+def test_codec_modules_import_no_io() -> None:
+    """The protocol modules are sans-IO: no trio, no sockets, no asyncio."""
+    forbidden = {"trio", "socket", "asyncio", "trio_websocket", "selectors"}
+    root = Path(__file__).resolve().parents[2] / "relay"
+    for name in ("wire.py", "handshake.py", "keys.py"):
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [node.module]
+            else:
+                continue
+            for mod in mods:
+                assert mod.split(".")[0] not in forbidden, f"{name} imports {mod}"
+
+
+# ---- Hypothesis ------------------------------------------------------------
+
+keys = st.binary(min_size=32, max_size=32)
+payloads = st.binary(max_size=2048)
+ping_data = st.binary(min_size=8, max_size=8)
+u32 = st.integers(min_value=0, max_value=2**32 - 1)
+
+events = st.one_of(
+    st.builds(wire.ServerKey, public_key=keys, challenge=keys),
+    st.builds(wire.ClientInfo, client_key=keys, nonce=st.binary(min_size=24, max_size=24),
+              sealed=payloads),
+    st.builds(wire.ServerInfo, nonce=st.binary(min_size=24, max_size=24), sealed=payloads),
+    st.builds(wire.SendPacket, dest=keys, payload=payloads),
+    st.builds(wire.RecvPacket, src=keys, payload=payloads),
+    st.builds(wire.ForwardPacket, src=keys, dest=keys, payload=payloads),
+    st.builds(wire.KeepAlive),
+    st.builds(wire.NotePreferred, preferred=st.booleans()),
+    st.builds(wire.PeerGone, peer=keys, reason=st.sampled_from(wire.PeerGoneReason)),
+    st.builds(wire.PeerPresent, peer=keys),
+    st.builds(wire.WatchConns),
+    st.builds(wire.ClosePeer, peer=keys),
+    st.builds(wire.Ping, data=ping_data),
+    st.builds(wire.Pong, data=ping_data),
+    st.builds(wire.Health, problem=st.text(max_size=100)),
+    st.builds(wire.Restarting, reconnect_in_ms=u32, try_for_ms=u32),
+)
+
+
+@given(st.lists(events, max_size=20), st.lists(st.integers(min_value=1, max_value=300), min_size=1))
+def test_round_trip_any_split(evs: list[wire.Event], cuts: list[int]) -> None:
+    stream = b"".join(wire.encode(e) for e in evs)
+    dec = FrameDecoder()
+    got: list[wire.Event] = []
+    pos = 0
+    i = 0
+    while pos < len(stream):
+        n = cuts[i % len(cuts)]
+        dec.receive_data(stream[pos : pos + n])
+        pos += n
+        i += 1
+        while (ev := dec.next_event()) is not NEED_DATA:
+            got.append(ev)
+    assert got == evs
+
+
+@given(st.binary(max_size=4096))
+def test_fuzz_decoder_never_crashes_otherwise(data: bytes) -> None:
+    dec = FrameDecoder(max_body=1024)
+    dec.receive_data(data)
+    try:
+        while dec.next_event() is not NEED_DATA:
+            pass
+    except RemoteProtocolError as exc:
+        assert isinstance(exc.reason, CloseReason)
+
+
+@given(st.binary(max_size=4096), st.integers(min_value=1, max_value=64))
+def test_fuzz_split_never_crashes_otherwise(data: bytes, step: int) -> None:
+    dec = FrameDecoder(max_body=1024)
+    try:
+        for i in range(0, len(data), step):
+            dec.receive_data(data[i : i + step])
+            for ftype, body in dec.split():
+                assert isinstance(ftype, int)
+                assert len(body) <= 1024
+    except RemoteProtocolError as exc:
+        assert exc.reason is CloseReason.FRAME_TOO_LARGE
