@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import _wsmask  # noqa: E402
+from . import _wsmask
 
 _wsmask.install()
 

@@ -148,7 +148,7 @@ async def _receiver(args: argparse.Namespace) -> None:
                     ftype, length = unpack_hdr(buf, pos)
                     if end - pos - 5 < length:
                         break
-                    if (ftype == _RECV or ftype == _SEND) and length >= _K + _MIN_SIZE:
+                    if (ftype in (_RECV, _SEND)) and length >= _K + _MIN_SIZE:
                         phase, seq, sent_ns = unpack_pay(buf, pos + 5 + _K)
                         st = tput if phase == 1 else lat_stats
                         if st.count == 0:
@@ -178,10 +178,12 @@ async def _receiver(args: argparse.Namespace) -> None:
                     line, pending = pending.split(b"\n", 1)
                     which = line.decode().strip()
                     st = tput if which == "tput" else lat_stats
-                    out = {
-                        "count": st.count, "payload_bytes": st.payload_bytes,
+                    out: dict[str, Any] = {
+                        "count": st.count,
+                        "payload_bytes": st.payload_bytes,
                         "duration_s": max(st.last_ns - st.first_ns, 1) / 1e9,
-                        "max_seq": st.max_seq, "reordered": st.reordered,
+                        "max_seq": st.max_seq,
+                        "reordered": st.reordered,
                     }
                     out["cpu_s"] = _own_cpu()
                     if which == "latency":
@@ -270,15 +272,31 @@ async def _relay(args: argparse.Namespace) -> None:
     from .config import load_config
     from .server import RelayServer
 
-    cfg = load_config(overrides={"relay": {"port": 0}, "limits": {"send_queue_packets": args.queue, **json.loads(os.environ.get("RELAYMESH_BENCH_LIMITS", "{}"))}})
+    cfg = load_config(
+        overrides={
+            "relay": {"port": 0},
+            "limits": {
+                "send_queue_packets": args.queue,
+                **json.loads(os.environ.get("RELAYMESH_BENCH_LIMITS", "{}")),
+            },
+        }
+    )
     server = RelayServer(cfg, PrivateKey.generate())
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, "127.0.0.1", 0)
         print(json.dumps({"port": port}), flush=True)
         await _wait_stdin_closed()
         stats = server.statistics()
-        print(json.dumps({"drops": stats.drops, "messages_out": stats.messages_out,
-                          "packets_out": stats.packets_out}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "drops": stats.drops,
+                    "messages_out": stats.messages_out,
+                    "packets_out": stats.packets_out,
+                }
+            ),
+            flush=True,
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -296,7 +314,7 @@ async def _baseline(args: argparse.Namespace) -> None:
         waiting.setdefault(pair, {})[role] = stream
         if role == "recv":
             await trio.sleep_forever()  # the sender's task copies into us
-        while "recv" not in waiting[pair]:
+        while "recv" not in waiting[pair]:  # noqa: ASYNC110 - once per pair, at start
             await trio.sleep(0.01)
         dest = waiting[pair]["recv"]
         while True:
@@ -325,7 +343,9 @@ async def _wait_stdin_closed() -> None:
 def _spawn(*argv: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "relay.bench", *argv],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -361,8 +381,18 @@ def _measure(target: str, size: int, seconds: float, pairs: int, queue: int) -> 
 
         def run_senders(rate: float, secs: float) -> tuple[int, float]:
             senders = [
-                _spawn("sender", *common, "--pair", str(i), "--dest", keys[i],
-                       "--seconds", str(secs), "--rate", str(rate))
+                _spawn(
+                    "sender",
+                    *common,
+                    "--pair",
+                    str(i),
+                    "--dest",
+                    keys[i],
+                    "--seconds",
+                    str(secs),
+                    "--rate",
+                    str(rate),
+                )
                 for i in range(pairs)
             ]
             outs = [_readjson(s) for s in senders]
@@ -415,20 +445,27 @@ def _measure(target: str, size: int, seconds: float, pairs: int, queue: int) -> 
             "p50_ms": round(lat["p50"], 3),
             "p99_ms": round(lat["p99"], 3),
             "max_ms": round(lat["max"], 3),
-            **({"relay_drops": extra["drops"], "messages_out": extra["messages_out"]}
-               if target == "relay" else {}),
+            **(
+                {"relay_drops": extra["drops"], "messages_out": extra["messages_out"]}
+                if target == "relay"
+                else {}
+            ),
         }
     finally:
         if server.poll() is None:
             server.kill()
 
 
-def run_bench(*, size: int, seconds: float, pairs: int = 1, baseline: bool = True,
-              queue: int = 4096) -> dict[str, Any]:
+def run_bench(
+    *, size: int, seconds: float, pairs: int = 1, baseline: bool = True, queue: int = 4096
+) -> dict[str, Any]:
     if size < _MIN_SIZE or size > wire.MAX_PACKET_BYTES:
         raise ValueError(f"--size must be between {_MIN_SIZE} and {wire.MAX_PACKET_BYTES}")
     result: dict[str, Any] = {
-        "size": size, "seconds": seconds, "pairs": pairs, "cpus": os.cpu_count(),
+        "size": size,
+        "seconds": seconds,
+        "pairs": pairs,
+        "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
     }
     result["relay"] = _measure("relay", size, seconds, pairs, queue)
@@ -443,24 +480,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .cli import UserError
 
     try:
-        result = run_bench(size=args.size, seconds=args.seconds, pairs=args.pairs,
-                           baseline=not args.no_baseline)
+        result = run_bench(
+            size=args.size, seconds=args.seconds, pairs=args.pairs, baseline=not args.no_baseline
+        )
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"relaymesh bench: {args.size}-byte packets, {args.seconds:g} s, {args.pairs} pair(s),"
-          f" {result['cpus']} cpus")
-    print(f"{'target':<22}{'packets/s':>12}{'MB/s':>9}{'loss %':>8}{'cpu %':>7}"
-          f"{'p50 ms':>9}{'p99 ms':>9}  (latency at pps)")
+    print(
+        f"relaymesh bench: {args.size}-byte packets, {args.seconds:g} s, {args.pairs} pair(s),"
+        f" {result['cpus']} cpus"
+    )
+    print(
+        f"{'target':<22}{'packets/s':>12}{'MB/s':>9}{'loss %':>8}{'cpu %':>7}"
+        f"{'p50 ms':>9}{'p99 ms':>9}  (latency at pps)"
+    )
     rows = [("relaymesh relay", result["relay"])]
     if "baseline" in result:
         rows.append((result["baseline"]["name"], result["baseline"]))
     for name, r in rows:
-        print(f"{name:<22}{r['pps']:>12,}{r['mbps']:>9.1f}{r['loss_pct']:>8.2f}"
-              f"{r['server_cpu_pct']:>7.0f}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}"
-              f"  ({r['latency_load_pps']:,})")
+        print(
+            f"{name:<22}{r['pps']:>12,}{r['mbps']:>9.1f}{r['loss_pct']:>8.2f}"
+            f"{r['server_cpu_pct']:>7.0f}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}"
+            f"  ({r['latency_load_pps']:,})"
+        )
     if "relay_vs_baseline_pct" in result:
         print(f"relay reaches {result['relay_vs_baseline_pct']}% of the byte-copy baseline")
     return 0

@@ -21,7 +21,15 @@ import trio
 from . import __version__
 from .client import ConnectError, open_relay_client
 from .config import ConfigError, load_config
-from .keys import KeyFileError, NodeKey, PrivateKey, Sealer, SealError, load_key_file, write_key_file
+from .keys import (
+    KeyFileError,
+    NodeKey,
+    PrivateKey,
+    Sealer,
+    SealError,
+    load_key_file,
+    write_key_file,
+)
 from .node import serve_relay_node
 
 __all__ = ["main"]
@@ -38,7 +46,9 @@ def _fail(msg: str, code: int = 1) -> NoReturn:
 
 def _load_key(path: Path) -> PrivateKey:
     if not path.exists():
-        raise UserError(f"{path}: no such key file (create one with: relaymesh keygen --out {path})")
+        raise UserError(
+            f"{path}: no such key file (create one with: relaymesh keygen --out {path})"
+        )
     try:
         return load_key_file(path)
     except KeyFileError as exc:
@@ -106,10 +116,18 @@ def cmd_relay(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise UserError(f"cannot listen: {exc.strerror or exc}") from None
             if args.json:
-                print(json.dumps({
-                    "region": info.region, "name": info.name, "public_key": str(info.public_key),
-                    "ws_url": info.ws_url, "http_url": info.http_url,
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "region": info.region,
+                            "name": info.name,
+                            "public_key": str(info.public_key),
+                            "ws_url": info.ws_url,
+                            "http_url": info.http_url,
+                        }
+                    ),
+                    flush=True,
+                )
             else:
                 print(f"relay {info.region}/{info.name} is up", flush=True)
                 print(f"  key       {info.public_key}")
@@ -118,8 +136,11 @@ def cmd_relay(args: argparse.Namespace) -> int:
                 print("connect two terminals through it:")
                 print("  relaymesh keygen --out alice.key; relaymesh keygen --out bob.key")
                 print(f"  relaymesh listen --url {info.ws_url} --key-file bob.key")
-                print(f"  relaymesh send --url {info.ws_url} --key-file alice.key --to <bob's key> hello",
-                      flush=True)
+                print(
+                    f"  relaymesh send --url {info.ws_url} --key-file alice.key"
+                    " --to <bob's key> hello",
+                    flush=True,
+                )
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break
@@ -152,13 +173,20 @@ def cmd_listen(args: argparse.Namespace) -> int:
                     try:
                         plain = sealer.open(packet.src, packet.payload)
                     except SealError:
-                        print(f"relaymesh: dropped a packet from {packet.src} that did not open",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"relaymesh: dropped a packet from {packet.src} that did not open",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         continue
                     received += 1
                     if args.json:
-                        print(json.dumps({"from": str(packet.src),
-                                          "text": plain.decode(errors="replace")}), flush=True)
+                        print(
+                            json.dumps(
+                                {"from": str(packet.src), "text": plain.decode(errors="replace")}
+                            ),
+                            flush=True,
+                        )
                     else:
                         print(f"{packet.src}: {plain.decode(errors='replace')}", flush=True)
         except ConnectError as exc:
@@ -190,10 +218,19 @@ def cmd_send(args: argparse.Namespace) -> int:
                     await client.wait_sent()
                 gone = client.peer_gone.get(dest)
                 if args.json:
-                    print(json.dumps({"sent": sent, "to": str(dest),
-                                      "peer_gone": gone.name.lower() if gone is not None else None}))
+                    print(
+                        json.dumps(
+                            {
+                                "sent": sent,
+                                "to": str(dest),
+                                "peer_gone": gone.name.lower() if gone is not None else None,
+                            }
+                        )
+                    )
                 elif gone is not None:
-                    print(f"relaymesh: the relay says {dest} is not connected there", file=sys.stderr)
+                    print(
+                        f"relaymesh: the relay says {dest} is not connected there", file=sys.stderr
+                    )
         except ConnectError as exc:
             raise UserError(str(exc)) from None
         except trio.TooSlowError:
@@ -218,9 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="A relay mesh for end-to-end-encrypted packets.",
     )
     parser.add_argument("--version", action="version", version=f"relaymesh {__version__}")
-    parser.add_argument("--log-level", default=None,
-                        choices=["debug", "info", "warning", "error"],
-                        help="log verbosity (default: info for relay, warning otherwise)")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info for relay, warning otherwise)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="make a new node key", description="Make a new node key.")
@@ -243,22 +283,34 @@ def build_parser() -> argparse.ArgumentParser:
         ("listen", cmd_listen, "print the packets that arrive for a key"),
         ("send", cmd_send, "send a message to a node key"),
     ):
-        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
-        p.add_argument("--url", required=True, help="relay WebSocket URL, e.g. ws://127.0.0.1:3340/derp")
+        p = sub.add_parser(
+            name, help=helptext, description=helptext[0].upper() + helptext[1:] + "."
+        )
+        p.add_argument(
+            "--url", required=True, help="relay WebSocket URL, e.g. ws://127.0.0.1:3340/derp"
+        )
         p.add_argument("--key-file", type=Path, required=True, help="your private key file")
         p.add_argument("--token", help="admission token, if the relay asks for one")
         p.add_argument("--json", action="store_true", help="print JSON lines")
         if name == "listen":
             p.add_argument("--count", type=int, help="exit after this many messages")
         else:
-            p.add_argument("--to", type=_parse_nodekey, required=True, metavar="NODEKEY",
-                           help="the recipient's public key (nodekey:...)")
+            p.add_argument(
+                "--to",
+                type=_parse_nodekey,
+                required=True,
+                metavar="NODEKEY",
+                help="the recipient's public key (nodekey:...)",
+            )
             p.add_argument("message", help="the message, or - to send each line of stdin")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("bench", help="measure the relay against a bare byte-copy relay",
-                       description="Measure packets/s, MB/s and latency through a relay process, "
-                                   "and the same for a bare trio relay that copies bytes, same run.")
+    p = sub.add_parser(
+        "bench",
+        help="measure the relay against a bare byte-copy relay",
+        description="Measure packets/s, MB/s and latency through a relay process, "
+        "and the same for a bare trio relay that copies bytes, same run.",
+    )
     p.add_argument("--size", type=int, default=1200, help="packet payload bytes (default 1200)")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per throughput run")
     p.add_argument("--pairs", type=int, default=1, help="sender/receiver pairs")

@@ -121,7 +121,9 @@ class RelayClient:
         self._ctrl: deque[bytes] = deque()
         self._wake = trio.Event()
         self._space = trio.Event()
-        self._recv_send, self._recv_receive = trio.open_memory_channel[Packet](receive_queue_packets)
+        self._recv_send, self._recv_receive = trio.open_memory_channel[Packet](
+            receive_queue_packets
+        )
         self._pings: dict[bytes, trio.Event] = {}
         # Written by the supervisor.
         self.server_key: NodeKey | None = None
@@ -140,6 +142,8 @@ class RelayClient:
         self._packets_sent = 0
         self._packets_received = 0
         self._lost_in_flight = 0
+        # Written by the writer: frames handed to the socket but not yet taken by it.
+        self._in_flight = 0
 
     # ---- public surface -------------------------------------------------
 
@@ -204,7 +208,8 @@ class RelayClient:
 
     async def wait_sent(self) -> None:
         """Until everything queued so far has been handed to the socket."""
-        while self._data or self._ctrl or not self.connected:
+        # Polled: flushing is rare (a CLI about to exit), and an event per frame is not.
+        while self._data or self._ctrl or self._in_flight or not self.connected:  # noqa: ASYNC110
             await trio.sleep(0.005)
 
     def statistics(self) -> ClientStatistics:
@@ -278,7 +283,9 @@ class RelayClient:
                     with trio.fail_after(self._connect_timeout):
                         await self._handshake(ws, decoder)
                 except trio.TooSlowError:
-                    raise ConnectError(f"{url}: relay did not finish the handshake in time") from None
+                    raise ConnectError(
+                        f"{url}: relay did not finish the handshake in time"
+                    ) from None
                 except ProtocolError as exc:
                     raise ConnectError(f"{url}: {exc}") from None
                 except ConnectionClosed as exc:
@@ -304,8 +311,13 @@ class RelayClient:
 
     async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> None:
         self.server_key, self.server_info = await client_handshake(
-            ws, decoder, self.key, token=self._token, mesh_key=self._mesh_key,
-            server_key=self._pinned_server_key, preferred=self._preferred,
+            ws,
+            decoder,
+            self.key,
+            token=self._token,
+            mesh_key=self._mesh_key,
+            server_key=self._pinned_server_key,
+            preferred=self._preferred,
         )
 
     # ---- the two tasks of a connection -----------------------------------
@@ -314,8 +326,13 @@ class RelayClient:
         value = self.server_info.get("keepalive_s", 30.0)
         return float(value) if isinstance(value, int | float) and value > 0 else 30.0
 
-    async def _reader(self, ws: WebSocketConnection, decoder: wire.FrameDecoder,
-                      scope: trio.CancelScope, result: list[_Disconnect]) -> None:
+    async def _reader(
+        self,
+        ws: WebSocketConnection,
+        decoder: wire.FrameDecoder,
+        scope: trio.CancelScope,
+        result: list[_Disconnect],
+    ) -> None:
         # Silence for two keepalive periods means the relay (or the path to it) is gone.
         silence_s = 2 * self._keepalive_s() + 5
         send_packet = self._recv_send
@@ -369,8 +386,9 @@ class RelayClient:
             case _:
                 pass  # KeepAlive, or a frame a newer relay sends that we can ignore
 
-    async def _writer(self, ws: WebSocketConnection, scope: trio.CancelScope,
-                      result: list[_Disconnect]) -> None:
+    async def _writer(
+        self, ws: WebSocketConnection, scope: trio.CancelScope, result: list[_Disconnect]
+    ) -> None:
         data = self._data
         ctrl = self._ctrl
         max_bytes = self._max_message
@@ -395,11 +413,14 @@ class RelayClient:
                     packets += 1
                 if packets:
                     self._space.set()
+                self._in_flight = packets or 1
                 try:
                     await ws.send_message(b"".join(chunks))
                 except BaseException:
                     self._lost_in_flight += packets
                     raise
+                finally:
+                    self._in_flight = 0
                 self._packets_sent += packets
         except ConnectionClosed as exc:
             result.append(_closed(exc))

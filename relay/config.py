@@ -30,7 +30,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["AdmissionConfig", "ConfigError", "LimitsConfig", "RelayConfig", "RelaySection", "load_config"]
+__all__ = [
+    "AdmissionConfig",
+    "ConfigError",
+    "LimitsConfig",
+    "RelayConfig",
+    "RelaySection",
+    "load_config",
+]
 
 
 class ConfigError(Exception):
@@ -155,7 +162,9 @@ def load_tokens(path: Path) -> frozenset[str]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read tokens file: {exc.strerror}") from None
     tokens = frozenset(
-        line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
     )
     if not tokens:
         raise ConfigError(f"{path}: tokens file lists no token")

@@ -91,7 +91,9 @@ def seal_client_info(
     return ClientInfo(client_key=key.public.raw, nonce=sealed.nonce, sealed=sealed.ciphertext)
 
 
-def _open_json(key: PrivateKey, peer: NodeKey, nonce: bytes, sealed: bytes, what: str) -> dict[str, Any]:
+def _open_json(
+    key: PrivateKey, peer: NodeKey, nonce: bytes, sealed: bytes, what: str
+) -> dict[str, Any]:
     try:
         plain = key.box(peer).decrypt(sealed, nonce)
     except (nacl.exceptions.CryptoError, ValueError) as exc:

@@ -46,18 +46,24 @@ class RelayCollector(Collector):
         yield counter("relaymesh_accepts", "WebSocket connections accepted.", s.accepts)
         yield counter("relaymesh_handshakes", "Handshakes completed.", s.handshakes_ok)
         yield counter("relaymesh_packets_received", "Packets received from clients.", s.packets_in)
-        yield counter("relaymesh_bytes_received", "Payload bytes received from clients.", s.bytes_in)
+        yield counter(
+            "relaymesh_bytes_received", "Payload bytes received from clients.", s.bytes_in
+        )
         yield counter("relaymesh_packets_sent", "Packets written to clients.", s.packets_out)
         yield counter("relaymesh_bytes_sent", "Frame bytes written to clients.", s.bytes_out)
         yield counter(
-            "relaymesh_messages_sent", "WebSocket messages written (packets are coalesced).",
+            "relaymesh_messages_sent",
+            "WebSocket messages written (packets are coalesced).",
             s.messages_out,
         )
         yield counter(
-            "relaymesh_rate_limited_seconds", "Seconds client readers were paused by the rate limit.",
+            "relaymesh_rate_limited_seconds",
+            "Seconds client readers were paused by the rate limit.",
             s.rate_limited_s,
         )
-        yield counter("relaymesh_frames_skipped", "Frames of unknown type skipped.", s.skipped_frames)
+        yield counter(
+            "relaymesh_frames_skipped", "Frames of unknown type skipped.", s.skipped_frames
+        )
         drops = CounterMetricFamily(
             "relaymesh_packets_dropped", "Packets dropped, by reason.", labels=[*labels, "reason"]
         )
@@ -65,7 +71,8 @@ class RelayCollector(Collector):
             drops.add_metric([*ident, reason], n)
         yield drops
         closes = CounterMetricFamily(
-            "relaymesh_connections_closed", "Connections closed, by reason.",
+            "relaymesh_connections_closed",
+            "Connections closed, by reason.",
             labels=[*labels, "reason"],
         )
         for reason, n in sorted(s.closes.items()):

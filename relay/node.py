@@ -83,6 +83,12 @@ async def serve_relay_node(
             http_url=f"http://{uhost}:{http_port}",
             server=server,
         )
-        log.info("relay %s/%s up: %s %s key %s", info.region, info.name, info.ws_url,
-                 info.http_url, info.public_key)
+        log.info(
+            "relay %s/%s up: %s %s key %s",
+            info.region,
+            info.name,
+            info.ws_url,
+            info.http_url,
+            info.public_key,
+        )
         task_status.started(info)

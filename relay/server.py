@@ -31,6 +31,7 @@ import struct
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
@@ -115,8 +116,16 @@ class _Closing(Exception):
 class _Client:
     """One authenticated connection."""
 
-    def __init__(self, ws: WebSocketConnection, hello: ClientHello, remote: str, *, is_mesh: bool,
-                 data_cap: int, ctrl_cap: int) -> None:
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        hello: ClientHello,
+        remote: str,
+        *,
+        is_mesh: bool,
+        data_cap: int,
+        ctrl_cap: int,
+    ) -> None:
         # Fixed once the handshake is done.
         self.ws = ws
         self.key = hello.client_key.raw
@@ -270,15 +279,17 @@ class RelayServer:
         for cl in list(self._clients.values()):
             self._enqueue_ctrl(cl, frame)
 
-    async def drain(self, *, reconnect_in_ms: int = 0, try_for_ms: int = 10_000,
-                    grace_s: float = 2.0) -> None:
+    async def drain(
+        self, *, reconnect_in_ms: int = 0, try_for_ms: int = 10_000, grace_s: float = 2.0
+    ) -> None:
         """Tell every client we are restarting, give writers ``grace_s`` to flush, close all."""
         frame = wire.encode(wire.Restarting(reconnect_in_ms=reconnect_in_ms, try_for_ms=try_for_ms))
         clients = list(self._clients.values())
         for cl in clients:
             self._enqueue_ctrl(cl, frame)
         with trio.move_on_after(grace_s):
-            while any(cl.ctrl or cl.data for cl in clients if not cl.closing):
+            # Polled: this runs once per shutdown, over every client.
+            while any(cl.ctrl or cl.data for cl in clients if not cl.closing):  # noqa: ASYNC110
                 await trio.sleep(0.01)
         for cl in clients:
             cl.end(CloseReason.GOING_AWAY, "relay restarting")
@@ -316,8 +327,12 @@ class RelayServer:
         self._c.handshakes_ok += 1
         is_mesh = hello.mesh_proof is not None
         client = _Client(
-            ws, hello, remote, is_mesh=is_mesh,
-            data_cap=self._limits.send_queue_packets, ctrl_cap=self._limits.control_queue_frames,
+            ws,
+            hello,
+            remote,
+            is_mesh=is_mesh,
+            data_cap=self._limits.send_queue_packets,
+            ctrl_cap=self._limits.control_queue_frames,
         )
         decoder.max_body = wire.MAX_FRAME_BODY
         self._register(client)
@@ -339,7 +354,9 @@ class RelayServer:
         while True:
             msg = await ws.get_message()
             if isinstance(msg, str):
-                raise _Closing(CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol")
+                raise _Closing(
+                    CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol"
+                )
             decoder.receive_data(msg)
             event = decoder.next_event()
             if event is wire.NEED_DATA:
@@ -383,7 +400,9 @@ class RelayServer:
         old = self._clients.get(client.key)
         if old is not None:
             old.end(CloseReason.REPLACED, "a newer connection with the same key took over")
-            log.info("client %s replaced (%s → %s)", client.node_key.short(), old.remote, client.remote)
+            log.info(
+                "client %s replaced (%s → %s)", client.node_key.short(), old.remote, client.remote
+            )
         self._clients[client.key] = client
         for cb in self.on_connect:
             cb(client.node_key)
@@ -425,8 +444,9 @@ class RelayServer:
 
     # ---- the two tasks of a connection -----------------------------------
 
-    async def _run_reader(self, client: _Client, decoder: wire.FrameDecoder,
-                          scope: trio.CancelScope) -> None:
+    async def _run_reader(
+        self, client: _Client, decoder: wire.FrameDecoder, scope: trio.CancelScope
+    ) -> None:
         try:
             await self._read_loop(client, decoder)
         except ConnectionClosed:
@@ -454,7 +474,9 @@ class RelayServer:
         while True:
             msg = await get_message()
             if isinstance(msg, str):
-                raise _Closing(CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol")
+                raise _Closing(
+                    CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol"
+                )
             if bucket is not None:
                 pause = bucket.take(len(msg), trio.current_time())
                 if pause:
@@ -557,8 +579,10 @@ class RelayServer:
         except ConnectionClosed:
             client.end(CloseReason.CLOSED_BY_PEER, "")
         except trio.TooSlowError:
-            client.end(CloseReason.WRITE_TIMEOUT,
-                       f"socket accepted nothing for {self._limits.write_timeout_s:g} s")
+            client.end(
+                CloseReason.WRITE_TIMEOUT,
+                f"socket accepted nothing for {self._limits.write_timeout_s:g} s",
+            )
         finally:
             scope.cancel()
 

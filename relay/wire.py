@@ -327,7 +327,7 @@ def _check_payload(payload: bytes) -> None:
         )
 
 
-def _body(event: Event) -> tuple[FrameType, bytes]:  # noqa: PLR0911 - one arm per frame type
+def _body(event: Event) -> tuple[FrameType, bytes]:
     match event:
         case SendPacket(dest=dest, payload=payload):
             _check_key("dest", dest)
@@ -392,16 +392,14 @@ def encode(event: Event) -> bytes:
 
 def _need(frame_type: FrameType, body: bytes, exact: int | None = None, least: int = 0) -> None:
     if exact is not None and len(body) != exact:
-        raise RemoteProtocolError(
-            f"{frame_type.name} body must be {exact} bytes, got {len(body)}"
-        )
+        raise RemoteProtocolError(f"{frame_type.name} body must be {exact} bytes, got {len(body)}")
     if len(body) < least:
         raise RemoteProtocolError(
             f"{frame_type.name} body must be at least {least} bytes, got {len(body)}"
         )
 
 
-def decode_body(frame_type: int, body: bytes) -> Event | None:  # noqa: PLR0911, C901
+def decode_body(frame_type: int, body: bytes) -> Event | None:
     """The event carried by one frame, or None for a type this version does not know."""
     try:
         ft = FrameType(frame_type)
@@ -421,7 +419,9 @@ def decode_body(frame_type: int, body: bytes) -> Event | None:  # noqa: PLR0911,
         case FrameType.SERVER_KEY:
             _need(ft, body, exact=len(MAGIC) + k + CHALLENGE_BYTES)
             if body[: len(MAGIC)] != MAGIC:
-                raise RemoteProtocolError("ServerKey does not start with the magic", CloseReason.BAD_HANDSHAKE)
+                raise RemoteProtocolError(
+                    "ServerKey does not start with the magic", CloseReason.BAD_HANDSHAKE
+                )
             rest = body[len(MAGIC) :]
             return ServerKey(public_key=rest[:k], challenge=rest[k:])
         case FrameType.CLIENT_INFO:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,6 +30,12 @@ async def start_relay(
     server = RelayServer(cfg, key or PrivateKey.generate(), tokens=tokens)
     bound = await nursery.start(server.serve, "127.0.0.1", port)
     return server, f"ws://127.0.0.1:{bound}/derp"
+
+
+async def wait_until(predicate: Callable[[], object], interval_s: float = 0.005) -> None:
+    """Until ``predicate()`` is true. Tests wrap it in ``fail_after`` so a hang fails fast."""
+    while not predicate():  # noqa: ASYNC110 - tests watch state they do not own
+        await trio.sleep(interval_s)
 
 
 @pytest.fixture

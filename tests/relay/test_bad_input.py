@@ -11,14 +11,18 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from relay import wire
+from relay.client import client_handshake, open_relay_client
 from relay.handshake import seal_client_info
 from relay.keys import PrivateKey
-from relay.server import RelayServer
 from relay.wire import CloseReason
-from relay.client import client_handshake, open_relay_client
 from tests.conftest import start_relay
 
 SEQ = struct.Struct(">I")
@@ -53,7 +57,9 @@ async def text_message(ws: WebSocketConnection) -> None:
 
 async def forward_from_a_client(ws: WebSocketConnection) -> None:
     await _authed(ws)
-    await ws.send_message(wire.encode(wire.ForwardPacket(src=bytes(32), dest=bytes(32), payload=b"")))
+    await ws.send_message(
+        wire.encode(wire.ForwardPacket(src=bytes(32), dest=bytes(32), payload=b""))
+    )
 
 
 async def garbage_instead_of_client_info(ws: WebSocketConnection) -> None:
@@ -69,8 +75,13 @@ async def wrong_first_frame(ws: WebSocketConnection) -> None:
 async def box_that_does_not_open(ws: WebSocketConnection) -> None:
     sk = await _server_key(ws)
     info = seal_client_info(PrivateKey.generate(), sk)
-    await ws.send_message(wire.encode(wire.ClientInfo(
-        client_key=info.client_key, nonce=info.nonce, sealed=b"\x00" * len(info.sealed))))
+    await ws.send_message(
+        wire.encode(
+            wire.ClientInfo(
+                client_key=info.client_key, nonce=info.nonce, sealed=b"\x00" * len(info.sealed)
+            )
+        )
+    )
 
 
 async def replayed_client_info(ws: WebSocketConnection, recorded: list[wire.ClientInfo]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from relay.config import ConfigError, load_config, load_tokens
 
@@ -22,13 +23,16 @@ def test_defaults() -> None:
 
 
 def test_file_with_relative_paths_and_overrides(tmp_path: Path) -> None:
-    p = write(tmp_path, '[relay]\nregion = "eu"\nkey_file = "eu.key"\n'
-                       '[admission]\npolicy = "token"\ntokens_file = "t.txt"\n')
+    p = write(
+        tmp_path,
+        '[relay]\nregion = "eu"\nkey_file = "eu.key"\n'
+        '[admission]\npolicy = "token"\ntokens_file = "t.txt"\n',
+    )
     cfg = load_config(p, overrides={"relay": {"name": "eu-2", "port": None}})
     assert cfg.relay.region == "eu" and cfg.relay.name == "eu-2"
     assert cfg.relay.key_file == tmp_path / "eu.key"
     assert cfg.admission.tokens_file == tmp_path / "t.txt"
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(ValidationError):  # frozen
         cfg.relay.port = 1  # type: ignore[misc]
 
 
@@ -37,11 +41,14 @@ def test_file_with_relative_paths_and_overrides(tmp_path: Path) -> None:
     [
         ("[relay]\nprot = 1\n", r"relay\.toml: relay\.prot: unknown key"),
         ("[relay]\nport = 70000\n", r"relay\.toml: relay\.port: .*less than or equal to 65535"),
-        ("[limits]\nsend_queue_packets = 0\n", r"limits\.send_queue_packets: .*greater than or equal to 1"),
-        ("[limits]\nwrite_timeout_s = \"soon\"\n", r"limits\.write_timeout_s: "),
-        ("[admission]\npolicy = \"token\"\n", r"admission: .*needs tokens_file"),
-        ("[admission]\npolicy = \"maybe\"\n", r"admission\.policy: "),
-        ("[relay]\nregion = \"EU West\"\n", r"relay\.region: "),
+        (
+            "[limits]\nsend_queue_packets = 0\n",
+            r"limits\.send_queue_packets: .*greater than or equal to 1",
+        ),
+        ('[limits]\nwrite_timeout_s = "soon"\n', r"limits\.write_timeout_s: "),
+        ('[admission]\npolicy = "token"\n', r"admission: .*needs tokens_file"),
+        ('[admission]\npolicy = "maybe"\n', r"admission\.policy: "),
+        ('[relay]\nregion = "EU West"\n', r"relay\.region: "),
         ("[bogus]\nx = 1\n", r"bogus: unknown key"),
         ("relay = 3\n", r"relay: "),
         ("[relay\n", r"relay\.toml: not valid TOML"),
@@ -53,12 +60,12 @@ def test_errors_name_file_key_and_problem(tmp_path: Path, text: str, message: st
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nope.toml: cannot read"):
+    with pytest.raises(ConfigError, match=r"nope\.toml: cannot read"):
         load_config(tmp_path / "nope.toml")
 
 
 def test_bad_override_names_the_command_line() -> None:
-    with pytest.raises(ConfigError, match="command line: relay.port"):
+    with pytest.raises(ConfigError, match=r"command line: relay\.port"):
         load_config(overrides={"relay": {"port": -1}})
 
 

@@ -48,16 +48,19 @@ def test_box_for_another_key_does_not_open() -> None:
     sk = hello()
     info = seal_client_info(CLIENT, sk)
     # Claim to be someone else: the box was made by CLIENT's key, so it does not open.
-    forged = wire.ClientInfo(client_key=PrivateKey.generate().public.raw, nonce=info.nonce,
-                             sealed=info.sealed)
+    forged = wire.ClientInfo(
+        client_key=PrivateKey.generate().public.raw, nonce=info.nonce, sealed=info.sealed
+    )
     with pytest.raises(RemoteProtocolError) as exc:
         open_client_info(RELAY, sk.challenge, forged)
     assert exc.value.reason is CloseReason.BAD_HANDSHAKE
 
 
 def _sealed(obj: object) -> wire.ClientInfo:
-    box = nacl.public.Box(nacl.public.PrivateKey(bytes.fromhex(CLIENT.to_text()[8:])),
-                          nacl.public.PublicKey(RELAY.public.raw))
+    box = nacl.public.Box(
+        nacl.public.PrivateKey(bytes.fromhex(CLIENT.to_text()[8:])),
+        nacl.public.PublicKey(RELAY.public.raw),
+    )
     data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
     s = box.encrypt(data)
     return wire.ClientInfo(client_key=CLIENT.public.raw, nonce=s.nonce, sealed=s.ciphertext)

@@ -63,13 +63,13 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
 
 
 def test_key_file_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(KeyFileError, match="missing.key"):
+    with pytest.raises(KeyFileError, match=r"missing\.key"):
         load_key_file(tmp_path / "missing.key")
     bad = tmp_path / "bad.key"
     fd = os.open(bad, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, b"nonsense\n")
     os.close(fd)
-    with pytest.raises(KeyFileError, match="bad.key"):
+    with pytest.raises(KeyFileError, match=r"bad\.key"):
         load_key_file(bad)
 
 

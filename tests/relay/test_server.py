@@ -6,14 +6,18 @@ import struct
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import open_websocket_url
 
 from relay import wire
-from relay.client import ConnectError, RelayClient, RelayClosedError, client_handshake, open_relay_client
-from relay.handshake import seal_client_info
+from relay.client import (
+    ConnectError,
+    RelayClient,
+    RelayClosedError,
+    client_handshake,
+    open_relay_client,
+)
 from relay.keys import NodeKey, PrivateKey
-from relay.wire import CloseReason
-from tests.conftest import start_relay
+from tests.conftest import start_relay, wait_until
 
 SEQ = struct.Struct(">I")
 
@@ -52,15 +56,16 @@ async def test_slow_receiver_drops_are_counted_and_add_up(nursery: trio.Nursery)
     server, url = await start_relay(nursery, send_queue_packets=8, write_timeout_s=30)
     a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
     n, size = 600, 60_000  # far more than the socket buffers hold
-    async with open_relay_client(url, a_key) as a, \
-            open_relay_client(url, b_key, receive_queue_packets=1) as b:
+    async with (
+        open_relay_client(url, a_key) as a,
+        open_relay_client(url, b_key, receive_queue_packets=1) as b,
+    ):
         for i in range(n):
             await a.send(b_key.public, SEQ.pack(i) + bytes(size))
         with trio.fail_after(20):
             await a.wait_sent()
             # Everything the relay read was either delivered or counted as dropped.
-            while server.statistics().packets_in < n:
-                await trio.sleep(0.01)
+            await wait_until(lambda: server.statistics().packets_in >= n)
         received: list[int] = []
         with trio.fail_after(20):
             while len(received) + server.statistics().drops["queue_full"] < n:
@@ -79,8 +84,7 @@ async def test_unknown_destination_gets_peer_gone(nursery: trio.Nursery) -> None
         for _ in range(5):
             await a.send(nobody, b"hello?")
         with trio.fail_after(5):
-            while nobody not in a.peer_gone:
-                await trio.sleep(0.01)
+            await wait_until(lambda: nobody in a.peer_gone)
     assert a.peer_gone[nobody] is wire.PeerGoneReason.NOT_HERE
     assert server.statistics().drops["unknown_dest"] == 5
 
@@ -93,8 +97,7 @@ async def test_peer_gone_when_a_correspondent_disconnects(nursery: trio.Nursery)
             await a.send(b_key.public, b"hi")
             await b.receive()
         with trio.fail_after(5):
-            while b_key.public not in a.peer_gone:
-                await trio.sleep(0.01)
+            await wait_until(lambda: b_key.public in a.peer_gone)
     assert a.peer_gone[b_key.public] is wire.PeerGoneReason.DISCONNECTED
 
 
@@ -110,22 +113,26 @@ async def test_second_connection_with_same_key_replaces_the_first(nursery: trio.
     server, url = await start_relay(nursery)
     key = PrivateKey.generate()
     peer = PrivateKey.generate()
-    async with open_relay_client(url, key) as first, open_relay_client(url, peer) as other:
-        async with open_relay_client(url, key) as second:
-            with trio.fail_after(5), pytest.raises(RelayClosedError, match="replaced"):
-                await first.receive()
-            with pytest.raises(RelayClosedError):
-                first.send_nowait(peer.public, b"x")
-            # The newer connection is the one that gets traffic.
-            await other.send(key.public, b"to the newest")
-            with trio.fail_after(5):
-                assert (await second.receive()).payload == b"to the newest"
+    async with (
+        open_relay_client(url, key) as first,
+        open_relay_client(url, peer) as other,
+        open_relay_client(url, key) as second,
+    ):
+        with trio.fail_after(5), pytest.raises(RelayClosedError, match="replaced"):
+            await first.receive()
+        with pytest.raises(RelayClosedError):
+            first.send_nowait(peer.public, b"x")
+        # The newer connection is the one that gets traffic.
+        await other.send(key.public, b"to the newest")
+        with trio.fail_after(5):
+            assert (await second.receive()).payload == b"to the newest"
     assert server.statistics().closes["replaced"] == 1
 
 
 async def test_token_policy(nursery: trio.Nursery, tmp_path: object) -> None:
     server, url = await start_relay(
-        nursery, tokens=frozenset({"let-me-in"}),
+        nursery,
+        tokens=frozenset({"let-me-in"}),
         admission={"policy": "token", "tokens_file": "unused-in-tests"},
     )
     with pytest.raises(ConnectError, match="unauthorized"):
@@ -142,14 +149,16 @@ async def test_token_policy(nursery: trio.Nursery, tmp_path: object) -> None:
 async def test_pinned_relay_key_mismatch_is_refused(nursery: trio.Nursery) -> None:
     _, url = await start_relay(nursery)
     with pytest.raises(ConnectError, match="not the expected"):
-        async with open_relay_client(url, PrivateKey.generate(),
-                                     server_key=PrivateKey.generate().public):
+        async with open_relay_client(
+            url, PrivateKey.generate(), server_key=PrivateKey.generate().public
+        ):
             pass
 
 
 async def test_rate_limit_slows_the_reader_and_drops_nothing(nursery: trio.Nursery) -> None:
-    server, url = await start_relay(nursery, rate_bytes_per_s=200_000, rate_burst_bytes=20_000,
-                                    send_queue_packets=10_000)
+    server, url = await start_relay(
+        nursery, rate_bytes_per_s=200_000, rate_burst_bytes=20_000, send_queue_packets=10_000
+    )
     a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
     n = 100
     async with open_relay_client(url, a_key) as a, open_relay_client(url, b_key) as b:
@@ -169,8 +178,10 @@ async def test_write_timeout_drops_only_the_stuck_client(nursery: trio.Nursery) 
     async with open_websocket_url(url, subprotocols=["derp"]) as stuck:
         await client_handshake(stuck, wire.FrameDecoder(), stuck_key)
         # `stuck` never reads again. Fill its socket buffers until the relay gives up on it.
-        async with open_relay_client(url, PrivateKey.generate()) as a, \
-                open_relay_client(url, (c_key := PrivateKey.generate())) as c:
+        async with (
+            open_relay_client(url, PrivateKey.generate()) as a,
+            open_relay_client(url, (c_key := PrivateKey.generate())) as c,
+        ):
             with trio.fail_after(30):
                 while server.statistics().closes.get("write_timeout", 0) == 0:
                     a.send_nowait(stuck_key.public, bytes(60_000))
@@ -189,7 +200,7 @@ async def test_reconnect_after_relay_restart(nursery: trio.Nursery) -> None:
     async def run_relay(port: int, *, task_status: trio.TaskStatus[int]) -> None:
         with relay_scope:
             async with trio.open_nursery() as inner:
-                server, url = await start_relay(inner, port=port, key=key)
+                _server, url = await start_relay(inner, port=port, key=key)
                 task_status.started(int(url.rsplit(":", 1)[1].split("/")[0]))
 
     port = await nursery.start(run_relay, 0)
@@ -201,8 +212,7 @@ async def test_reconnect_after_relay_restart(nursery: trio.Nursery) -> None:
             assert (await b.receive()).payload == b"before"
         relay_scope.cancel()
         with trio.fail_after(5):
-            while a.connected or b.connected:
-                await trio.sleep(0.01)
+            await wait_until(lambda: not (a.connected or b.connected))
         relay_scope = trio.CancelScope()
         await nursery.start(run_relay, port)
         with trio.fail_after(10):
@@ -219,6 +229,5 @@ async def test_drain_sends_restarting_and_clients_follow(nursery: trio.Nursery) 
     async with open_relay_client(url, PrivateKey.generate()) as a:
         await server.drain(reconnect_in_ms=50, grace_s=1)
         with trio.fail_after(5):
-            while a.statistics().connects < 2:
-                await trio.sleep(0.01)
+            await wait_until(lambda: a.statistics().connects >= 2)
     assert server.statistics().closes["going_away"] == 1

@@ -50,8 +50,10 @@ TABLE: list[tuple[wire.Event, bytes]] = [
     (wire.Pong(data=b"87654321"), hdr(0x13, 8) + b"87654321"),
     (wire.Health(problem="etcd unreachable"), hdr(0x14, 16) + b"etcd unreachable"),
     (wire.Health(problem=""), hdr(0x14, 0)),
-    (wire.Restarting(reconnect_in_ms=1500, try_for_ms=60000),
-     hdr(0x15, 8) + struct.pack(">II", 1500, 60000)),
+    (
+        wire.Restarting(reconnect_in_ms=1500, try_for_ms=60000),
+        hdr(0x15, 8) + struct.pack(">II", 1500, 60000),
+    ),
 ]
 
 
@@ -156,7 +158,9 @@ def test_split_matches_next_frame() -> None:
         (FrameType.RESTARTING, b"1234", CloseReason.BAD_FRAME),
     ],
 )
-def test_malformed_bodies_are_remote_errors(ftype: FrameType, body: bytes, reason: CloseReason) -> None:
+def test_malformed_bodies_are_remote_errors(
+    ftype: FrameType, body: bytes, reason: CloseReason
+) -> None:
     dec = FrameDecoder()
     dec.receive_data(hdr(ftype, len(body)) + body)
     with pytest.raises(RemoteProtocolError) as info:
@@ -232,8 +236,9 @@ u32 = st.integers(min_value=0, max_value=2**32 - 1)
 
 events = st.one_of(
     st.builds(wire.ServerKey, public_key=keys, challenge=keys),
-    st.builds(wire.ClientInfo, client_key=keys, nonce=st.binary(min_size=24, max_size=24),
-              sealed=payloads),
+    st.builds(
+        wire.ClientInfo, client_key=keys, nonce=st.binary(min_size=24, max_size=24), sealed=payloads
+    ),
     st.builds(wire.ServerInfo, nonce=st.binary(min_size=24, max_size=24), sealed=payloads),
     st.builds(wire.SendPacket, dest=keys, payload=payloads),
     st.builds(wire.RecvPacket, src=keys, payload=payloads),
