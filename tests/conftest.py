@@ -1,7 +1,12 @@
-"""Shared test helpers: relays on loopback port 0, inside the test's nursery."""
+"""Shared test helpers: relays on loopback port 0, inside the test's nursery.
+
+In CI (``CI`` set) a skipped test fails the run: CI installs everything the
+suite needs, so a skip there means something is missing, not optional.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -41,3 +46,13 @@ async def wait_until(predicate: Callable[[], object], interval_s: float = 0.005)
 @pytest.fixture
 def anyio_backend() -> str:
     return "trio"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if not os.environ.get("CI") or reporter is None:
+        return
+    skipped = reporter.stats.get("skipped", [])
+    if skipped and exitstatus == 0:
+        reporter.write_line(f"CI: {len(skipped)} test(s) skipped; CI must run every test", red=True)
+        session.exitstatus = 1

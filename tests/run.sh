@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run the checks and the whole suite.
+# Idempotent and quick when everything is already there. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages some tests use: the real etcd binary. Installed when missing
+# and we are root (CI is); otherwise the tests that need them skip and say why.
+need=()
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server etcd-client)
+if ((${#need[@]})); then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing ${need[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+        echo "not installing ${need[*]} (needs root and apt-get); tests that need them will skip" >&2
+    fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+exec .venv/bin/pytest "$@"
