@@ -4,6 +4,9 @@ Served next to the WebSocket data plane, on its own port, inside the node's
 nursery (see relay/node.py). Endpoints:
 
 - ``/healthz``: 200 "ok" while the process serves (liveness).
+- ``/readyz``: 200 when the node can do its whole job: registered in the shared
+  state (lease held), its cache in sync, links to its region's relays up;
+  503 with the reasons otherwise. A lone relay (no shared state) is ready.
 - ``/metrics``: Prometheus text exposition (relay/metrics.py).
 - ``/api/v1/status``: JSON for the dashboard and scripts.
 - ``/generate_204`` and ``/derp/latency-check``: empty answers for latency probes.
@@ -12,7 +15,8 @@ nursery (see relay/node.py). Endpoints:
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from quart import Response
 from quart_trio import QuartTrio
@@ -22,13 +26,47 @@ from .config import RelayConfig
 from .metrics import CONTENT_TYPE, relay_registry, render
 from .server import RelayServer
 
+if TYPE_CHECKING:
+    from coordinator.state import MeshState
+
+    from .mesh import Mesh
+
 __all__ = ["create_app"]
 
 
-def create_app(cfg: RelayConfig, server: RelayServer) -> QuartTrio:
+def readiness(state: MeshState | None, mesh: Mesh | None) -> list[str]:
+    """Why the node is not ready; empty when it is."""
+    if state is None:
+        return []
+    problems = []
+    if not state.registered:
+        problems.append("not registered in the shared state")
+    if state.degraded:
+        problems.append(state.degraded)
+    if not state.synced:
+        problems.append("peer map not in sync with the shared state")
+    if mesh is not None:
+        down = [s.relay_id for s in mesh.statistics() if s.eager and not s.connected]
+        if down:
+            problems.append("mesh links down: " + ", ".join(sorted(down)))
+    return problems
+
+
+def create_app(
+    cfg: RelayConfig,
+    server: RelayServer,
+    *,
+    state: MeshState | None = None,
+    mesh: Mesh | None = None,
+) -> QuartTrio:
     app = QuartTrio("relaymesh")
-    registry = relay_registry(server)
+    registry = relay_registry(server, state=state, mesh=mesh)
     started = time.time()
+
+    @app.get("/readyz")
+    async def readyz() -> tuple[dict[str, Any], int]:
+        problems = readiness(state, mesh)
+        return {"ready": not problems, "problems": problems}, (503 if problems else 200)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -62,7 +100,13 @@ def create_app(cfg: RelayConfig, server: RelayServer) -> QuartTrio:
                 "bytes_out": stats.bytes_out,
                 "drops": stats.drops,
                 "closes": stats.closes,
+                "forwarded_in": stats.forwarded_in,
             },
+            "ready": not readiness(state, mesh),
+            "problems": readiness(state, mesh),
+            "shared_state": asdict(state.statistics()) if state is not None else None,
+            "mesh_links": [asdict(link) for link in mesh.statistics()] if mesh else [],
+            "relays": sorted(state.relays) if state is not None else [],
         }
 
     return app

@@ -168,6 +168,19 @@ class RelayClient:
         self._queue(dest, payload)
         await trio.lowlevel.checkpoint()
 
+    def forward_nowait(self, src: bytes, dest: bytes, payload: bytes) -> bool:
+        """Queue a ForwardPacket (mesh links only); False if the queue is full.
+
+        Never blocks: a relay's reader calls this on its hot path.
+        """
+        if len(self._data) >= self._send_cap or self.closed_reason is not None:
+            return False
+        self._data.append(
+            _HDR.pack(FrameType.FORWARD_PACKET, 2 * _K + len(payload)) + src + dest + payload
+        )
+        self._wake.set()
+        return True
+
     def _queue(self, dest: NodeKey, payload: bytes) -> None:
         if self.closed_reason is not None:
             raise RelayClosedError(self.closed_reason)
@@ -226,12 +239,22 @@ class RelayClient:
 
     # ---- supervisor ------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        *,
+        first_must_succeed: bool = True,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Keep a connection up until cancelled. started() after the first handshake.
 
-        The first connection's failure is raised as :class:`ConnectError`;
-        after that, failures are retried forever with backoff.
+        If ``first_must_succeed``, failing to connect to every URL once raises
+        :class:`ConnectError`; otherwise started() is called at once and
+        failures are retried for ever with backoff, as they are after the first
+        connection.
         """
+        if not first_must_succeed:
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
         attempt = 0
         index = 0
         started = False
@@ -242,7 +265,7 @@ class RelayClient:
                 started = True
                 attempt = 0
             except ConnectError as exc:
-                if not started and index + 1 >= len(self.urls):
+                if first_must_succeed and not started and index + 1 >= len(self.urls):
                     raise
                 self._last_close = str(exc)
                 log.info("relay %s: %s", url, exc)

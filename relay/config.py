@@ -34,9 +34,11 @@ __all__ = [
     "AdmissionConfig",
     "ConfigError",
     "LimitsConfig",
+    "MeshConfig",
     "RelayConfig",
     "RelaySection",
     "load_config",
+    "load_mesh_key",
 ]
 
 
@@ -95,10 +97,34 @@ class LimitsConfig(_Frozen):
     peer_gone_interval_s: float = Field(1.0, ge=0)
 
 
+class MeshConfig(_Frozen):
+    #: etcd client URLs. Empty: no shared state (a lone relay), unless `relaymesh up` gives one.
+    etcd_endpoints: list[str] = []
+    #: A file holding the secret all relays of the mesh share (or env RELAYMESH_MESH_KEY).
+    mesh_key_file: Path | None = None
+    prefix: str = Field("/relaymesh/v1/", pattern=r"^/.*/$")
+    lease_ttl_s: int = Field(8, ge=2, le=3600)
+    keepalive_interval_s: float = Field(2.0, gt=0)
+    #: How long a peer whose relay died is remembered as LOST before it is forgotten.
+    lost_grace_s: float = Field(30.0, ge=0)
+    #: Links to other regions close after this long unused.
+    link_idle_s: float = Field(60.0, gt=0)
+    link_queue_packets: int = Field(4096, ge=1, le=1_000_000)
+    #: The host others use to reach this relay (default: the listen host, or 127.0.0.1).
+    advertise_host: str | None = None
+
+    @model_validator(mode="after")
+    def _keepalive_within_ttl(self) -> MeshConfig:
+        if self.keepalive_interval_s >= self.lease_ttl_s:
+            raise ValueError("keepalive_interval_s must be shorter than lease_ttl_s")
+        return self
+
+
 class RelayConfig(_Frozen):
     relay: RelaySection = RelaySection()
     admission: AdmissionConfig = AdmissionConfig()
     limits: LimitsConfig = LimitsConfig()
+    mesh: MeshConfig = MeshConfig()
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -116,7 +142,11 @@ def _format_errors(source: str, exc: ValidationError) -> str:
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
-    for section, key in (("relay", "key_file"), ("admission", "tokens_file")):
+    for section, key in (
+        ("relay", "key_file"),
+        ("admission", "tokens_file"),
+        ("mesh", "mesh_key_file"),
+    ):
         sec = raw.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             p = Path(sec[key]).expanduser()
@@ -169,3 +199,28 @@ def load_tokens(path: Path) -> frozenset[str]:
     if not tokens:
         raise ConfigError(f"{path}: tokens file lists no token")
     return tokens
+
+
+def load_mesh_key(cfg: MeshConfig) -> bytes | None:
+    """The mesh secret from ``mesh_key_file`` or ``RELAYMESH_MESH_KEY``; None if neither is set.
+
+    Whitespace around it is ignored. It is never logged.
+    """
+    import os
+
+    if cfg.mesh_key_file is not None:
+        try:
+            secret = cfg.mesh_key_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{cfg.mesh_key_file}: cannot read mesh key: {exc.strerror}"
+            ) from None
+        source = str(cfg.mesh_key_file)
+    elif os.environ.get("RELAYMESH_MESH_KEY"):
+        secret = os.environ["RELAYMESH_MESH_KEY"].strip().encode()
+        source = "RELAYMESH_MESH_KEY"
+    else:
+        return None
+    if len(secret) < 16:
+        raise ConfigError(f"{source}: the mesh key must be at least 16 bytes")
+    return secret

@@ -9,6 +9,7 @@ registry, so several relays in one process (``relaymesh up``) do not collide.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,14 +17,23 @@ from prometheus_client.registry import Collector
 
 from .server import RelayServer
 
+if TYPE_CHECKING:
+    from coordinator.state import MeshState
+
+    from .mesh import Mesh
+
 __all__ = ["CONTENT_TYPE", "RelayCollector", "relay_registry", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class RelayCollector(Collector):
-    def __init__(self, server: RelayServer) -> None:
+    def __init__(
+        self, server: RelayServer, state: MeshState | None = None, mesh: Mesh | None = None
+    ) -> None:
         self._server = server
+        self._state = state
+        self._mesh = mesh
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self._server.statistics()
@@ -78,11 +88,57 @@ class RelayCollector(Collector):
         for reason, n in sorted(s.closes.items()):
             closes.add_metric([*ident, reason], n)
         yield closes
+        yield counter(
+            "relaymesh_packets_forwarded_in",
+            "Packets other relays forwarded to clients here.",
+            s.forwarded_in,
+        )
+        if self._mesh is not None:
+            yield counter(
+                "relaymesh_packets_forwarded_out",
+                "Packets sent to other relays over mesh links.",
+                self._mesh.forwarded_out,
+            )
+            links = GaugeMetricFamily(
+                "relaymesh_mesh_link_up",
+                "Mesh link connected (1) or not.",
+                labels=[*labels, "peer"],
+            )
+            for link in self._mesh.statistics():
+                links.add_metric([*ident, link.relay_id], 1.0 if link.connected else 0.0)
+            yield links
+        if self._state is not None:
+            st = self._state.statistics()
+            yield gauge(
+                "relaymesh_registered",
+                "Registered in the shared state (lease held).",
+                1.0 if st.registered else 0.0,
+            )
+            yield gauge(
+                "relaymesh_degraded",
+                "1 while the shared state is unreachable.",
+                1.0 if st.degraded else 0.0,
+            )
+            yield gauge(
+                "relaymesh_state_synced", "Peer-map cache in sync.", 1.0 if st.synced else 0.0
+            )
+            yield gauge("relaymesh_known_relays", "Relays in the registry.", st.relays)
+            peers = GaugeMetricFamily(
+                "relaymesh_known_peers", "Peers in the cache, by state.", labels=[*labels, "state"]
+            )
+            peers.add_metric([*ident, "present"], st.peers_present)
+            peers.add_metric([*ident, "lost"], st.peers_lost)
+            yield peers
+            yield counter(
+                "relaymesh_state_resyncs", "Full resynchronisations of the cache.", st.resyncs
+            )
 
 
-def relay_registry(server: RelayServer) -> CollectorRegistry:
+def relay_registry(
+    server: RelayServer, *, state: MeshState | None = None, mesh: Mesh | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RelayCollector(server))
+    registry.register(RelayCollector(server, state, mesh))
     return registry
 
 

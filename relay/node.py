@@ -1,23 +1,36 @@
 """serve_relay_node(cfg): one nursery running everything a relay node runs.
 
-Today that is the WebSocket data plane (relay/server.py) and the HTTP API
-(relay/app.py on hypercorn). Both share the node's lifetime: cancel the node
-and both stop. :func:`shutdown_gracefully` tells clients to move before the
-node goes (Restarting frames), then stops it.
+- the WebSocket data plane (relay/server.py);
+- the HTTP API (relay/app.py on hypercorn);
+- with shared state (etcd endpoints in the config, or a store handed in by
+  ``relaymesh up``): registration, the peer-map cache (coordinator/state.py)
+  and, with a mesh key, the mesh links (relay/mesh.py);
+- a small task that tells clients (Health frames) when the node is degraded.
+
+All of it shares the node's lifetime: cancel the node and everything stops.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from coordinator.registry import RelayRecord
+from coordinator.state import MeshState
+from coordinator.store import Store
+
+from . import __version__
 from .app import create_app
 from .config import RelayConfig, load_tokens
 from .keys import NodeKey, PrivateKey, load_or_create_key_file
+from .mesh import Mesh
 from .server import RelayServer
 
 __all__ = ["NodeInfo", "load_node_key", "serve_relay_node"]
@@ -27,12 +40,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeInfo:
+    relay_id: str
     region: str
     name: str
     public_key: NodeKey
     ws_url: str
     http_url: str
     server: RelayServer
+    state: MeshState | None
+    mesh: Mesh | None
 
 
 def load_node_key(cfg: RelayConfig) -> PrivateKey:
@@ -49,14 +65,30 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+@asynccontextmanager
+async def _store_from_config(cfg: RelayConfig) -> AsyncIterator[Store | None]:
+    if not cfg.mesh.etcd_endpoints:
+        yield None
+        return
+    from coordinator.etcd import open_etcd_store
+
+    async with open_etcd_store(cfg.mesh.etcd_endpoints) as store:
+        yield store
+
+
 async def serve_relay_node(
     cfg: RelayConfig,
     *,
     key: PrivateKey | None = None,
+    store: Store | None = None,
     mesh_key: bytes | None = None,
     task_status: trio.TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run one relay node until cancelled; started() with its URLs once both ports accept."""
+    """Run one relay node until cancelled; started() with its URLs once both ports accept.
+
+    ``store`` overrides the config's etcd endpoints (``relaymesh up`` shares one
+    MemoryStore between the relays of one process).
+    """
     key = key or load_node_key(cfg)
     tokens = (
         load_tokens(cfg.admission.tokens_file)
@@ -72,23 +104,87 @@ async def serve_relay_node(
     hconfig.graceful_timeout = 1.0
     async with trio.open_nursery() as nursery:
         ws_port = await nursery.start(server.serve, host, cfg.relay.port)
-        binds = await nursery.start(hypercorn_serve, create_app(cfg, server), hconfig)
-        http_port = int(str(binds[0]).rsplit(":", 1)[1])
-        uhost = _url_host(host)
-        info = NodeInfo(
-            region=cfg.relay.region,
-            name=cfg.relay.name,
-            public_key=key.public,
-            ws_url=f"ws://{uhost}:{ws_port}/derp",
-            http_url=f"http://{uhost}:{http_port}",
-            server=server,
-        )
-        log.info(
-            "relay %s/%s up: %s %s key %s",
-            info.region,
-            info.name,
-            info.ws_url,
-            info.http_url,
-            info.public_key,
-        )
-        task_status.started(info)
+        ahost = cfg.mesh.advertise_host or _url_host(host)
+        ws_url = f"ws://{ahost}:{ws_port}/derp"
+        state: MeshState | None = None
+        mesh: Mesh | None = None
+
+        async with _store_from_config(cfg) if store is None else _given(store) as the_store:
+            if the_store is not None:
+                # http_url is filled in below, once hypercorn has bound its port.
+                state = MeshState(
+                    the_store,
+                    RelayRecord(
+                        relay_id=cfg.relay.name,
+                        region=cfg.relay.region,
+                        name=cfg.relay.name,
+                        ws_url=ws_url,
+                        http_url="",
+                        public_key=str(key.public),
+                        started_at=time.time(),
+                        version=__version__,
+                    ),
+                    prefix=cfg.mesh.prefix,
+                    lease_ttl_s=cfg.mesh.lease_ttl_s,
+                    keepalive_interval_s=cfg.mesh.keepalive_interval_s,
+                    lost_grace_s=cfg.mesh.lost_grace_s,
+                )
+                server.on_connect.append(state.client_connected)
+                server.on_disconnect.append(state.client_disconnected)
+                if mesh_key is not None:
+                    mesh = Mesh(
+                        server,
+                        state,
+                        key,
+                        mesh_key,
+                        link_idle_s=cfg.mesh.link_idle_s,
+                        link_queue_packets=cfg.mesh.link_queue_packets,
+                    )
+            app = create_app(cfg, server, state=state, mesh=mesh)
+            binds = await nursery.start(hypercorn_serve, app, hconfig)
+            http_port = int(str(binds[0]).rsplit(":", 1)[1])
+            http_url = f"http://{ahost}:{http_port}"
+            if state is not None:
+                state.me = replace(state.me, http_url=http_url)
+                await nursery.start(state.run)
+                if mesh is not None:
+                    await nursery.start(mesh.run)
+                nursery.start_soon(_report_health, server, state)
+            info = NodeInfo(
+                relay_id=cfg.relay.name,
+                region=cfg.relay.region,
+                name=cfg.relay.name,
+                public_key=key.public,
+                ws_url=ws_url,
+                http_url=http_url,
+                server=server,
+                state=state,
+                mesh=mesh,
+            )
+            log.info(
+                "relay %s/%s up: %s %s key %s",
+                info.region,
+                info.name,
+                info.ws_url,
+                info.http_url,
+                info.public_key,
+            )
+            task_status.started(info)
+            await trio.sleep_forever()
+
+
+@asynccontextmanager
+async def _given(store: Store) -> AsyncIterator[Store]:
+    yield store
+
+
+async def _report_health(server: RelayServer, state: MeshState) -> None:
+    """Tell clients when this relay is degraded, and when it is well again."""
+    await state.wait_registered()
+    told = ""
+    while True:
+        now = state.degraded or ""
+        if now != told:
+            server.broadcast_health(now)
+            told = now
+        await trio.sleep(0.5)

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 _HDR = struct.Struct(">BI")
 _RECV = FrameType.RECV_PACKET
 _SEND = FrameType.SEND_PACKET
+_FWD = FrameType.FORWARD_PACKET
 _K = wire.KEY_BYTES
 #: How long a close handshake may take before the socket is just closed.
 _CLOSE_TIMEOUT_S = 2.0
@@ -67,6 +68,10 @@ class DropReason(enum.Enum):
     DISCONNECTED = "disconnected"
     #: A control frame (pong, peer gone) did not fit the control queue.
     CONTROL_QUEUE_FULL = "control_queue_full"
+    #: Another relay forwarded a packet for a client that is not (or no longer) here.
+    MESH_NOT_HERE = "mesh_not_here"
+    #: The mesh link towards the destination's relay had a full queue.
+    MESH_QUEUE_FULL = "mesh_queue_full"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,6 +107,8 @@ class RelayStats:
     skipped_frames: int
     #: Seconds readers spent paused by the per-client rate limit.
     rate_limited_s: float
+    #: Packets other relays forwarded to clients here.
+    forwarded_in: int
 
 
 class _Closing(Exception):
@@ -196,6 +203,7 @@ class _Counters:
     bytes_out: int = 0
     messages_out: int = 0
     skipped_frames: int = 0
+    forwarded_in: int = 0
     rate_limited_s: float = 0.0
     drops: Counter[DropReason] = field(default_factory=Counter)
     closes: Counter[str] = field(default_factory=Counter)
@@ -219,10 +227,13 @@ class RelayServer:
         self._mesh_key = mesh_key
         self._clients: dict[bytes, _Client] = {}
         self._c = _Counters()
-        #: Called (synchronously) when a client connects or disconnects; for the coordinator.
+        #: Called (synchronously) when a client (not a mesh peer) connects or disconnects.
         self.on_connect: list[Callable[[NodeKey], None]] = []
         self.on_disconnect: list[Callable[[NodeKey], None]] = []
         self.port: int | None = None
+        #: For packets to keys not connected here: (src, dest, payload) -> handled?
+        #: The mesh sets this; it must not block.
+        self.forwarder: Callable[[bytes, bytes, bytes], bool] | None = None
 
     # ---- public surface -------------------------------------------------
 
@@ -265,7 +276,12 @@ class RelayServer:
             closes=dict(c.closes),
             skipped_frames=c.skipped_frames,
             rate_limited_s=c.rate_limited_s,
+            forwarded_in=c.forwarded_in,
         )
+
+    def count_drop(self, reason: DropReason, n: int = 1) -> None:
+        """Count packets dropped outside the server (the mesh) with the server's drops."""
+        self._c.drops[reason] += n
 
     def client_statistics(self) -> list[ClientStats]:
         return [cl.stats() for cl in self._clients.values()]
@@ -404,8 +420,9 @@ class RelayServer:
                 "client %s replaced (%s → %s)", client.node_key.short(), old.remote, client.remote
             )
         self._clients[client.key] = client
-        for cb in self.on_connect:
-            cb(client.node_key)
+        if not client.is_mesh:
+            for cb in self.on_connect:
+                cb(client.node_key)
 
     def _unregister(self, client: _Client) -> None:
         client.closing = True
@@ -428,8 +445,9 @@ class RelayServer:
             other = self._clients.get(sender)
             if other is not None:
                 self._enqueue_ctrl(other, gone)
-        for cb in self.on_disconnect:
-            cb(client.node_key)
+        if not client.is_mesh:
+            for cb in self.on_disconnect:
+                cb(client.node_key)
 
     async def _close(self, ws: WebSocketConnection, reason: CloseReason, detail: str) -> None:
         self._c.closes[reason.label] += 1
@@ -490,7 +508,10 @@ class RelayServer:
             dest: _Client | None = None
             for ftype, body in decoder.split():
                 if ftype != _SEND:
-                    self._control(client, ftype, body)
+                    if ftype == _FWD and client.is_mesh:
+                        self._deliver_forwarded(body)
+                    else:
+                        self._control(client, ftype, body)
                     continue
                 n = len(body)
                 if n < _K or n > max_body:
@@ -504,6 +525,9 @@ class RelayServer:
                 routed += 1
                 routed_bytes += n - _K
                 if dest is None:
+                    forward = self.forwarder
+                    if forward is not None and forward(src_key, dest_key, body[_K:]):
+                        continue
                     drops[DropReason.UNKNOWN_DEST] += 1
                     self._note_gone(client, dest_key)
                     continue
@@ -525,6 +549,28 @@ class RelayServer:
             if decoder.skipped_frames:
                 self._c.skipped_frames += decoder.skipped_frames
                 decoder.skipped_frames = 0
+
+    def _deliver_forwarded(self, body: bytes) -> None:
+        """A packet another relay forwarded to a client of ours. Never forwarded again."""
+        n = len(body)
+        if n < 2 * _K or n > 2 * _K + wire.MAX_PACKET_BYTES:
+            self._bad_packet(n - _K)
+        self._c.forwarded_in += 1
+        dest = self._clients.get(body[_K : 2 * _K])
+        if dest is None or dest.is_mesh:
+            self._c.drops[DropReason.MESH_NOT_HERE] += 1
+            return
+        if dest.closing:
+            self._c.drops[DropReason.DEST_CLOSING] += 1
+            return
+        q = dest.data
+        if len(q) >= dest.data_cap:
+            q.popleft()
+            self._c.drops[DropReason.QUEUE_FULL] += 1
+        q.append(_HDR.pack(_RECV, n - _K) + body[:_K] + body[2 * _K :])
+        if dest.writer_waiting:
+            dest.writer_waiting = False
+            dest.wake.set()
 
     @staticmethod
     def _bad_packet(n: int) -> None:

@@ -7,7 +7,7 @@ suite needs, so a skip there means something is missing, not optional.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ import trio
 from relay.config import load_config
 from relay.keys import PrivateKey
 from relay.server import RelayServer
+from tests.etcd_cluster import EtcdCluster, start_cluster
 
 
 async def start_relay(
@@ -56,3 +57,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if skipped and exitstatus == 0:
         reporter.write_line(f"CI: {len(skipped)} test(s) skipped; CI must run every test", red=True)
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One real etcd member for the session; tests use their own key prefixes."""
+    cluster = start_cluster(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()

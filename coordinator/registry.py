@@ -1,0 +1,41 @@
+"""The relay registry: who is up, where, with which key.
+
+Each relay writes ``relays/<relay-id>`` under its own lease (TTL ~8 s, kept
+alive every ~2 s); when a relay dies its record, and every peer record it
+wrote under the same lease, disappears in one revision. Everyone else learns
+of it from their watch (coordinator/state.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+__all__ = ["RelayRecord", "relay_key"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayRecord:
+    relay_id: str
+    region: str
+    name: str
+    ws_url: str
+    http_url: str
+    public_key: str
+    started_at: float
+    version: str
+    stun: str | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RelayRecord:
+        obj = json.loads(data)
+        fields = set(cls.__dataclass_fields__)
+        # A newer relay may add fields: ignore what we do not know.
+        return cls(**{k: v for k, v in obj.items() if k in fields})
+
+
+def relay_key(prefix: str, relay_id: str) -> str:
+    return f"{prefix}relays/{relay_id}"

@@ -1,0 +1,384 @@
+"""MeshState: one relay's view of, and contribution to, the shared state.
+
+Three restartable loops in one nursery:
+
+- **registration**: grant a lease, write ``relays/<id>`` and the records of
+  every client connected here, keep the lease alive. If the store goes away
+  the relay keeps serving and reports itself degraded; it keeps trying the
+  same lease (which survives an outage shorter than its TTL), and when the
+  store says the lease is gone it registers again and republishes its peers.
+- **publisher**: applies this relay's peer-record changes in order. Changes
+  are coalesced per key, so a burst of connects and disconnects never grows a
+  queue beyond the number of clients, and a put is never overtaken by an
+  older delete of the same key.
+- **sync**: reads the whole prefix at revision R, then watches from R + 1, so
+  no update is lost between snapshot and subscription; on a broken watch or a
+  compacted revision it starts over. Routing reads the resulting cache and
+  never waits on the store: while the store is unreachable, routes known
+  before keep working.
+
+A peer record deleted in the same revision as its relay's record (lease
+expiry) is marked LOST for ``lost_grace_s``; any other delete means GONE.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from relay.keys import NodeKey
+
+from .peermap import PeerEntry, PeerRecord, PeerState, peer_key
+from .registry import RelayRecord, relay_key
+from .store import (
+    Compacted,
+    EventKind,
+    LeaseNotFound,
+    Snapshot,
+    Store,
+    StoreUnavailable,
+    WatchBroken,
+    WatchEvent,
+)
+
+__all__ = ["MeshState", "StateStats"]
+
+log = logging.getLogger(__name__)
+
+_DELETE = object()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateStats:
+    relays: int
+    peers_present: int
+    peers_lost: int
+    registered: bool
+    synced: bool
+    degraded: str | None
+    resyncs: int
+    registrations: int
+    revision: int
+    pending_writes: int
+
+
+class MeshState:
+    def __init__(
+        self,
+        store: Store,
+        me: RelayRecord,
+        *,
+        prefix: str = "/relaymesh/v1/",
+        lease_ttl_s: int = 8,
+        keepalive_interval_s: float = 2.0,
+        lost_grace_s: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.me = me
+        self.prefix = prefix
+        self._ttl = lease_ttl_s
+        self._keepalive_s = keepalive_interval_s
+        self._grace_s = lost_grace_s
+        # The cache, written only by the sync loop.
+        self.relays: dict[str, RelayRecord] = {}
+        self.peers: dict[bytes, PeerEntry] = {}
+        self.revision = 0
+        self.synced = False
+        self._synced_event = trio.Event()
+        self._resyncs = 0
+        # Registration, written by the registration loop.
+        self.lease = 0
+        self.registered = False
+        self._registered_event = trio.Event()
+        self._registrations = 0
+        self.degraded: str | None = "not registered yet"
+        # What this relay publishes: written by client (dis)connect, drained by the publisher.
+        self._local: dict[str, PeerRecord] = {}
+        self._dirty: OrderedDict[str, PeerRecord | object] = OrderedDict()
+        self._dirty_event = trio.Event()
+        # Owned by the publisher: the value we last wrote per key (for a safe delete).
+        self._published: dict[str, bytes] = {}
+        #: Called by the sync loop after the relay table changes.
+        self.on_relays_changed: list[Callable[[], None]] = []
+        #: Called with (node key, record) when a peer is seen on a relay.
+        self.on_peer_present: list[Callable[[bytes, PeerRecord], None]] = []
+
+    # ---- what routing asks --------------------------------------------------
+
+    def route(self, node_key: bytes) -> RelayRecord | None:
+        """The relay that holds ``node_key`` now, if it is known and present."""
+        entry = self.peers.get(node_key)
+        if entry is None or entry.state is not PeerState.PRESENT:
+            return None
+        return self.relays.get(entry.record.relay_id)
+
+    def statistics(self) -> StateStats:
+        lost = sum(1 for e in self.peers.values() if e.state is PeerState.LOST)
+        return StateStats(
+            relays=len(self.relays),
+            peers_present=len(self.peers) - lost,
+            peers_lost=lost,
+            registered=self.registered,
+            synced=self.synced,
+            degraded=self.degraded,
+            resyncs=self._resyncs,
+            registrations=self._registrations,
+            revision=self.revision,
+            pending_writes=len(self._dirty),
+        )
+
+    async def wait_synced(self) -> None:
+        await self._synced_event.wait()
+
+    async def wait_registered(self) -> None:
+        await self._registered_event.wait()
+
+    # ---- what the relay tells us -------------------------------------------
+
+    def client_connected(self, key: NodeKey) -> None:
+        record = PeerRecord(relay_id=self.me.relay_id, region=self.me.region, since=time.time())
+        self._local[str(key)] = record
+        self._mark(str(key), record)
+
+    def client_disconnected(self, key: NodeKey) -> None:
+        if self._local.pop(str(key), None) is not None:
+            self._mark(str(key), _DELETE)
+
+    def _mark(self, key: str, change: PeerRecord | object) -> None:
+        self._dirty.pop(key, None)
+        self._dirty[key] = change
+        self._dirty_event.set()
+
+    # ---- the loops --------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._registration_loop)
+            nursery.start_soon(self._publisher_loop)
+            nursery.start_soon(self._sync_loop)
+            nursery.start_soon(self._expire_lost_loop)
+            task_status.started()
+
+    async def _registration_loop(self) -> None:
+        backoff = _Backoff()
+        while True:
+            try:
+                lease = await self.store.grant_lease(self._ttl)
+                await self.store.put(
+                    relay_key(self.prefix, self.me.relay_id), self.me.to_json(), lease=lease
+                )
+                self.lease = lease
+                # Everything connected here goes (back) under the new lease.
+                for key, record in list(self._local.items()):
+                    if key not in self._dirty:
+                        self._mark(key, record)
+                self.registered = True
+                self._registrations += 1
+                self.degraded = None
+                self._registered_event.set()
+                backoff.reset()
+                log.info("registered %s under lease %x", self.me.relay_id, lease)
+                await self._keep_alive(lease)
+            except StoreUnavailable as exc:
+                self._degrade(f"shared state unreachable: {exc}")
+                await trio.sleep(backoff.next())
+            except LeaseNotFound:
+                self._degrade("lease expired; registering again")
+                self.registered = False
+
+    async def _keep_alive(self, lease: int) -> None:
+        """Until the lease is known to be gone (LeaseNotFound propagates)."""
+        backoff = _Backoff(initial_s=0.2, max_s=self._keepalive_s)
+        while True:
+            await trio.sleep(self._keepalive_s if self.degraded is None else backoff.next())
+            try:
+                await self.store.keepalive(lease)
+            except StoreUnavailable as exc:
+                self._degrade(f"shared state unreachable: {exc}")
+                continue
+            if self.degraded is not None:
+                log.info("shared state reachable again; lease %x still held", lease)
+                self.degraded = None
+                backoff.reset()
+
+    def _degrade(self, why: str) -> None:
+        if self.degraded != why:
+            log.warning("degraded: %s", why)
+        self.degraded = why
+
+    async def _publisher_loop(self) -> None:
+        backoff = _Backoff()
+        while True:
+            if not self._dirty or not self.registered:
+                self._dirty_event = trio.Event()
+                if self._dirty and not self.registered:
+                    with trio.move_on_after(0.2):
+                        await self._dirty_event.wait()
+                    continue
+                await self._dirty_event.wait()
+                continue
+            key, change = next(iter(self._dirty.items()))
+            lease = self.lease
+            try:
+                if change is _DELETE:
+                    # Only our own record: the client may already be on another relay.
+                    mine = self._published.get(key)
+                    if mine is not None:
+                        await self.store.delete(peer_key(self.prefix, key), if_value=mine)
+                    self._published.pop(key, None)
+                else:
+                    assert isinstance(change, PeerRecord)
+                    value = change.to_json()
+                    await self.store.put(peer_key(self.prefix, key), value, lease=lease)
+                    self._published[key] = value
+            except (StoreUnavailable, LeaseNotFound) as exc:
+                self._degrade(f"cannot publish peers: {exc}")
+                await trio.sleep(backoff.next())
+                continue
+            backoff.reset()
+            if self._dirty.get(key) is change:
+                del self._dirty[key]
+
+    async def _sync_loop(self) -> None:
+        backoff = _Backoff()
+        while True:
+            try:
+                snap = await self.store.get_prefix(self.prefix)
+                self._load(snap)
+                async with self.store.watch(self.prefix, snap.revision + 1) as rx:
+                    self.synced = True
+                    self._synced_event.set()
+                    backoff.reset()
+                    async for batch in rx:
+                        if isinstance(batch, WatchBroken):
+                            log.info("watch broken (%s); resynchronising", batch.reason)
+                            break
+                        self._apply(batch)
+            except (StoreUnavailable, Compacted) as exc:
+                log.info("sync: %s", exc)
+                await trio.sleep(backoff.next())
+            self.synced = False
+            self._resyncs += 1
+
+    async def _expire_lost_loop(self) -> None:
+        while True:
+            await trio.sleep(min(1.0, self._grace_s / 4))
+            now = trio.current_time()
+            for key in [
+                k
+                for k, e in self.peers.items()
+                if e.state is PeerState.LOST and now - e.lost_at >= self._grace_s
+            ]:
+                del self.peers[key]
+
+    # ---- cache updates ----------------------------------------------------
+
+    def _split(self, key: str) -> tuple[str, str]:
+        rest = key[len(self.prefix) :]
+        kind, _, name = rest.partition("/")
+        return kind, name
+
+    def _load(self, snap: Snapshot) -> None:
+        relays: dict[str, RelayRecord] = {}
+        peers: dict[bytes, PeerEntry] = {}
+        for kv in snap.items:
+            kind, name = self._split(kv.key)
+            try:
+                if kind == "relays":
+                    relays[name] = RelayRecord.from_json(kv.value)
+                elif kind == "peers":
+                    peers[NodeKey.parse(name).raw] = PeerEntry(
+                        PeerRecord.from_json(kv.value), PeerState.PRESENT, kv.mod_revision
+                    )
+            except (ValueError, TypeError) as exc:
+                log.warning("ignoring malformed %s: %s", kv.key, exc)
+        now = trio.current_time()
+        # Peers that vanished while we were not watching: LOST if their relay did too.
+        for raw, old in self.peers.items():
+            if raw not in peers:
+                if old.state is PeerState.LOST:
+                    peers[raw] = old
+                elif old.record.relay_id not in relays:
+                    peers[raw] = PeerEntry(old.record, PeerState.LOST, snap.revision, now)
+        self.relays = relays
+        self.peers = peers
+        self.revision = snap.revision
+        self._notify_relays()
+        for raw, entry in peers.items():
+            if entry.state is PeerState.PRESENT:
+                for cb in self.on_peer_present:
+                    cb(raw, entry.record)
+
+    def _apply(self, batch: list[WatchEvent]) -> None:
+        relays_changed = False
+        gone_relays = set()
+        for ev in batch:
+            kind, name = self._split(ev.key)
+            if kind == "relays":
+                relays_changed = True
+                if ev.kind is EventKind.DELETE:
+                    gone_relays.add(name)
+                    self.relays.pop(name, None)
+                else:
+                    try:
+                        self.relays[name] = RelayRecord.from_json(ev.value)
+                    except (ValueError, TypeError) as exc:
+                        log.warning("ignoring malformed %s: %s", ev.key, exc)
+        now = trio.current_time()
+        for ev in batch:
+            kind, name = self._split(ev.key)
+            if kind != "peers":
+                continue
+            try:
+                raw = NodeKey.parse(name).raw
+            except ValueError:
+                log.warning("ignoring malformed key %s", ev.key)
+                continue
+            if ev.kind is EventKind.PUT:
+                try:
+                    record = PeerRecord.from_json(ev.value)
+                except (ValueError, TypeError) as exc:
+                    log.warning("ignoring malformed %s: %s", ev.key, exc)
+                    continue
+                self.peers[raw] = PeerEntry(record, PeerState.PRESENT, ev.revision)
+                for cb in self.on_peer_present:
+                    cb(raw, record)
+                continue
+            old = self.peers.get(raw)
+            if old is None:
+                continue
+            if old.record.relay_id in gone_relays or old.record.relay_id not in self.relays:
+                self.peers[raw] = PeerEntry(old.record, PeerState.LOST, ev.revision, now)
+            else:
+                del self.peers[raw]
+        if batch:
+            self.revision = max(self.revision, batch[-1].revision)
+        if relays_changed:
+            self._notify_relays()
+
+    def _notify_relays(self) -> None:
+        for cb in self.on_relays_changed:
+            cb()
+
+
+class _Backoff:
+    """Jittered exponential backoff: uniform in [c/2, c], c doubling up to max_s."""
+
+    def __init__(self, initial_s: float = 0.1, max_s: float = 5.0) -> None:
+        self._initial = initial_s
+        self._max = max_s
+        self._n = 0
+
+    def next(self) -> float:
+        cap = min(self._max, self._initial * 2 ** min(self._n, 20))
+        self._n += 1
+        return random.uniform(cap / 2, cap)
+
+    def reset(self) -> None:
+        self._n = 0

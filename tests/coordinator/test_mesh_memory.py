@@ -1,0 +1,90 @@
+"""Relays sharing a MemoryStore in one process: registry, peer map, forwarding."""
+
+from __future__ import annotations
+
+import trio
+
+from coordinator.peermap import PeerState
+from coordinator.store import open_memory_store
+from relay.client import open_relay_client
+from relay.config import load_config
+from relay.keys import PrivateKey
+from relay.node import NodeInfo, serve_relay_node
+from tests.conftest import wait_until
+
+MESH_KEY = b"0123456789abcdef0123456789abcdef"
+
+
+async def start(nursery: trio.Nursery, store, region: str, name: str, **mesh: object) -> NodeInfo:  # type: ignore[no-untyped-def]
+    cfg = load_config(
+        overrides={
+            "relay": {"port": 0, "http_port": 0, "region": region, "name": name},
+            "mesh": {"lease_ttl_s": 2, "keepalive_interval_s": 0.5, **mesh},
+        }
+    )
+    info: NodeInfo = await nursery.start(
+        lambda task_status: serve_relay_node(
+            cfg, store=store, mesh_key=MESH_KEY, task_status=task_status
+        )
+    )
+    return info
+
+
+async def test_clients_on_two_relays_talk_through_the_mesh(nursery: trio.Nursery) -> None:
+    async with open_memory_store() as store:
+        eu = await start(nursery, store, "eu", "eu-1")
+        us = await start(nursery, store, "us", "us-1")
+        assert eu.state is not None and us.state is not None
+        with trio.fail_after(5):
+            await wait_until(lambda: len(eu.state.relays) == 2 and len(us.state.relays) == 2)
+        a, b = PrivateKey.generate(), PrivateKey.generate()
+        async with open_relay_client(eu.ws_url, a) as ca, open_relay_client(us.ws_url, b) as cb:
+            with trio.fail_after(5):
+                await wait_until(
+                    lambda: (
+                        eu.state.route(b.public.raw) is not None
+                        and us.state.route(a.public.raw) is not None
+                    )
+                )
+            for i in range(100):
+                await ca.send(b.public, b"a->b %d" % i)
+                await cb.send(a.public, b"b->a %d" % i)
+            with trio.fail_after(10):
+                got_b = [(await cb.receive()).payload for _ in range(100)]
+                got_a = [(await ca.receive()).payload for _ in range(100)]
+        assert got_b == [b"a->b %d" % i for i in range(100)]
+        assert got_a == [b"b->a %d" % i for i in range(100)]
+        assert eu.server.statistics().forwarded_in == 100
+        # Clean disconnects delete the records: the peers are GONE, not LOST.
+        with trio.fail_after(5):
+            await wait_until(lambda: not eu.state.peers and not us.state.peers)
+
+
+async def test_relay_death_marks_its_peers_lost(nursery: trio.Nursery) -> None:
+    async with open_memory_store() as store:
+        eu = await start(nursery, store, "eu", "eu-1")
+        scope = trio.CancelScope()
+        us_box: list[NodeInfo] = []
+
+        async def run_us(*, task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                async with trio.open_nursery() as inner:
+                    us_box.append(await start(inner, store, "us", "us-1"))
+                    task_status.started()
+                    await trio.sleep_forever()
+
+        await nursery.start(run_us)
+        us = us_box[0]
+        b = PrivateKey.generate()
+        async with open_relay_client(us.ws_url, b):
+            assert eu.state is not None
+            with trio.fail_after(5):
+                await wait_until(lambda: eu.state.route(b.public.raw) is not None)
+            # The relay dies without saying goodbye: its lease keepalives stop.
+            us.state.client_disconnected = lambda key: None  # type: ignore[method-assign]
+            scope.cancel()
+            with trio.fail_after(10):
+                await wait_until(lambda: "us-1" not in eu.state.relays)
+            entry = eu.state.peers[b.public.raw]
+            assert entry.state is PeerState.LOST
+            assert eu.state.route(b.public.raw) is None
