@@ -131,7 +131,7 @@ async def test_lease_expires_without_keepalive(store_factory, prefix: str) -> No
         lease = await store.grant_lease(1)
         await store.put(prefix + "k", b"v", lease=lease)
         with trio.fail_after(10):
-            while (await store.get_prefix(prefix)).items:
+            while (await store.get_prefix(prefix)).items:  # noqa: ASYNC110 - polls the store
                 await trio.sleep(0.1)
         with pytest.raises(LeaseNotFound):
             await store.keepalive(lease)
@@ -149,11 +149,13 @@ async def test_memory_store_watch_from_compacted_revision() -> None:
 
 
 async def test_memory_store_slow_watcher_is_ended_not_blocking() -> None:
-    async with open_memory_store(watch_buffer=2) as store:
-        async with store.watch("/", store.revision + 1) as rx:
-            for i in range(5):
-                await store.put(f"/k{i}", b"v")  # never blocks the writer
-            got = [await rx.receive(), await rx.receive()]
-            assert all(isinstance(b, list) for b in got)
-            with pytest.raises(trio.EndOfChannel):
-                await rx.receive()
+    async with (
+        open_memory_store(watch_buffer=2) as store,
+        store.watch("/", store.revision + 1) as rx,
+    ):
+        for i in range(5):
+            await store.put(f"/k{i}", b"v")  # never blocks the writer
+        got = [await rx.receive(), await rx.receive()]
+        assert all(isinstance(b, list) for b in got)
+        with pytest.raises(trio.EndOfChannel):
+            await rx.receive()
