@@ -20,7 +20,7 @@ import trio
 
 from . import __version__
 from .client import ConnectError, open_relay_client
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, load_mesh_key
 from .keys import (
     KeyFileError,
     NodeKey,
@@ -102,17 +102,32 @@ def cmd_relay(args: argparse.Namespace) -> int:
             "http_port": args.http_port,
             "key_file": str(args.key_file) if args.key_file else None,
             "listen_host": args.listen_host,
-        }
+        },
+        "mesh": {
+            "etcd_endpoints": args.etcd.split(",") if args.etcd else None,
+            "mesh_key_file": str(args.mesh_key_file) if args.mesh_key_file else None,
+            "advertise_host": args.advertise_host,
+        },
     }
     try:
         cfg = load_config(args.config, overrides=overrides)
+        mesh_key = load_mesh_key(cfg.mesh)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
+    if cfg.mesh.etcd_endpoints and mesh_key is None:
+        raise UserError(
+            "a relay in a mesh needs the mesh key: --mesh-key-file FILE"
+            " (or [mesh] mesh_key_file, or env RELAYMESH_MESH_KEY)"
+        )
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             try:
-                info = await nursery.start(serve_relay_node, cfg)
+                info = await nursery.start(
+                    lambda task_status: serve_relay_node(
+                        cfg, mesh_key=mesh_key, task_status=task_status
+                    )
+                )
             except OSError as exc:
                 raise UserError(f"cannot listen: {exc.strerror or exc}") from None
             if args.json:
@@ -151,6 +166,32 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
     trio.run(run)
     return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .up import UpOptions, run_up
+
+    regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    if not regions or args.relays_per_region < 1:
+        raise UserError("--regions needs at least one region and --relays-per-region at least 1")
+    try:
+        return run_up(
+            UpOptions(
+                regions=regions,
+                relays_per_region=args.relays_per_region,
+                base_port=args.base_port,
+                etcd=args.etcd,
+                state_file=args.state_file,
+                json=args.json,
+                listen_host=args.listen_host,
+            )
+        )
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot start the mesh: {exc.strerror or exc}") from None
 
 
 # ---- listen / send ---------------------------------------------------------
@@ -276,8 +317,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="WebSocket port (0: any free port)")
     p.add_argument("--http-port", type=int, help="HTTP API port (0: any free port)")
     p.add_argument("--key-file", type=Path, help="relay private key; created if missing")
+    p.add_argument(
+        "--etcd",
+        metavar="URL[,URL...]",
+        help="etcd endpoints of the mesh's shared state (omit: a lone relay)",
+    )
+    p.add_argument("--mesh-key-file", type=Path, help="file holding the mesh's shared secret")
+    p.add_argument("--advertise-host", help="host others use to reach this relay")
     p.add_argument("--json", action="store_true", help="print the relay's URLs as JSON")
     p.set_defaults(func=cmd_relay, default_log="info")
+
+    p = sub.add_parser(
+        "up",
+        help="run a whole local multi-region mesh",
+        description="Run a multi-region mesh on this machine: embedded (one"
+        " process, shared state in memory) or one process per relay"
+        " sharing an etcd.",
+    )
+    p.add_argument(
+        "--regions", default="eu,us,ap", help="comma-separated region ids (default eu,us,ap)"
+    )
+    p.add_argument("--relays-per-region", type=int, default=2, help="default 2")
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=3340,
+        help="first port; relay i gets base+2i (WebSocket) and base+2i+1 (HTTP);"
+        " 0: any free ports (default 3340)",
+    )
+    p.add_argument(
+        "--etcd",
+        default="none",
+        metavar="none|auto|URL[,URL...]",
+        help="none: embedded (default); auto: start a local etcd, one process per"
+        " relay; URL: use that etcd, one process per relay",
+    )
+    p.add_argument("--listen-host", default="127.0.0.1")
+    p.add_argument("--state-file", type=Path, help="also write the relays' URLs here as JSON")
+    p.add_argument("--json", action="store_true", help="print the relays' URLs as JSON")
+    p.set_defaults(func=cmd_up, default_log="warning")
 
     for name, func, helptext in (
         ("listen", cmd_listen, "print the packets that arrive for a key"),

@@ -138,6 +138,7 @@ class EtcdCluster:
 
 def start_cluster(tmp: Path, size: int = 1) -> EtcdCluster:
     binary = need_etcd()
+    tmp.mkdir(parents=True, exist_ok=True)
     members = [
         EtcdMember(f"m{i}", free_port(), free_port(), tmp / f"m{i}.etcd") for i in range(size)
     ]

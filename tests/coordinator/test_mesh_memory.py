@@ -88,3 +88,45 @@ async def test_relay_death_marks_its_peers_lost(nursery: trio.Nursery) -> None:
             entry = eu.state.peers[b.public.raw]
             assert entry.state is PeerState.LOST
             assert eu.state.route(b.public.raw) is None
+
+
+async def test_lost_lease_means_register_again_and_republish(nursery: trio.Nursery) -> None:
+    async with open_memory_store() as store:
+        eu = await start(nursery, store, "eu", "eu-1")
+        assert eu.state is not None
+        a = PrivateKey.generate()
+        async with open_relay_client(eu.ws_url, a):
+            key = f"/relaymesh/v1/peers/{a.public}"
+            with trio.fail_after(5):
+                await wait_until(lambda: eu.state.registered and not eu.state._dirty)
+            assert [kv.key for kv in (await store.get_prefix(key)).items] == [key]
+            old = eu.state.lease
+            await store.revoke(old)  # as if the store had expired it during an outage
+            assert not (await store.get_prefix(key)).items
+            with trio.fail_after(5):
+                await wait_until(lambda: eu.state.lease != old and not eu.state._dirty)
+            snap = await store.get_prefix("/relaymesh/v1/")
+            assert {kv.key for kv in snap.items} == {"/relaymesh/v1/relays/eu-1", key}
+            assert eu.state.statistics().registrations == 2
+
+
+async def test_wrong_mesh_key_is_refused_and_counted(nursery: trio.Nursery) -> None:
+    async with open_memory_store() as store:
+        good = await start(nursery, store, "eu", "eu-1")
+        cfg = load_config(
+            overrides={
+                "relay": {"port": 0, "http_port": 0, "region": "eu", "name": "eu-2"},
+                "mesh": {"lease_ttl_s": 2, "keepalive_interval_s": 0.5},
+            }
+        )
+        intruder: NodeInfo = await nursery.start(
+            lambda task_status: serve_relay_node(
+                cfg, store=store, mesh_key=b"not-the-mesh-key-at-all", task_status=task_status
+            )
+        )
+        with trio.fail_after(10):
+            await wait_until(lambda: good.server.statistics().closes.get("bad_mesh_key", 0) >= 1)
+        closes = good.server.statistics().closes
+        assert closes["unauthorized"] >= 1
+        assert good.server.statistics().mesh_peers == 0
+        assert intruder.mesh is not None and not intruder.mesh.region_links_up()

@@ -1,0 +1,289 @@
+"""``relaymesh up``: a whole multi-region mesh on one machine.
+
+Two ways to run it:
+
+- **embedded** (default): every relay in this one process, sharing a
+  MemoryStore and a mesh key made up for the run. No external service.
+- **processes** (``--etcd auto`` or ``--etcd URL``): one ``relaymesh relay``
+  process per relay, sharing an etcd: a local one started for the run
+  (``auto``, needs the ``etcd`` binary on PATH) or the one given. This is the
+  same topology as docker-compose.yml, on loopback.
+
+It prints the WebSocket and HTTP URLs of every relay (``--json`` for
+scripts; ``--state-file`` writes the same JSON to a file) and stops cleanly on
+Ctrl-C or SIGTERM: relays tell their clients to move, then exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import load_config
+
+__all__ = ["UpOptions", "run_up"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpOptions:
+    regions: list[str]
+    relays_per_region: int
+    base_port: int
+    etcd: str  # "none", "auto", or endpoints
+    state_file: Path | None
+    json: bool
+    listen_host: str = "127.0.0.1"
+
+
+def _layout(opts: UpOptions) -> list[dict[str, Any]]:
+    relays = []
+    i = 0
+    for region in opts.regions:
+        for n in range(1, opts.relays_per_region + 1):
+            port = opts.base_port + 2 * i if opts.base_port else 0
+            relays.append(
+                {
+                    "region": region,
+                    "name": f"{region}-{n}",
+                    "port": port,
+                    "http_port": port + 1 if port else 0,
+                }
+            )
+            i += 1
+    return relays
+
+
+def _report(opts: UpOptions, mode: str, relays: list[dict[str, Any]], etcd: list[str]) -> None:
+    doc = {"mode": mode, "etcd": etcd, "relays": relays}
+    if opts.state_file is not None:
+        tmp = opts.state_file.with_suffix(opts.state_file.suffix + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(opts.state_file)
+    if opts.json:
+        print(json.dumps(doc), flush=True)
+        return
+    where = (
+        "in this process, shared state in memory"
+        if mode == "embedded"
+        else f"one process each, shared state in etcd {','.join(etcd)}"
+    )
+    print(
+        f"relaymesh up: {len(relays)} relays in {len({r['region'] for r in relays})} regions,"
+        f" {where}"
+    )
+    print(f"  {'relay':<10}{'region':<8}{'websocket':<34}http")
+    for r in relays:
+        print(f"  {r['relay_id']:<10}{r['region']:<8}{r['ws_url']:<34}{r['http_url']}")
+    first = relays[0]
+    print(f"status: {first['http_url']}/api/v1/status   metrics: {first['http_url']}/metrics")
+    print(
+        "try: relaymesh keygen --out a.key && relaymesh listen --url"
+        f" {relays[-1]['ws_url']} --key-file a.key"
+    )
+    print("Ctrl-C stops the mesh.", flush=True)
+
+
+def run_up(opts: UpOptions) -> int:
+    if opts.etcd == "none":
+        trio.run(_embedded, opts)
+    else:
+        _processes(opts)
+    return 0
+
+
+# ---- embedded --------------------------------------------------------------
+
+
+async def _embedded(opts: UpOptions) -> None:
+    from coordinator.store import open_memory_store
+
+    from .node import NodeInfo, serve_relay_node
+
+    mesh_key = secrets.token_bytes(32)
+    async with open_memory_store() as store, trio.open_nursery() as nursery:
+        infos: list[NodeInfo] = []
+        for spec in _layout(opts):
+            cfg = load_config(overrides={"relay": {**spec, "listen_host": opts.listen_host}})
+            infos.append(
+                await nursery.start(
+                    lambda task_status, cfg=cfg: serve_relay_node(
+                        cfg, store=store, mesh_key=mesh_key, task_status=task_status
+                    )
+                )
+            )
+        with trio.fail_after(10):
+            for info in infos:
+                assert info.state is not None
+                await info.state.wait_synced()
+        _report(opts, "embedded", [_describe(i) for i in infos], [])
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        async with trio.open_nursery() as draining:
+            for info in infos:
+                draining.start_soon(partial(info.server.drain, grace_s=2.0))
+        nursery.cancel_scope.cancel()
+
+
+def _describe(info: Any) -> dict[str, Any]:
+    return {
+        "relay_id": info.relay_id,
+        "region": info.region,
+        "ws_url": info.ws_url,
+        "http_url": info.http_url,
+        "public_key": str(info.public_key),
+    }
+
+
+# ---- one process per relay ----------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_local_etcd(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("etcd")
+    if binary is None:
+        raise RuntimeError(
+            "--etcd auto needs the etcd binary on PATH (Debian: apt-get install"
+            " etcd-server), or give --etcd URL"
+        )
+    client, peer = _free_port(), _free_port()
+    url = f"http://127.0.0.1:{client}"
+    log = (workdir / "etcd.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--name",
+            "up",
+            "--data-dir",
+            str(workdir / "etcd"),
+            "--listen-client-urls",
+            url,
+            "--advertise-client-urls",
+            url,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"up=http://127.0.0.1:{peer}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", client)) == 0:
+                return proc, url
+        if proc.poll() is not None:
+            raise RuntimeError(f"etcd exited at start; see {workdir / 'etcd.log'}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("etcd did not start listening within 20 s")
+
+
+def _processes(opts: UpOptions) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="relaymesh-up-"))
+    children: list[subprocess.Popen[str]] = []
+    etcd_proc: subprocess.Popen[bytes] | None = None
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if opts.etcd == "auto":
+            etcd_proc, endpoints = _start_local_etcd(workdir)
+        else:
+            endpoints = opts.etcd
+        mesh_key_file = workdir / "mesh.key"
+        fd = os.open(mesh_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        for spec in _layout(opts):
+            children.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "relay.cli",
+                        "relay",
+                        "--json",
+                        "--region",
+                        spec["region"],
+                        "--name",
+                        spec["name"],
+                        "--port",
+                        str(spec["port"]),
+                        "--http-port",
+                        str(spec["http_port"]),
+                        "--listen-host",
+                        opts.listen_host,
+                        "--etcd",
+                        endpoints,
+                        "--mesh-key-file",
+                        str(mesh_key_file),
+                        "--key-file",
+                        str(workdir / f"{spec['name']}.key"),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        relays = []
+        for child in children:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a relay exited at start (code {child.wait()})")
+            info = json.loads(line)
+            relays.append(
+                {
+                    "relay_id": info["name"],
+                    "region": info["region"],
+                    "ws_url": info["ws_url"],
+                    "http_url": info["http_url"],
+                    "public_key": info["public_key"],
+                    "pid": child.pid,
+                }
+            )
+        _report(opts, "processes", relays, endpoints.split(","))
+        while not stop and all(c.poll() is None for c in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if etcd_proc is not None:
+            etcd_proc.terminate()
+            etcd_proc.wait(timeout=10)
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        shutil.rmtree(workdir, ignore_errors=True)
