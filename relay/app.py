@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 
 from . import __version__
 from .config import RelayConfig
+from .keys import NodeKey
 from .metrics import CONTENT_TYPE, relay_registry, render
 from .server import RelayServer
 
@@ -80,6 +81,25 @@ def create_app(
     @app.get("/derp/latency-check")
     async def latency_check() -> Response:
         return Response("", status=204)
+
+    @app.get("/api/v1/peers/<node_key>")
+    async def peer(node_key: str) -> tuple[dict[str, Any], int]:
+        """Where this relay would send a packet for ``node_key``, and why."""
+        try:
+            raw = NodeKey.parse(node_key).raw
+        except ValueError as exc:
+            return {"error": str(exc)}, 400
+        local = server.is_connected(NodeKey(raw))
+        entry = state.peers.get(raw) if state is not None else None
+        if not local and entry is None:
+            return {"node_key": node_key, "local": False, "known": False}, 404
+        return {
+            "node_key": node_key,
+            "local": local,
+            "known": entry is not None,
+            "state": entry.state.value if entry is not None else None,
+            "record": asdict(entry.record) if entry is not None else None,
+        }, 200
 
     @app.get("/api/v1/status")
     async def status() -> dict[str, Any]:

@@ -95,7 +95,7 @@ async def _with_transport(args: argparse.Namespace, key: PrivateKey, role: str, 
         from .client import client_handshake
 
         async with open_websocket_url(
-            f"ws://127.0.0.1:{args.port}/derp",
+            args.url,
             subprotocols=[wire.SUBPROTOCOL],
             receive_buffer_size=256 * 1024,
             max_message_size=4 * 1024 * 1024,
@@ -374,16 +374,46 @@ def _cpu_seconds(pid: int) -> float:
 def _measure(target: str, size: int, seconds: float, pairs: int, queue: int) -> dict[str, Any]:
     server = _spawn("relay" if target == "relay" else "baseline", "--queue", str(queue))
     try:
-        port = str(_readjson(server)["port"])
-        common = ["--target", target, "--port", port, "--size", str(size)]
-        receivers = [_spawn("receiver", *common, "--pair", str(i)) for i in range(pairs)]
+        port = _readjson(server)["port"]
+        where = (
+            ["--url", f"ws://127.0.0.1:{port}/derp"] if target == "relay" else ["--port", str(port)]
+        )
+        common = ["--target", target, *where, "--size", str(size)]
+        result = _stream(common, common, seconds, pairs, [server.pid])
+        assert server.stdin is not None
+        server.stdin.close()
+        extra = _readjson(server)
+        server.wait(timeout=10)
+        if target == "relay":
+            result["relay_drops"] = extra["drops"]
+            result["messages_out"] = extra["messages_out"]
+        return result
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _stream(
+    send_args: list[str],
+    recv_args: list[str],
+    seconds: float,
+    pairs: int,
+    server_pids: list[int],
+    *,
+    before_send: Any = None,
+) -> dict[str, Any]:
+    """A throughput run then a latency run at ~10% of it, through servers already up."""
+    receivers = [_spawn("receiver", *recv_args, "--pair", str(i)) for i in range(pairs)]
+    try:
         keys = [_readjson(r)["key"] for r in receivers]
+        if before_send is not None:
+            before_send(keys)
 
         def run_senders(rate: float, secs: float) -> tuple[int, float]:
             senders = [
                 _spawn(
                     "sender",
-                    *common,
+                    *send_args,
                     "--pair",
                     str(i),
                     "--dest",
@@ -400,13 +430,13 @@ def _measure(target: str, size: int, seconds: float, pairs: int, queue: int) -> 
                 s.wait()
             return sum(int(o["sent"]) for o in outs), sum(o["cpu_s"] for o in outs)
 
-        cpu0 = _cpu_seconds(server.pid)
+        cpu0 = sum(_cpu_seconds(pid) for pid in server_pids)
         wall0 = time.monotonic()
         recv_cpu0 = sum(_cpu_seconds(r.pid) for r in receivers)
         sent, send_cpu = run_senders(0, seconds)
         time.sleep(0.2)
         wall = time.monotonic() - wall0
-        cpu = (_cpu_seconds(server.pid) - cpu0) / wall
+        cpu = (sum(_cpu_seconds(pid) for pid in server_pids) - cpu0) / wall
         recv_cpu = (sum(_cpu_seconds(r.pid) for r in receivers) - recv_cpu0) / wall
         reports = [_ask(r, "tput") for r in receivers]
         received = sum(r["count"] for r in reports)
@@ -422,14 +452,6 @@ def _measure(target: str, size: int, seconds: float, pairs: int, queue: int) -> 
         lat_reports = [_ask(r, "latency") for r in receivers]
         lat = lat_reports[0]["latency_ms"]
         lat_received = sum(r["count"] for r in lat_reports)
-        for r in receivers:
-            assert r.stdin is not None
-            r.stdin.close()
-            r.wait(timeout=10)
-        assert server.stdin is not None
-        server.stdin.close()
-        extra = _readjson(server)
-        server.wait(timeout=10)
         return {
             "pps": round(pps),
             "mbps": round(mbps, 1),
@@ -445,15 +467,16 @@ def _measure(target: str, size: int, seconds: float, pairs: int, queue: int) -> 
             "p50_ms": round(lat["p50"], 3),
             "p99_ms": round(lat["p99"], 3),
             "max_ms": round(lat["max"], 3),
-            **(
-                {"relay_drops": extra["drops"], "messages_out": extra["messages_out"]}
-                if target == "relay"
-                else {}
-            ),
         }
     finally:
-        if server.poll() is None:
-            server.kill()
+        for r in receivers:
+            if r.stdin is not None and not r.stdin.closed:
+                r.stdin.close()
+        for r in receivers:
+            try:
+                r.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                r.kill()
 
 
 def run_bench(
@@ -479,6 +502,15 @@ def run_bench(
 def cmd_bench(args: argparse.Namespace) -> int:
     from .cli import UserError
 
+    if args.scenario != "relay":
+        from .bench_mesh import run_scenario
+
+        try:
+            result = run_scenario(args.scenario, size=args.size, seconds=args.seconds)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(str(exc)) from None
+        print(json.dumps(result) if args.json else _describe_scenario(result))
+        return 0
     try:
         result = run_bench(
             size=args.size, seconds=args.seconds, pairs=args.pairs, baseline=not args.no_baseline
@@ -510,11 +542,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_scenario(r: dict[str, Any]) -> str:
+    if r["scenario"] == "mesh":
+        w, a = r["within_one_relay"], r["across_mesh_hop"]
+        return "\n".join(
+            [
+                f"relaymesh bench --scenario mesh: {r['size']}-byte packets, {r['seconds']:g} s",
+                f"{'path':<22}{'packets/s':>12}{'MB/s':>9}{'loss %':>8}{'p50 ms':>9}{'p99 ms':>9}",
+                *(
+                    f"{name:<22}{x['pps']:>12,}{x['mbps']:>9.1f}{x['loss_pct']:>8.2f}"
+                    f"{x['p50_ms']:>9.3f}{x['p99_ms']:>9.3f}"
+                    for name, x in (("within one relay", w), ("across one mesh hop", a))
+                ),
+                f"across a mesh hop: {r['mesh_vs_within_pct']}% of within one relay",
+            ]
+        )
+    key = "visible_everywhere_ms" if r["scenario"] == "registration" else "reachable_again_ms"
+    p = r[key]
+    return (
+        f"relaymesh bench --scenario {r['scenario']}: {r['clients']} clients;"
+        f" {key}: p50 {p['p50']:.1f} ms, p99 {p['p99']:.1f} ms, max {p['max']:.1f} ms"
+        f"\n({r['note']})"
+    )
+
+
 def _worker_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m relay.bench")
     p.add_argument("role", choices=["relay", "baseline", "receiver", "sender"])
     p.add_argument("--target", choices=["relay", "baseline"], default="relay")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--url", default="")
     p.add_argument("--pair", default="0")
     p.add_argument("--size", type=int, default=1200)
     p.add_argument("--dest", default="")

@@ -393,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per throughput run")
     p.add_argument("--pairs", type=int, default=1, help="sender/receiver pairs")
     p.add_argument("--no-baseline", action="store_true", help="skip the byte-copy baseline")
+    p.add_argument(
+        "--scenario",
+        default="relay",
+        choices=["relay", "mesh", "registration", "failover"],
+        help="relay: one relay vs the baseline (default); mesh: across a mesh hop vs"
+        " within one relay; registration: peer visible in every relay's cache;"
+        " failover: relay killed until its clients are reachable again."
+        " The mesh scenarios need the etcd binary.",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     return parser

@@ -1,0 +1,245 @@
+"""``relaymesh bench --scenario mesh|failover|registration``: figures for the mesh.
+
+All three run real relay processes (``relaymesh relay``) against a local etcd
+started for the run (the ``etcd`` binary must be on PATH), on loopback:
+
+- **mesh**: the same sender/receiver streams as the plain bench, once with
+  both clients on one relay and once across a mesh hop (sender on eu-1,
+  receiver on us-1), in the same invocation. Reports both and the ratio.
+- **registration**: clients connect to eu-1 one after another; for each, the
+  time from starting to connect to its record being PRESENT in the cache of
+  every other relay (us-1, ap-1), read back to back from their
+  ``/api/v1/peers/<key>`` (so the figure includes an HTTP poll, ~1 ms).
+- **failover**: clients connected to us-1 (knowing us-1 and us-2), a prober on
+  eu-1 sending to each every 20 ms; us-1 is killed with SIGKILL, and for each
+  client the time from the kill to the first probe it receives again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .bench import _percentiles, _stream
+from .client import RelayClient, open_relay_client
+from .keys import PrivateKey
+
+__all__ = ["run_scenario"]
+
+_TEST_MESH = """
+[mesh]
+lease_ttl_s = 4
+keepalive_interval_s = 1.0
+"""
+
+
+@contextmanager
+def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], str]]:
+    """Relay processes for (region, name) pairs on a fresh local etcd."""
+    from .up import _start_local_etcd
+
+    workdir = Path(tempfile.mkdtemp(prefix="relaymesh-bench-"))
+    etcd, endpoint = _start_local_etcd(workdir)
+    (workdir / "mesh.key").write_text(secrets.token_hex(32))
+    os.chmod(workdir / "mesh.key", 0o600)
+    (workdir / "relay.toml").write_text(_TEST_MESH)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        relays = []
+        for region, name in specs:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "relay.cli",
+                    "relay",
+                    "--json",
+                    "--config",
+                    str(workdir / "relay.toml"),
+                    "--region",
+                    region,
+                    "--name",
+                    name,
+                    "--port",
+                    "0",
+                    "--http-port",
+                    "0",
+                    "--etcd",
+                    endpoint,
+                    "--mesh-key-file",
+                    str(workdir / "mesh.key"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"relay {name} did not start")
+            relays.append({**json.loads(line), "pid": proc.pid, "proc": proc})
+        yield relays, endpoint
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        etcd.terminate()
+        etcd.wait(timeout=10)
+
+
+def _status(http_url: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(http_url + "/api/v1/status", timeout=5) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def _wait_peers(relay: dict[str, Any], n: int, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _status(relay["http_url"])["shared_state"]["peers_present"] >= n:
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"relay {relay['name']} did not learn {n} peers in {timeout_s} s")
+
+
+def run_mesh(size: int, seconds: float) -> dict[str, Any]:
+    with _mesh([("eu", "eu-1"), ("us", "us-1")]) as (relays, _):
+        eu, us = relays
+        base = ["--target", "relay", "--size", str(size)]
+        within = _stream(
+            [*base, "--url", eu["ws_url"]], [*base, "--url", eu["ws_url"]], seconds, 1, [eu["pid"]]
+        )
+        across = _stream(
+            [*base, "--url", eu["ws_url"]],
+            [*base, "--url", us["ws_url"]],
+            seconds,
+            1,
+            [eu["pid"], us["pid"]],
+            before_send=lambda keys: _wait_peers(eu, 1),
+        )
+    return {
+        "scenario": "mesh",
+        "size": size,
+        "seconds": seconds,
+        "within_one_relay": within,
+        "across_mesh_hop": across,
+        "mesh_vs_within_pct": round(100 * across["pps"] / within["pps"], 1),
+    }
+
+
+def _peer_known(http_url: str, node_key: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{http_url}/api/v1/peers/{node_key}", timeout=5) as resp:
+            return bool(json.loads(resp.read()).get("state") == "present")
+    except urllib.error.HTTPError:
+        return False
+
+
+async def _registration(relays: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    origin, others = relays[0], relays[1:]
+    samples = []
+    for _ in range(n):
+        key = PrivateKey.generate()
+        t0 = time.monotonic()
+        async with open_relay_client(origin["ws_url"], key):
+            seen: list[float] = []
+
+            async def poll(relay: dict[str, Any], key: str = str(key.public)) -> None:
+                while not await trio.to_thread.run_sync(_peer_known, relay["http_url"], key):
+                    pass
+                seen.append(time.monotonic())
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for relay in others:
+                        nursery.start_soon(poll, relay)
+            samples.append(int((max(seen) - t0) * 1e9))
+    return {"clients": n, "visible_everywhere_ms": _percentiles(samples)}
+
+
+def run_registration(n: int) -> dict[str, Any]:
+    with _mesh([("eu", "eu-1"), ("us", "us-1"), ("ap", "ap-1")]) as (relays, _):
+        result = trio.run(_registration, relays, n)
+    return {
+        "scenario": "registration",
+        **result,
+        "note": "client starts connecting to eu-1 → us-1 and ap-1 both answer"
+        " /api/v1/peers/<key> with state present (polled back to back over HTTP)",
+    }
+
+
+async def _failover(relays: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    eu, us1, us2 = relays
+    keys = [PrivateKey.generate() for _ in range(n)]
+    recovered: dict[int, float] = {}
+    async with trio.open_nursery() as nursery:
+        clients: list[RelayClient] = []
+        for k in keys:
+            c = RelayClient([us1["ws_url"], us2["ws_url"]], k, backoff_initial_s=0.05)
+            await nursery.start(c.run)
+            clients.append(c)
+        prober = RelayClient([eu["ws_url"]], PrivateKey.generate())
+        await nursery.start(prober.run)
+        await trio.to_thread.run_sync(_wait_peers, eu, n + 1)
+        killed_at = 0.0
+
+        async def listen(i: int, c: RelayClient) -> None:
+            while True:
+                p = await c.receive()
+                if killed_at and p.payload == b"after" and i not in recovered:
+                    recovered[i] = time.monotonic() - killed_at
+
+        for i, c in enumerate(clients):
+            nursery.start_soon(listen, i, c)
+        os.kill(us1["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        with trio.move_on_after(20):
+            while len(recovered) < n:
+                for c in clients:
+                    prober.send_nowait(c.public_key, b"after")
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    samples = [int(v * 1e9) for v in recovered.values()]
+    return {"clients": n, "recovered": len(recovered), "reachable_again_ms": _percentiles(samples)}
+
+
+def run_failover(n: int) -> dict[str, Any]:
+    with _mesh([("eu", "eu-1"), ("us", "us-1"), ("us", "us-2")]) as (relays, _):
+        result = trio.run(_failover, relays, n)
+    return {
+        "scenario": "failover",
+        **result,
+        "note": "SIGKILL of us-1 → first probe from eu-1 received again via us-2",
+    }
+
+
+def run_scenario(name: str, *, size: int, seconds: float) -> dict[str, Any]:
+    if name == "mesh":
+        return run_mesh(size, seconds)
+    if name == "registration":
+        return run_registration(200)
+    if name == "failover":
+        return run_failover(20)
+    raise ValueError(f"unknown scenario {name!r}")
