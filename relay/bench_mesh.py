@@ -166,7 +166,7 @@ async def _registration(relays: list[dict[str, Any]], n: int) -> dict[str, Any]:
         async with open_relay_client(origin["ws_url"], key):
             seen: list[float] = []
 
-            async def poll(relay: dict[str, Any], key: str = str(key.public)) -> None:
+            async def poll(relay: dict[str, Any], key: str, seen: list[float]) -> None:
                 while not await trio.to_thread.run_sync(_peer_known, relay["http_url"], key):
                     pass
                 seen.append(time.monotonic())
@@ -174,7 +174,7 @@ async def _registration(relays: list[dict[str, Any]], n: int) -> dict[str, Any]:
             with trio.fail_after(10):
                 async with trio.open_nursery() as nursery:
                     for relay in others:
-                        nursery.start_soon(poll, relay)
+                        nursery.start_soon(poll, relay, str(key.public), seen)
             samples.append(int((max(seen) - t0) * 1e9))
     return {"clients": n, "visible_everywhere_ms": _percentiles(samples)}
 
