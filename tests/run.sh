@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages some tests use: the real etcd binary. Installed when missing
+# System packages some tests use: the real etcd binary, docker-compose (to
+# validate docker-compose.yml). Installed when missing
 # and we are root (CI is); otherwise the tests that need them skip and say why.
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server etcd-client)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${need[*]}" >&2
