@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server etcd-client)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v stun >/dev/null 2>&1 || need+=(stun-client)
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${need[*]}" >&2
