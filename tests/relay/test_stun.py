@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import struct
 import subprocess
@@ -96,18 +97,14 @@ def test_encode_request_needs_12_byte_id() -> None:
 
 @given(st.binary(max_size=600))
 def test_fuzz_server_codec(data: bytes) -> None:
-    try:
+    with contextlib.suppress(StunError):
         handle_datagram(data, "192.0.2.1", 9)
-    except StunError:
-        pass
 
 
 @given(st.binary(max_size=600))
 def test_fuzz_client_codec(data: bytes) -> None:
-    try:
+    with contextlib.suppress(StunError):
         decode_response(data)
-    except StunError:
-        pass
 
 
 @given(
