@@ -10,22 +10,32 @@ nursery (see relay/node.py). Endpoints:
 - ``/metrics``: Prometheus text exposition (relay/metrics.py).
 - ``/api/v1/status``: JSON for the dashboard and scripts.
 - ``/generate_204`` and ``/derp/latency-check``: empty answers for latency probes.
+- ``/regionmap``: the region map, live (region/live.py), with ETag /
+  If-None-Match and Cache-Control, signed when the operator gave a key.
+- ``/api/v1/peers/<nodekey>``: where this relay would send a packet for that key.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from quart import Response
+from nacl.signing import SigningKey
+from quart import Response, request
 from quart_trio import QuartTrio
+
+from coordinator.registry import RelayRecord
+from region.live import SIGNATURE_HEADER, etag, live_map, sign
+from region.model import RegionMap
 
 from . import __version__
 from .config import RelayConfig
 from .keys import NodeKey
 from .metrics import CONTENT_TYPE, relay_registry, render
 from .server import RelayServer
+from .stun_server import StunStats
 
 if TYPE_CHECKING:
     from coordinator.state import MeshState
@@ -59,8 +69,24 @@ def create_app(
     *,
     state: MeshState | None = None,
     mesh: Mesh | None = None,
+    relays: Callable[[], list[RelayRecord]] | None = None,
+    region_map: RegionMap | None = None,
+    signing_key: SigningKey | None = None,
+    stun_stats: StunStats | None = None,
 ) -> QuartTrio:
     app = QuartTrio("relaymesh")
+
+    @app.get("/regionmap")
+    async def regionmap() -> Response:
+        body = live_map(region_map, relays() if relays is not None else []).to_json()
+        tag = etag(body)
+        headers = {"ETag": tag, "Cache-Control": "public, max-age=5"}
+        if signing_key is not None:
+            headers[SIGNATURE_HEADER] = sign(body, signing_key)
+        if tag in request.headers.get("If-None-Match", ""):
+            return Response("", status=304, headers=headers)
+        return Response(body, content_type="application/json", headers=headers)
+
     registry = relay_registry(server, state=state, mesh=mesh)
     started = time.time()
 
@@ -127,6 +153,9 @@ def create_app(
             "shared_state": asdict(state.statistics()) if state is not None else None,
             "mesh_links": [asdict(link) for link in mesh.statistics()] if mesh else [],
             "relays": sorted(state.relays) if state is not None else [],
+            "stun": {"requests": stun_stats.requests, "malformed": stun_stats.malformed}
+            if stun_stats is not None
+            else None,
         }
 
     return app

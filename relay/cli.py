@@ -100,6 +100,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
             "name": args.name,
             "port": args.port,
             "http_port": args.http_port,
+            "stun_port": args.stun_port,
             "key_file": str(args.key_file) if args.key_file else None,
             "listen_host": args.listen_host,
         },
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen-host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="WebSocket port (0: any free port)")
     p.add_argument("--http-port", type=int, help="HTTP API port (0: any free port)")
+    p.add_argument("--stun-port", type=int, help="STUN port, UDP (0: any free port)")
     p.add_argument("--key-file", type=Path, help="relay private key; created if missing")
     p.add_argument(
         "--etcd",

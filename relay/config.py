@@ -58,6 +58,10 @@ class RelaySection(_Frozen):
     port: int = Field(3340, ge=0, le=65535)
     #: HTTP API (health, metrics). 0 picks a free port.
     http_port: int = Field(3341, ge=0, le=65535)
+    #: Answer STUN binding requests (UDP) on stun_port.
+    stun: bool = True
+    #: 0 picks a free port.
+    stun_port: int = Field(3478, ge=0, le=65535)
     #: The relay's private key; created (mode 0600) if missing. None: a new key each start.
     key_file: Path | None = None
 
@@ -120,11 +124,19 @@ class MeshConfig(_Frozen):
         return self
 
 
+class RegionMapConfig(_Frozen):
+    #: The operator's region map (TOML, see config/regions.toml). None: built from the registry.
+    file: Path | None = None
+    #: An Ed25519 signing key (64 hex digits, the seed) to sign the served map. None: unsigned.
+    signing_key_file: Path | None = None
+
+
 class RelayConfig(_Frozen):
     relay: RelaySection = RelaySection()
     admission: AdmissionConfig = AdmissionConfig()
     limits: LimitsConfig = LimitsConfig()
     mesh: MeshConfig = MeshConfig()
+    region_map: RegionMapConfig = RegionMapConfig()
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

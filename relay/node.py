@@ -17,21 +17,25 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from nacl.signing import SigningKey
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
 from coordinator.store import Store
+from region.model import RegionMap, RegionMapError, load_region_map
 
 from . import __version__
 from .app import create_app
-from .config import RelayConfig, load_tokens
+from .config import ConfigError, RelayConfig, load_tokens
 from .keys import NodeKey, PrivateKey, load_or_create_key_file
 from .mesh import Mesh
 from .server import RelayServer
+from .stun_server import StunStats, serve_stun
 
 __all__ = ["NodeInfo", "load_node_key", "serve_relay_node"]
 
@@ -49,6 +53,7 @@ class NodeInfo:
     server: RelayServer
     state: MeshState | None
     mesh: Mesh | None
+    stun_port: int = 0
 
 
 def load_node_key(cfg: RelayConfig) -> PrivateKey:
@@ -102,10 +107,28 @@ async def serve_relay_node(
     hconfig.accesslog = None
     hconfig.errorlog = logging.getLogger("hypercorn.error")
     hconfig.graceful_timeout = 1.0
+    configured_map, signing_key = _load_region_map_config(cfg)
     async with trio.open_nursery() as nursery:
         ws_port = await nursery.start(server.serve, host, cfg.relay.port)
+        stun_stats = StunStats()
+        stun_port = 0
+        if cfg.relay.stun:
+            stun_port = await nursery.start(
+                partial(serve_stun, host, cfg.relay.stun_port, stats=stun_stats)
+            )
         ahost = cfg.mesh.advertise_host or _url_host(host)
         ws_url = f"ws://{ahost}:{ws_port}/derp"
+        me = RelayRecord(
+            relay_id=cfg.relay.name,
+            region=cfg.relay.region,
+            name=cfg.relay.name,
+            ws_url=ws_url,
+            http_url="",
+            public_key=str(key.public),
+            started_at=time.time(),
+            version=__version__,
+            stun=f"{ahost}:{stun_port}" if stun_port else None,
+        )
         state: MeshState | None = None
         mesh: Mesh | None = None
 
@@ -114,16 +137,7 @@ async def serve_relay_node(
                 # http_url is filled in below, once hypercorn has bound its port.
                 state = MeshState(
                     the_store,
-                    RelayRecord(
-                        relay_id=cfg.relay.name,
-                        region=cfg.relay.region,
-                        name=cfg.relay.name,
-                        ws_url=ws_url,
-                        http_url="",
-                        public_key=str(key.public),
-                        started_at=time.time(),
-                        version=__version__,
-                    ),
+                    me,
                     prefix=cfg.mesh.prefix,
                     lease_ttl_s=cfg.mesh.lease_ttl_s,
                     keepalive_interval_s=cfg.mesh.keepalive_interval_s,
@@ -140,12 +154,27 @@ async def serve_relay_node(
                         link_idle_s=cfg.mesh.link_idle_s,
                         link_queue_packets=cfg.mesh.link_queue_packets,
                     )
-            app = create_app(cfg, server, state=state, mesh=mesh)
+            me_box = [me]
+
+            def relays() -> list[RelayRecord]:
+                return list(state.relays.values()) if state is not None else me_box
+
+            app = create_app(
+                cfg,
+                server,
+                state=state,
+                mesh=mesh,
+                relays=relays,
+                region_map=configured_map,
+                signing_key=signing_key,
+                stun_stats=stun_stats,
+            )
             binds = await nursery.start(hypercorn_serve, app, hconfig)
             http_port = int(str(binds[0]).rsplit(":", 1)[1])
             http_url = f"http://{ahost}:{http_port}"
+            me_box[0] = replace(me, http_url=http_url)
             if state is not None:
-                state.me = replace(state.me, http_url=http_url)
+                state.me = me_box[0]
                 await nursery.start(state.run)
                 if mesh is not None:
                     await nursery.start(mesh.run)
@@ -160,6 +189,7 @@ async def serve_relay_node(
                 server=server,
                 state=state,
                 mesh=mesh,
+                stun_port=stun_port,
             )
             log.info(
                 "relay %s/%s up: %s %s key %s",
@@ -171,6 +201,28 @@ async def serve_relay_node(
             )
             task_status.started(info)
             await trio.sleep_forever()
+
+
+def _load_region_map_config(cfg: RelayConfig) -> tuple[RegionMap | None, SigningKey | None]:
+    rm = cfg.region_map
+    configured = None
+    if rm.file is not None:
+        try:
+            configured = load_region_map(rm.file)
+        except RegionMapError as exc:
+            raise ConfigError(str(exc)) from None
+    signing_key = None
+    if rm.signing_key_file is not None:
+        try:
+            seed = bytes.fromhex(rm.signing_key_file.read_text().strip())
+            signing_key = SigningKey(seed)
+        except OSError as exc:
+            raise ConfigError(f"{rm.signing_key_file}: cannot read: {exc.strerror}") from None
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"{rm.signing_key_file}: an Ed25519 signing key is 64 hex digits"
+            ) from None
+    return configured, signing_key
 
 
 @asynccontextmanager

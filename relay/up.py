@@ -61,6 +61,7 @@ def _layout(opts: UpOptions) -> list[dict[str, Any]]:
                     "name": f"{region}-{n}",
                     "port": port,
                     "http_port": port + 1 if port else 0,
+                    "stun_port": 3478 + i if port else 0,
                 }
             )
             i += 1
@@ -239,6 +240,8 @@ def _processes(opts: UpOptions) -> None:
                         str(spec["port"]),
                         "--http-port",
                         str(spec["http_port"]),
+                        "--stun-port",
+                        str(spec["stun_port"]),
                         "--listen-host",
                         opts.listen_host,
                         "--etcd",

@@ -91,6 +91,8 @@ def start_relay_proc(
             "0",
             "--http-port",
             "0",
+            "--stun-port",
+            "0",
             "--etcd",
             ",".join(endpoints),
             "--mesh-key-file",

@@ -18,7 +18,7 @@ MESH_KEY = b"0123456789abcdef0123456789abcdef"
 async def start(nursery: trio.Nursery, store, region: str, name: str, **mesh: object) -> NodeInfo:  # type: ignore[no-untyped-def]
     cfg = load_config(
         overrides={
-            "relay": {"port": 0, "http_port": 0, "region": region, "name": name},
+            "relay": {"port": 0, "http_port": 0, "stun_port": 0, "region": region, "name": name},
             "mesh": {"lease_ttl_s": 2, "keepalive_interval_s": 0.5, **mesh},
         }
     )
@@ -115,7 +115,13 @@ async def test_wrong_mesh_key_is_refused_and_counted(nursery: trio.Nursery) -> N
         good = await start(nursery, store, "eu", "eu-1")
         cfg = load_config(
             overrides={
-                "relay": {"port": 0, "http_port": 0, "region": "eu", "name": "eu-2"},
+                "relay": {
+                    "port": 0,
+                    "http_port": 0,
+                    "stun_port": 0,
+                    "region": "eu",
+                    "name": "eu-2",
+                },
                 "mesh": {"lease_ttl_s": 2, "keepalive_interval_s": 0.5},
             }
         )

@@ -33,6 +33,8 @@ def relay_proc(tmp_path: Path) -> Iterator[dict[str, str]]:
             "0",
             "--http-port",
             "0",
+            "--stun-port",
+            "0",
             "--json",
             "--key-file",
             str(tmp_path / "relay.key"),
@@ -110,7 +112,7 @@ def test_keygen_send_listen_round_trip(relay_proc: dict[str, str], tmp_path: Pat
 
 def test_relay_prints_how_to_connect(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [*RELAYMESH, "relay", "--port", "0", "--http-port", "0"],
+        [*RELAYMESH, "relay", "--port", "0", "--http-port", "0", "--stun-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -21,7 +21,16 @@ async def http_get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 async def start_node(nursery: trio.Nursery, **relay: object) -> NodeInfo:
     cfg = load_config(
-        overrides={"relay": {"port": 0, "http_port": 0, "region": "eu", "name": "eu-1", **relay}}
+        overrides={
+            "relay": {
+                "port": 0,
+                "http_port": 0,
+                "stun_port": 0,
+                "region": "eu",
+                "name": "eu-1",
+                **relay,
+            }
+        }
     )
     info: NodeInfo = await nursery.start(serve_relay_node, cfg)
     return info
