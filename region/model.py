@@ -157,6 +157,7 @@ def parse_region_map(raw: Any, *, source: str = "region map") -> RegionMap:
         lines = []
         for err in exc.errors():
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = msg.removeprefix("Value error, ")
             lines.append(f"{source}: {_describe(tuple(err['loc']), raw)}: {msg}")
         raise RegionMapError("\n".join(lines)) from None
 

@@ -195,6 +195,79 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise UserError(f"cannot start the mesh: {exc.strerror or exc}") from None
 
 
+# ---- regionmap / netcheck ------------------------------------------------------
+
+
+def _verify_key(text: str | None) -> Any:
+    if text is None:
+        return None
+    import nacl.signing
+
+    try:
+        return nacl.signing.VerifyKey(bytes.fromhex(text.removeprefix("ed25519:")))
+    except (ValueError, TypeError):
+        raise UserError("--verify-key must be an Ed25519 public key: 64 hex digits") from None
+
+
+def cmd_regionmap(args: argparse.Namespace) -> int:
+    from region.client import MapFetchError, RegionMapSource
+
+    source = RegionMapSource(args.url, verify_key=_verify_key(args.verify_key))
+    try:
+        region_map = trio.run(source.fetch)
+    except MapFetchError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(region_map.model_dump(mode="json")))
+        return 0
+    print(f"{'region':<8}{'id':>3}  {'relay':<10}{'up':<5}{'websocket':<34}{'stun':<22}key")
+    for region in region_map.regions:
+        for node in region.nodes:
+            stun_addr = node.stun_address()
+            stun = f"{stun_addr[0]}:{stun_addr[1]}" if stun_addr else "-"
+            key = (node.public_key or "-")[:20] + ("…" if node.public_key else "")
+            print(
+                f"{region.code:<8}{region.id:>3}  {node.name:<10}{'yes' if node.up else 'NO':<5}"
+                f"{node.ws_url:<34}{stun:<22}{key}"
+            )
+    return 0
+
+
+def cmd_netcheck(args: argparse.Namespace) -> int:
+    from region.client import MapFetchError, RegionMapSource
+    from region.netcheck import run_netcheck
+
+    async def run() -> Any:
+        source = RegionMapSource(args.url, verify_key=_verify_key(args.verify_key))
+        region_map = await source.fetch()
+        return await run_netcheck(region_map, deadline_s=args.deadline)
+
+    try:
+        report = trio.run(run)
+    except MapFetchError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return 0
+    print(
+        f"UDP: {'yes' if report.udp else 'no (HTTP latency only)'}"
+        f"   public address: {report.global_addr or '-'}"
+        f"   NAT maps per destination: "
+        f"{'-' if report.mapping_varies_by_dest is None else report.mapping_varies_by_dest}"
+    )
+    print(f"  {'region':<8}{'relay':<10}{'latency':>10}  via")
+    for probe in sorted(report.probes, key=lambda p: (p.best_ms is None, p.best_ms or 0.0)):
+        mark = "*" if probe.node == report.preferred_relay else " "
+        via = "stun" if probe.stun_ms else ("https" if probe.http_ms is not None else "-")
+        ms = f"{probe.best_ms:.1f} ms" if probe.best_ms is not None else "no answer"
+        print(f"{mark} {probe.region:<8}{probe.node:<10}{ms:>10}  {via}")
+    print(
+        f"preferred: {report.preferred_region}/{report.preferred_relay}"
+        f"   ({report.duration_ms:.0f} ms)"
+    )
+    return 0
+
+
 # ---- listen / send ---------------------------------------------------------
 
 
@@ -383,6 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
                 help="the recipient's public key (nodekey:...)",
             )
             p.add_argument("message", help="the message, or - to send each line of stdin")
+        p.set_defaults(func=func)
+
+    for name, func, helptext in (
+        ("regionmap", cmd_regionmap, "show a relay's region map"),
+        ("netcheck", cmd_netcheck, "measure the latency to every region"),
+    ):
+        p = sub.add_parser(
+            name, help=helptext, description=helptext[0].upper() + helptext[1:] + "."
+        )
+        p.add_argument(
+            "--url", required=True, help="a relay's HTTP URL, e.g. http://127.0.0.1:3341"
+        )
+        p.add_argument("--verify-key", help="refuse a map not signed by this Ed25519 key (hex)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "netcheck":
+            p.add_argument("--deadline", type=float, default=3.0, help="seconds for all probes")
         p.set_defaults(func=func)
 
     p = sub.add_parser(

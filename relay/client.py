@@ -135,6 +135,8 @@ class RelayClient:
         self._last_close: str | None = None
         self._restart_hint_s: float | None = None
         self.closed_reason: str | None = None
+        self._session_scope: trio.CancelScope | None = None
+        self._move_requested = False
         # Written by the reader.
         self.health = ""
         self.peer_gone: dict[NodeKey, wire.PeerGoneReason] = {}
@@ -210,6 +212,18 @@ class RelayClient:
         finally:
             self._pings.pop(data, None)
 
+    def move_to(self, urls: Sequence[str]) -> None:
+        """Reconnect to the first of ``urls`` now (a planned move: no backoff).
+
+        Packets queued meanwhile wait and go out on the new connection.
+        """
+        if not urls:
+            raise ValueError("at least one relay URL is needed")
+        self.urls = list(urls)
+        self._move_requested = True
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+
     def note_preferred(self, preferred: bool) -> None:
         self._preferred = preferred
         self._ctrl.append(wire.encode(wire.NotePreferred(preferred=preferred)))
@@ -284,6 +298,11 @@ class RelayClient:
                     return
                 log.info("relay %s disconnected: %s", url, exc.why)
                 attempt = 1
+            if self._move_requested:
+                self._move_requested = False
+                index = 0
+                attempt = 0
+                continue
             delay = self._restart_hint_s
             self._restart_hint_s = None
             if delay is None:
@@ -322,10 +341,14 @@ class RelayClient:
                     task_status.started()
                 result: list[_Disconnect] = []
                 try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._reader, ws, decoder, nursery.cancel_scope, result)
-                        nursery.start_soon(self._writer, ws, nursery.cancel_scope, result)
+                    with trio.CancelScope() as self._session_scope:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(
+                                self._reader, ws, decoder, nursery.cancel_scope, result
+                            )
+                            nursery.start_soon(self._writer, ws, nursery.cancel_scope, result)
                 finally:
+                    self._session_scope = None
                     self.connected = False
                     self._connected_event = trio.Event()
                 raise result[0] if result else _Disconnect("closed")

@@ -146,7 +146,7 @@ def _where(loc: tuple[int | str, ...]) -> str:
 def _format_errors(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{source}: {_where(err['loc'])}: {msg}")
