@@ -20,6 +20,7 @@ from relay.node import NodeInfo, serve_relay_node
 from tests.conftest import wait_until
 
 MESH_KEY = b"0123456789abcdef0123456789abcdef"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def mesh(
@@ -80,10 +81,9 @@ async def test_regionmap_etag_cache_and_signature(nursery: trio.Nursery, tmp_pat
 
 
 async def test_configured_map_marks_missing_relays_down(nursery: trio.Nursery) -> None:
-    root = Path(__file__).resolve().parents[2]
     async with open_memory_store() as store:
         infos = await mesh(
-            nursery, store, [("eu", "eu-1")], file=str(root / "config" / "regions.toml")
+            nursery, store, [("eu", "eu-1")], file=str(ROOT / "config" / "regions.toml")
         )
         got = await RegionMapSource(infos[0].http_url).fetch()
         up = {n.name: n.up for r in got.regions for n in r.nodes}
@@ -156,8 +156,10 @@ async def test_open_home_relay_connects_and_carries_traffic(nursery: trio.Nurser
                 with trio.fail_after(5):
                     await wait_until(
                         lambda: (
-                            (connected_to.state is not None
-                            and connected_to.state.route(b.public.raw) is not None)
+                            (
+                                connected_to.state is not None
+                                and connected_to.state.route(b.public.raw) is not None
+                            )
                             or connected_to.server.is_connected(b.public)
                         )
                     )
