@@ -1,0 +1,198 @@
+"""Network-namespace labs: hosts with real kernels' networking, joined by tests/lab/wan.py.
+
+Needs root, iproute2 and /dev/net/tun; tests skip with the reason otherwise.
+Every host gets ``lo`` and ``wan0`` (10.77.0.N/16); the WAN process adds the
+latency configured per host (one way, added on both ends of a path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def need_lab() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("network-namespace labs need root (CI runs as root)")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed (tests/run.sh installs it as root)")
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("/dev/net/tun is missing: no TUN support for the lab's WAN")
+
+
+class Lab:
+    def __init__(self, delays_ms: dict[str, float]) -> None:
+        need_lab()
+        self.tag = uuid.uuid4().hex[:6]
+        self.hosts = list(delays_ms)
+        self.ips = {h: f"10.77.0.{i + 1}" for i, h in enumerate(self.hosts)}
+        self.delays = dict(delays_ms)
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.wan: subprocess.Popen[str] | None = None
+
+    def ns(self, host: str) -> str:
+        return f"rm{self.tag}-{host}"
+
+    def __enter__(self) -> Lab:
+        try:
+            for h in self.hosts:
+                subprocess.run(["ip", "netns", "add", self.ns(h)], check=True)
+                subprocess.run(["ip", "-n", self.ns(h), "link", "set", "lo", "up"], check=True)
+            spec = {
+                "hosts": {
+                    h: {"netns": f"/var/run/netns/{self.ns(h)}", "ip": self.ips[h]}
+                    for h in self.hosts
+                },
+                "delay_ms": self.delays,
+            }
+            self.wan = subprocess.Popen(
+                [sys.executable, "-m", "tests.lab.wan", json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            )
+            assert self.wan.stdout is not None
+            if self.wan.stdout.readline().strip() != "ready":
+                raise RuntimeError("the lab WAN did not start")
+            for h in self.hosts:
+                subprocess.run(
+                    ["ip", "-n", self.ns(h), "addr", "add", f"{self.ips[h]}/16", "dev", "wan0"],
+                    check=True,
+                )
+                subprocess.run(["ip", "-n", self.ns(h), "link", "set", "wan0", "up"], check=True)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_delays(self, **delays_ms: float) -> None:
+        assert self.wan is not None and self.wan.stdin is not None and self.wan.stdout
+        self.wan.stdin.write(json.dumps({"delay_ms": delays_ms}) + "\n")
+        self.wan.stdin.flush()
+        assert self.wan.stdout.readline().strip() == "ok"
+
+    def cmd(self, host: str, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(host), *argv]
+
+    def run(self, host: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.cmd(host, *argv), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        )
+
+    def spawn(self, host: str, *argv: str, **kw: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(self.cmd(host, *argv), cwd=ROOT, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if self.wan is not None and self.wan.poll() is None:
+            self.wan.kill()
+            self.wan.wait()
+        for h in self.hosts:
+            subprocess.run(["ip", "netns", "del", self.ns(h)], capture_output=True)
+
+
+def start_etcd(lab: Lab, host: str, workdir: Path) -> str:
+    ip = lab.ips[host]
+    url = f"http://{ip}:2379"
+    binary = shutil.which("etcd")
+    if binary is None:
+        pytest.skip("the etcd binary is not installed (Debian package etcd-server)")
+    log = (workdir / "etcd.log").open("wb")
+    lab.spawn(
+        host,
+        binary,
+        "--name",
+        "lab",
+        "--data-dir",
+        str(workdir / "etcd"),
+        "--listen-client-urls",
+        url,
+        "--advertise-client-urls",
+        url,
+        "--listen-peer-urls",
+        f"http://{ip}:2380",
+        "--initial-advertise-peer-urls",
+        f"http://{ip}:2380",
+        "--initial-cluster",
+        f"lab=http://{ip}:2380",
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    return url
+
+
+def start_relay(
+    lab: Lab,
+    host: str,
+    region: str,
+    name: str,
+    etcd: str,
+    workdir: Path,
+    *,
+    config: Path | None = None,
+) -> dict[str, Any]:
+    mesh_key = workdir / "mesh.key"
+    if not mesh_key.exists():
+        mesh_key.write_text("lab-mesh-key-0123456789abcdef\n")
+    cfg = workdir / "lab-relay.toml"
+    if not cfg.exists():
+        cfg.write_text("[mesh]\nlease_ttl_s = 3\nkeepalive_interval_s = 1.0\n")
+    argv = [
+        sys.executable,
+        "-m",
+        "relay.cli",
+        "relay",
+        "--json",
+        "--config",
+        str(config or cfg),
+        "--region",
+        region,
+        "--name",
+        name,
+        "--listen-host",
+        "0.0.0.0",
+        "--advertise-host",
+        lab.ips[host],
+        "--port",
+        "3340",
+        "--http-port",
+        "3341",
+        "--stun-port",
+        "3478",
+        "--etcd",
+        etcd,
+        "--mesh-key-file",
+        str(mesh_key),
+    ]
+    proc = lab.spawn(
+        host, *argv, stdout=subprocess.PIPE, stderr=(workdir / f"{name}.log").open("w"), text=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"relay {name}: {(workdir / f'{name}.log').read_text()[-2000:]}")
+    info: dict[str, Any] = json.loads(line)
+    return info
