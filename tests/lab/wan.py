@@ -18,6 +18,7 @@ settings; end of input stops it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import heapq
@@ -119,10 +120,8 @@ class Wan:
                     self._cond.wait(timeout=wait)
                     continue
                 heapq.heappop(self._heap)
-            try:
+            with contextlib.suppress(OSError):
                 os.write(fd, pkt)
-            except OSError:
-                pass
 
 
 def main() -> None:
