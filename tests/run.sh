@@ -4,13 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages some tests use: the real etcd binary, docker-compose (to
-# validate docker-compose.yml). Installed when missing
-# and we are root (CI is); otherwise the tests that need them skip and say why.
+# System packages the tests use: the real etcd binary, docker-compose (validates
+# docker-compose.yml), a third-party STUN client, iproute2 and iptables (the
+# network-namespace lab). Installed when missing and we are root (CI is);
+# otherwise the tests that need them skip and say why.
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server etcd-client)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v stun >/dev/null 2>&1 || need+=(stun-client)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${need[*]}" >&2

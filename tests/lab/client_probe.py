@@ -2,6 +2,7 @@
 
     python -m tests.lab.client_probe netcheck MAP_URL
     python -m tests.lab.client_probe home MAP_URL WINDOW_S INTERVAL_S
+    python -m tests.lab.client_probe study MAP_URL ROUNDS INTERVAL_S
 
 ``home`` prints one JSON line per netcheck round: the home region and relay,
 whether it changed, and the region latencies; it runs until stdin closes.
@@ -68,10 +69,39 @@ async def home(map_url: str, window_s: float, interval_s: float) -> None:
                     emit()
 
 
+async def study(map_url: str, rounds: int, interval_s: float) -> None:
+    """Feed the same netcheck reports to the hysteresis rule and to "always the minimum"."""
+    region_map = await RegionMapSource(map_url).fetch()
+    selector = HomeSelector()
+    naive: str | None = None
+    changes = {"hysteresis": 0, "naive": 0}
+    for i in range(rounds):
+        report = await run_netcheck(region_map, stun_probes=1, deadline_s=2)
+        now = trio.current_time()
+        selector.observe(
+            now,
+            report.region_latency_ms,
+            report.relay_latency_ms,
+            {n.name: r.code for r in region_map.regions for n in r.nodes},
+        )
+        choice = selector.choose(now)
+        if choice is not None and choice.changed and i > 0:
+            changes["hysteresis"] += 1
+        best = report.preferred_region
+        if best is not None:
+            if naive is not None and best != naive:
+                changes["naive"] += 1
+            naive = best
+        await trio.sleep(interval_s)
+    print(json.dumps({"rounds": rounds, "changes": changes}), flush=True)
+
+
 def main() -> None:
     mode, url = sys.argv[1], sys.argv[2]
     if mode == "netcheck":
         trio.run(netcheck, url)
+    elif mode == "study":
+        trio.run(study, url, int(sys.argv[3]), float(sys.argv[4]))
     else:
         trio.run(home, url, float(sys.argv[3]), float(sys.argv[4]))
 
