@@ -5,7 +5,7 @@
 1. Home-relay changes under jittery latency: two regions at ~30 and ~34 ms
    round trip with 6 ms of jitter on each end, 120 netcheck rounds; the same
    reports go to the hysteresis rule and to "always the minimum".
-2. netcheck wall time with 3 and with 20 regions (one relay each, ~10–80 ms
+2. netcheck wall time with 3 and with 20 regions (one relay each, ~10-80 ms
    away), five runs each.
 """
 
