@@ -1,0 +1,215 @@
+"""Disco: the small sealed messages peers use to find a direct path. Sans-IO.
+
+Every client has a disco key (Curve25519, separate from its node key, so
+path discovery never touches the key that seals data). Disco messages travel
+through the relays (as packet payloads) and directly over UDP, always in the
+same envelope::
+
+    magic "RMDSC\\x01" (6) | sender disco key (32) | nonce (24) | box(plaintext)
+
+The box is sealed from the sender's disco key to the receiver's, so nobody
+else can read or forge one. A receiver keeps the nonces it has accepted
+lately and ignores a message whose nonce it has seen: a replay.
+
+Plaintext: type (1) | version (1) | body:
+
+==========  ====  ===========================================================
+Ping        0x01  transaction id (12) | sender node key (32)
+Pong        0x02  transaction id (12) | the address the Ping came from:
+                  IP (16, IPv4 as ::ffff:a.b.c.d) | port (2)
+CallMeMaybe 0x03  n × (IP (16) | port (2)): the sender's endpoint candidates
+==========  ====  ===========================================================
+
+Data sent directly over UDP uses another envelope, so a receiver can tell the
+two apart and knows which peer sent it::
+
+    magic "RMDAT\\x01" (6) | sender node key (32) | payload sealed node-to-node
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import nacl.exceptions
+import nacl.public
+
+from relay.keys import NodeKey, PrivateKey
+
+__all__ = [
+    "DATA_MAGIC",
+    "DISCO_MAGIC",
+    "CallMeMaybe",
+    "DiscoCodec",
+    "DiscoError",
+    "Ping",
+    "Pong",
+    "decode_data",
+    "encode_data",
+    "is_data",
+    "is_disco",
+]
+
+DISCO_MAGIC = b"RMDSC\x01"
+DATA_MAGIC = b"RMDAT\x01"
+_VERSION = 1
+_KEY = 32
+_NONCE = 24
+_TXID = 12
+_ADDR = struct.Struct(">16sH")
+
+
+class DiscoError(Exception):
+    """Not a disco message we accept: malformed, forged, replayed or not for us."""
+
+
+class MsgType(enum.IntEnum):
+    PING = 0x01
+    PONG = 0x02
+    CALL_ME_MAYBE = 0x03
+
+
+Addr = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    txid: bytes
+    node_key: NodeKey
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    txid: bytes
+    src: Addr
+
+
+@dataclass(frozen=True, slots=True)
+class CallMeMaybe:
+    endpoints: tuple[Addr, ...]
+
+
+Message = Ping | Pong | CallMeMaybe
+
+
+def new_txid() -> bytes:
+    return os.urandom(_TXID)
+
+
+def _pack_addr(addr: Addr) -> bytes:
+    ip = ipaddress.ip_address(addr[0])
+    v6 = (
+        ip
+        if isinstance(ip, ipaddress.IPv6Address)
+        else ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + ip.packed)
+    )
+    return _ADDR.pack(v6.packed, addr[1])
+
+
+def _unpack_addr(data: bytes) -> Addr:
+    raw, port = _ADDR.unpack(data)
+    ip = ipaddress.IPv6Address(raw)
+    return (str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ip)), port
+
+
+def encode_plain(msg: Message) -> bytes:
+    match msg:
+        case Ping(txid=txid, node_key=key):
+            if len(txid) != _TXID:
+                raise ValueError("a transaction id is 12 bytes")
+            return bytes([MsgType.PING, _VERSION]) + txid + key.raw
+        case Pong(txid=txid, src=src):
+            if len(txid) != _TXID:
+                raise ValueError("a transaction id is 12 bytes")
+            return bytes([MsgType.PONG, _VERSION]) + txid + _pack_addr(src)
+        case CallMeMaybe(endpoints=eps):
+            return bytes([MsgType.CALL_ME_MAYBE, _VERSION]) + b"".join(_pack_addr(e) for e in eps)
+    raise ValueError(f"not a disco message: {msg!r}")
+
+
+def decode_plain(data: bytes) -> Message:
+    if len(data) < 2:
+        raise DiscoError("empty disco message")
+    mtype, body = data[0], data[2:]
+    try:
+        if mtype == MsgType.PING and len(body) >= _TXID + _KEY:
+            return Ping(body[:_TXID], NodeKey(body[_TXID : _TXID + _KEY]))
+        if mtype == MsgType.PONG and len(body) >= _TXID + _ADDR.size:
+            return Pong(body[:_TXID], _unpack_addr(body[_TXID : _TXID + _ADDR.size]))
+        if mtype == MsgType.CALL_ME_MAYBE and len(body) % _ADDR.size == 0:
+            return CallMeMaybe(
+                tuple(
+                    _unpack_addr(body[i : i + _ADDR.size]) for i in range(0, len(body), _ADDR.size)
+                )
+            )
+    except ValueError as exc:
+        raise DiscoError(f"malformed disco body: {exc}") from None
+    raise DiscoError(f"unknown or short disco message (type 0x{mtype:02x})")
+
+
+def is_disco(data: bytes) -> bool:
+    return data[: len(DISCO_MAGIC)] == DISCO_MAGIC
+
+
+def is_data(data: bytes) -> bool:
+    return data[: len(DATA_MAGIC)] == DATA_MAGIC
+
+
+def encode_data(sender: NodeKey, sealed: bytes) -> bytes:
+    return DATA_MAGIC + sender.raw + sealed
+
+
+def decode_data(data: bytes) -> tuple[NodeKey, bytes]:
+    if not is_data(data) or len(data) < len(DATA_MAGIC) + _KEY:
+        raise DiscoError("not a direct data packet")
+    start = len(DATA_MAGIC)
+    return NodeKey(data[start : start + _KEY]), data[start + _KEY :]
+
+
+class DiscoCodec:
+    """Seals and opens disco messages for one disco key, refusing replays."""
+
+    def __init__(self, key: PrivateKey, *, replay_window: int = 4096) -> None:
+        self.key = key
+        self._window = replay_window
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._boxes: dict[NodeKey, nacl.public.Box] = {}
+
+    @property
+    def public(self) -> NodeKey:
+        return self.key.public
+
+    def _box(self, peer: NodeKey) -> nacl.public.Box:
+        box = self._boxes.get(peer)
+        if box is None:
+            if len(self._boxes) > 4096:
+                self._boxes.clear()
+            box = self._boxes[peer] = self.key.box(peer)
+        return box
+
+    def seal(self, peer: NodeKey, msg: Message) -> bytes:
+        sealed = self._box(peer).encrypt(encode_plain(msg))
+        return DISCO_MAGIC + self.key.public.raw + bytes(sealed)
+
+    def open(self, data: bytes) -> tuple[NodeKey, Message]:
+        """(sender's disco key, message). Raises DiscoError for anything not to accept."""
+        head = len(DISCO_MAGIC)
+        if not is_disco(data) or len(data) < head + _KEY + _NONCE + 16:
+            raise DiscoError("not a disco message")
+        sender = NodeKey(data[head : head + _KEY])
+        nonce = data[head + _KEY : head + _KEY + _NONCE]
+        try:
+            plain = self._box(sender).decrypt(data[head + _KEY :])
+        except (nacl.exceptions.CryptoError, ValueError) as exc:
+            raise DiscoError("disco box did not open (forged, or not for us)") from exc
+        seen_key = sender.raw + nonce
+        if seen_key in self._seen:
+            raise DiscoError("replayed disco message")
+        self._seen[seen_key] = None
+        if len(self._seen) > self._window:
+            self._seen.popitem(last=False)
+        return sender, decode_plain(plain)
