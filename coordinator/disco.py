@@ -17,7 +17,7 @@ Plaintext: type (1) | version (1) | body:
 Ping        0x01  transaction id (12) | sender node key (32)
 Pong        0x02  transaction id (12) | the address the Ping came from:
                   IP (16, IPv4 as ::ffff:a.b.c.d) | port (2)
-CallMeMaybe 0x03  n × (IP (16) | port (2)): the sender's endpoint candidates
+CallMeMaybe 0x03  n times (IP (16) | port (2)): the sender's endpoints
 ==========  ====  ===========================================================
 
 Data sent directly over UDP uses another envelope, so a receiver can tell the
