@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import trio
 
+from relay.handshake import ClientHello
 from relay.keys import NodeKey
 
 from .peermap import PeerEntry, PeerRecord, PeerState, peer_key
@@ -141,8 +142,14 @@ class MeshState:
 
     # ---- what the relay tells us -------------------------------------------
 
-    def client_connected(self, key: NodeKey) -> None:
-        record = PeerRecord(relay_id=self.me.relay_id, region=self.me.region, since=time.time())
+    def client_connected(self, key: NodeKey, hello: ClientHello | None = None) -> None:
+        record = PeerRecord(
+            relay_id=self.me.relay_id,
+            region=self.me.region,
+            since=time.time(),
+            disco_key=hello.disco_key if hello is not None else None,
+            endpoints=list(hello.endpoints) if hello is not None else [],
+        )
         self._local[str(key)] = record
         self._mark(str(key), record)
 

@@ -30,7 +30,7 @@ from relay.keys import PrivateKey
 
 from .live import SIGNATURE_HEADER, verify
 from .model import RegionMap, RegionMapError, parse_region_map
-from .netcheck import NetcheckReport, run_netcheck
+from .netcheck import NetcheckReport, StunProber, run_netcheck
 from .select import HomeChoice, HomeSelector
 
 __all__ = ["HomeRelay", "MapFetchError", "RegionMapSource", "open_home_relay", "relay_order"]
@@ -151,11 +151,13 @@ async def open_home_relay(
     netcheck_interval_s: float = 30.0,
     netcheck_deadline_s: float = 3.0,
     selector: HomeSelector | None = None,
+    prober: StunProber | None = None,
     **client_options: Any,
 ) -> AsyncIterator[HomeRelay]:
+    """``prober``: netcheck from this (the caller's UDP socket, fed by the caller)."""
     source = RegionMapSource(map_url, verify_key=verify_key)
     region_map = await source.fetch()
-    report = await run_netcheck(region_map, deadline_s=netcheck_deadline_s)
+    report = await run_netcheck(region_map, prober=prober, deadline_s=netcheck_deadline_s)
     selector = selector or HomeSelector()
     _observe(selector, region_map, report)
     home = selector.choose(trio.current_time(), relays_up=_up(region_map))
@@ -173,7 +175,7 @@ async def open_home_relay(
                 await trio.sleep(netcheck_interval_s)
                 current_map = await source.fetch()
                 state.report = await run_netcheck(
-                    current_map, stun_probes=1, deadline_s=netcheck_deadline_s
+                    current_map, prober=prober, stun_probes=1, deadline_s=netcheck_deadline_s
                 )
                 _observe(selector, current_map, state.report)
                 choice = selector.choose(

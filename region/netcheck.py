@@ -29,7 +29,7 @@ from relay.stun import StunError, decode_response, encode_request, new_transacti
 
 from .model import RegionMap, RelayNode
 
-__all__ = ["NetcheckReport", "RelayProbe", "run_netcheck"]
+__all__ = ["NetcheckReport", "RelayProbe", "StunProber", "run_netcheck"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,24 +65,33 @@ class NetcheckReport:
         return out
 
 
-class _StunProber:
-    """Binding requests from one socket; answers matched by transaction id."""
+class StunProber:
+    """Binding requests from one socket; answers matched by transaction id.
+
+    Either :meth:`run` reads the socket, or its owner (a Peer, whose socket
+    also carries disco and data) hands it datagrams with :meth:`feed`.
+    """
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
         self._waiting: dict[bytes, tuple[trio.Event, list[tuple[str, int]]]] = {}
 
+    def feed(self, data: bytes) -> bool:
+        """True if ``data`` was a STUN response (ours or not)."""
+        try:
+            tid, ip, port = decode_response(data)
+        except StunError:
+            return False
+        entry = self._waiting.get(tid)
+        if entry is not None:
+            entry[1].append((ip, port))
+            entry[0].set()
+        return True
+
     async def run(self) -> None:
         while True:
             data, _ = await self.sock.recvfrom(2048)
-            try:
-                tid, ip, port = decode_response(data)
-            except StunError:
-                continue
-            entry = self._waiting.get(tid)
-            if entry is not None:
-                entry[1].append((ip, port))
-                entry[0].set()
+            self.feed(data)
 
     async def probe(self, addr: tuple[str, int], timeout_s: float) -> tuple[float, str] | None:
         tid = new_transaction_id()
@@ -132,6 +141,7 @@ async def run_netcheck(
     region_map: RegionMap,
     *,
     sock: trio.socket.SocketType | None = None,
+    prober: StunProber | None = None,
     stun_probes: int = 3,
     deadline_s: float = 3.0,
     http_fallback: bool = True,
@@ -140,20 +150,24 @@ async def run_netcheck(
 
     ``sock``: the UDP socket to probe from (the one direct paths will use, so
     the reflexive address is theirs). Without one, a new socket is used.
+    ``prober``: a StunProber its owner feeds (then ``sock`` is not read here).
     """
     started = time.perf_counter()
     nodes = [(r.code, n) for r in region_map.regions for n in r.nodes if n.up]
     results: dict[str, dict[str, Any]] = {
         n.name: {"stun": [], "refl": [], "http": None} for _, n in nodes
     }
-    own = sock is None
-    if sock is None:
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
-        await sock.bind(("0.0.0.0", 0))
-    prober = _StunProber(sock)
+    fed = prober is not None
+    own = sock is None and prober is None
+    if prober is None:
+        if sock is None:
+            sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+            await sock.bind(("0.0.0.0", 0))
+        prober = StunProber(sock)
     try:
         async with trio.open_nursery() as outer:
-            outer.start_soon(prober.run)
+            if not fed:
+                outer.start_soon(prober.run)
             with trio.move_on_after(deadline_s):
                 async with trio.open_nursery() as nursery:
                     for _, node in nodes:
@@ -170,7 +184,7 @@ async def run_netcheck(
             outer.cancel_scope.cancel()
     finally:
         if own:
-            sock.close()
+            prober.sock.close()
     probes = [
         RelayProbe(
             region=code,
@@ -185,7 +199,7 @@ async def run_netcheck(
 
 
 async def _stun_node(
-    prober: _StunProber, node: RelayNode, n: int, deadline_s: float, out: dict[str, Any]
+    prober: StunProber, node: RelayNode, n: int, deadline_s: float, out: dict[str, Any]
 ) -> None:
     where = node.stun_address()
     if where is None:

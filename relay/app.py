@@ -115,16 +115,21 @@ def create_app(
             raw = NodeKey.parse(node_key).raw
         except ValueError as exc:
             return {"error": str(exc)}, 400
-        local = server.is_connected(NodeKey(raw))
+        hello = server.client_hello(NodeKey(raw))
         entry = state.peers.get(raw) if state is not None else None
-        if not local and entry is None:
+        if hello is None and entry is None:
             return {"node_key": node_key, "local": False, "known": False}, 404
+        record = asdict(entry.record) if entry is not None else None
         return {
             "node_key": node_key,
-            "local": local,
+            "local": hello is not None,
             "known": entry is not None,
             "state": entry.state.value if entry is not None else None,
-            "record": asdict(entry.record) if entry is not None else None,
+            "record": record,
+            "disco_key": hello.disco_key if hello is not None else (record or {}).get("disco_key"),
+            "endpoints": list(hello.endpoints)
+            if hello is not None
+            else (record or {}).get("endpoints", []),
         }, 200
 
     @app.get("/api/v1/status")

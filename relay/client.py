@@ -100,6 +100,8 @@ class RelayClient:
         receive_queue_packets: int = 1024,
         max_message_bytes: int = 64 * 1024,
         connect_timeout_s: float = 5.0,
+        disco_key: NodeKey | None = None,
+        endpoints: Sequence[str] = (),
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
     ) -> None:
@@ -110,6 +112,8 @@ class RelayClient:
         self._token = token
         self._mesh_key = mesh_key
         self._pinned_server_key = server_key
+        self.disco_key = disco_key
+        self.endpoints: tuple[str, ...] = tuple(endpoints)
         self._preferred = preferred
         self._send_cap = send_queue_packets
         self._max_message = max_message_bytes
@@ -364,6 +368,8 @@ class RelayClient:
             mesh_key=self._mesh_key,
             server_key=self._pinned_server_key,
             preferred=self._preferred,
+            disco_key=self.disco_key,
+            endpoints=self.endpoints,
         )
 
     # ---- the two tasks of a connection -----------------------------------
@@ -499,6 +505,8 @@ async def client_handshake(
     mesh_key: bytes | None = None,
     server_key: NodeKey | None = None,
     preferred: bool = False,
+    disco_key: NodeKey | None = None,
+    endpoints: tuple[str, ...] = (),
 ) -> tuple[NodeKey, dict[str, Any]]:
     """Run the client side of the handshake on an open WebSocket.
 
@@ -516,7 +524,15 @@ async def client_handshake(
         raise RemoteProtocolError(
             f"relay key {got} is not the expected {server_key}", CloseReason.BAD_HANDSHAKE
         )
-    info = seal_client_info(key, hello, token=token, mesh_key=mesh_key, preferred=preferred)
+    info = seal_client_info(
+        key,
+        hello,
+        token=token,
+        mesh_key=mesh_key,
+        preferred=preferred,
+        disco_key=disco_key,
+        endpoints=endpoints,
+    )
     await ws.send_message(wire.encode(info))
     reply = await _next_event(ws, decoder)
     if not isinstance(reply, wire.ServerInfo):

@@ -9,8 +9,8 @@
 3. Relay → client: ServerInfo(nonce, box(JSON)) sealed to the client.
 
 ClientInfo JSON: ``{"version": 2, "challenge": "<hex>", "token": "...",
-"mesh_proof": "<hex>", "preferred": true}`` (token, mesh_proof, preferred
-optional). A mesh peer proves the shared mesh key with
+"mesh_proof": "<hex>", "preferred": true, "disco_key": "nodekey:<hex>",
+"endpoints": ["ip:port", ...]}`` (all but version and challenge optional). A mesh peer proves the shared mesh key with
 ``HMAC-SHA256(mesh_key, "relaymesh mesh v1" | challenge | client key)``: the
 key itself never crosses the wire.
 
@@ -70,6 +70,9 @@ class ClientHello:
     token: str | None
     mesh_proof: bytes | None
     preferred: bool
+    #: For direct paths: the client's disco key and endpoint candidates ("ip:port").
+    disco_key: str | None = None
+    endpoints: tuple[str, ...] = ()
 
 
 def seal_client_info(
@@ -79,8 +82,14 @@ def seal_client_info(
     token: str | None = None,
     mesh_key: bytes | None = None,
     preferred: bool = False,
+    disco_key: NodeKey | None = None,
+    endpoints: tuple[str, ...] = (),
 ) -> ClientInfo:
     info: dict[str, Any] = {"version": PROTOCOL_VERSION, "challenge": server.challenge.hex()}
+    if disco_key is not None:
+        info["disco_key"] = str(disco_key)
+    if endpoints:
+        info["endpoints"] = list(endpoints)
     if token is not None:
         info["token"] = token
     if mesh_key is not None:
@@ -127,12 +136,26 @@ def open_client_info(key: PrivateKey, challenge: bytes, event: ClientInfo) -> Cl
         proof_bytes = bytes.fromhex(proof) if isinstance(proof, str) else None
     except ValueError:
         raise RemoteProtocolError("mesh_proof is not hex", CloseReason.BAD_HANDSHAKE) from None
+    disco = info.get("disco_key")
+    try:
+        disco_key = str(NodeKey.parse(disco)) if isinstance(disco, str) else None
+    except ValueError:
+        raise RemoteProtocolError("disco_key is not a key", CloseReason.BAD_HANDSHAKE) from None
+    raw_eps = info.get("endpoints", [])
+    if (
+        not isinstance(raw_eps, list)
+        or len(raw_eps) > 32
+        or not all(isinstance(e, str) and len(e) < 64 and ":" in e for e in raw_eps)
+    ):
+        raise RemoteProtocolError("endpoints must be a list of ip:port", CloseReason.BAD_HANDSHAKE)
     return ClientHello(
         client_key=client,
         version=version,
         token=token if isinstance(token, str) else None,
         mesh_proof=proof_bytes,
         preferred=info.get("preferred") is True,
+        disco_key=disco_key,
+        endpoints=tuple(raw_eps),
     )
 
 

@@ -152,6 +152,7 @@ class _Client:
         self.senders: set[bytes] = set()
         # Owned by this client's reader task.
         self.preferred = hello.preferred
+        self.hello = hello
         self.gone_notified: dict[bytes, float] = {}
         self.packets_in = 0
         self.bytes_in = 0
@@ -228,7 +229,7 @@ class RelayServer:
         self._clients: dict[bytes, _Client] = {}
         self._c = _Counters()
         #: Called (synchronously) when a client (not a mesh peer) connects or disconnects.
-        self.on_connect: list[Callable[[NodeKey], None]] = []
+        self.on_connect: list[Callable[[NodeKey, ClientHello], None]] = []
         self.on_disconnect: list[Callable[[NodeKey], None]] = []
         self.port: int | None = None
         #: For packets to keys not connected here: (src, dest, payload) -> handled?
@@ -288,6 +289,11 @@ class RelayServer:
 
     def is_connected(self, key: NodeKey) -> bool:
         return key.raw in self._clients
+
+    def client_hello(self, key: NodeKey) -> ClientHello | None:
+        """What a client connected here said in its handshake (disco key, endpoints)."""
+        client = self._clients.get(key.raw)
+        return client.hello if client is not None and not client.is_mesh else None
 
     def broadcast_health(self, problem: str) -> None:
         """Tell every client about a problem (empty string: healthy again)."""
@@ -422,7 +428,7 @@ class RelayServer:
         self._clients[client.key] = client
         if not client.is_mesh:
             for cb in self.on_connect:
-                cb(client.node_key)
+                cb(client.node_key, client.hello)
 
     def _unregister(self, client: _Client) -> None:
         client.closing = True
