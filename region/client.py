@@ -16,7 +16,7 @@ fetch.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,9 +152,12 @@ async def open_home_relay(
     netcheck_deadline_s: float = 3.0,
     selector: HomeSelector | None = None,
     prober: StunProber | None = None,
+    endpoints_from: Callable[[NetcheckReport], Sequence[str]] | None = None,
     **client_options: Any,
 ) -> AsyncIterator[HomeRelay]:
-    """``prober``: netcheck from this (the caller's UDP socket, fed by the caller)."""
+    """``prober``: netcheck from this (the caller's UDP socket, fed by the caller).
+    ``endpoints_from``: the endpoint candidates to announce, given a netcheck report.
+    """
     source = RegionMapSource(map_url, verify_key=verify_key)
     region_map = await source.fetch()
     report = await run_netcheck(region_map, prober=prober, deadline_s=netcheck_deadline_s)
@@ -163,6 +166,8 @@ async def open_home_relay(
     home = selector.choose(trio.current_time(), relays_up=_up(region_map))
     if home is None:
         raise MapFetchError("no relay of the region map answered a probe")
+    if endpoints_from is not None:
+        client_options["endpoints"] = tuple(endpoints_from(report))
     client = RelayClient(
         relay_order(region_map, report, home), key, preferred=True, **client_options
     )
@@ -178,6 +183,8 @@ async def open_home_relay(
                     current_map, prober=prober, stun_probes=1, deadline_s=netcheck_deadline_s
                 )
                 _observe(selector, current_map, state.report)
+                if endpoints_from is not None:
+                    client.endpoints = tuple(endpoints_from(state.report))
                 choice = selector.choose(
                     trio.current_time(), home_alive=client.connected, relays_up=_up(current_map)
                 )

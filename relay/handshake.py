@@ -10,7 +10,8 @@
 
 ClientInfo JSON: ``{"version": 2, "challenge": "<hex>", "token": "...",
 "mesh_proof": "<hex>", "preferred": true, "disco_key": "nodekey:<hex>",
-"endpoints": ["ip:port", ...]}`` (all but version and challenge optional). A mesh peer proves the shared mesh key with
+"endpoints": ["ip:port", ...]}`` (all but version and challenge optional).
+A mesh peer proves the shared mesh key with
 ``HMAC-SHA256(mesh_key, "relaymesh mesh v1" | challenge | client key)``: the
 key itself never crosses the wire.
 
