@@ -271,8 +271,48 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
 # ---- listen / send ---------------------------------------------------------
 
 
+def cmd_ping(args: argparse.Namespace) -> int:
+    from coordinator.peer import PeerNotFound, open_peer
+    from region.client import MapFetchError
+
+    key = _load_key(args.key_file)
+    dest: NodeKey = args.node
+
+    async def run() -> int:
+        answered = 0
+        async with open_peer(args.url, key) as peer:
+            for seq in range(args.count):
+                if seq:
+                    await trio.sleep(args.interval)
+                with trio.move_on_after(args.timeout) as scope:
+                    rtt, info = await peer.ping(dest)
+                if scope.cancelled_caught:
+                    line: dict[str, Any] = {"seq": seq, "timeout": True}
+                    text = f"timeout waiting for {dest.short()} ({args.timeout:g} s)"
+                else:
+                    answered += 1
+                    line = {
+                        "seq": seq,
+                        "rtt_ms": round(rtt * 1000, 3),
+                        "direct": info.direct,
+                        "addr": f"{info.addr[0]}:{info.addr[1]}" if info.addr else None,
+                        "relay": info.relay,
+                        "region": info.region,
+                    }
+                    text = f"pong from {dest.short()} {info.describe()} in {rtt * 1000:.1f} ms"
+                print(json.dumps(line) if args.json else text, flush=True)
+        return 0 if answered else 1
+
+    try:
+        return trio.run(run)
+    except (MapFetchError, PeerNotFound) as exc:
+        raise UserError(str(exc)) from None
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
     key = _load_key(args.key_file)
+    if args.url.startswith(("http://", "https://")):
+        return _listen_as_peer(args, key)
     sealer = Sealer(key)
 
     async def run() -> None:
@@ -308,6 +348,39 @@ def cmd_listen(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from None
 
     trio.run(run)
+    return 0
+
+
+def _listen_as_peer(args: argparse.Namespace, key: PrivateKey) -> int:
+    """Listen on the closest relay of a mesh, with direct paths (and answering pings)."""
+    from coordinator.peer import open_peer
+    from region.client import MapFetchError
+
+    async def run() -> None:
+        async with open_peer(args.url, key) as peer:
+            assert peer.home is not None
+            where = f"{peer.home.home.region}/{peer.home.home.relay}"
+            if args.json:
+                print(json.dumps({"listening": str(key.public), "relay": where}), flush=True)
+            else:
+                print(f"listening as {key.public} on relay {where}", flush=True)
+            received = 0
+            while args.count is None or received < args.count:
+                got = await peer.receive()
+                received += 1
+                text = got.payload.decode(errors="replace")
+                if args.json:
+                    print(
+                        json.dumps({"from": str(got.src), "text": text, "direct": got.direct}),
+                        flush=True,
+                    )
+                else:
+                    print(f"{got.src}: {text}", flush=True)
+
+    try:
+        trio.run(run)
+    except MapFetchError as exc:
+        raise UserError(str(exc)) from None
     return 0
 
 
@@ -440,7 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=helptext, description=helptext[0].upper() + helptext[1:] + "."
         )
         p.add_argument(
-            "--url", required=True, help="relay WebSocket URL, e.g. ws://127.0.0.1:3340/derp"
+            "--url",
+            required=True,
+            help="relay WebSocket URL (ws://…/derp); for listen also a relay's HTTP URL"
+            " (http://…) to join the mesh through its closest relay, with direct paths",
         )
         p.add_argument("--key-file", type=Path, required=True, help="your private key file")
         p.add_argument("--token", help="admission token, if the relay asks for one")
@@ -473,6 +549,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "netcheck":
             p.add_argument("--deadline", type=float, default=3.0, help="seconds for all probes")
         p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "ping",
+        help="round trips to a peer, relayed or direct",
+        description="Ping a peer through the mesh: each line says whether the"
+        " round trip went via a relay or directly, and how long it took."
+        " The peer answers if it runs `relaymesh listen --url HTTP_URL`"
+        " (or any open_peer()).",
+    )
+    p.add_argument("--url", required=True, help="a relay's HTTP URL (its region map)")
+    p.add_argument("--key-file", type=Path, required=True, help="your private key file")
+    p.add_argument("node", type=_parse_nodekey, metavar="NODEKEY", help="the peer to ping")
+    p.add_argument("--count", type=int, default=5, help="pings to send (default 5)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between pings")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each pong")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.set_defaults(func=cmd_ping)
 
     p = sub.add_parser(
         "bench",
