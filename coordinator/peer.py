@@ -220,6 +220,7 @@ class Peer:
                 eps = [a for e in self._my_endpoints() if (a := _parse_addr(e))]
                 await self._relay_disco(path.node, CallMeMaybe(tuple(eps)))
             elif action.addr is not None:
+                log.debug("disco ping to %s for %s", action.addr, path.node.short())
                 msg = Ping(action.txid, self.key.public)
                 with suppress(OSError):
                     await self.sock.sendto(self.disco.seal(path.disco_key, msg), action.addr)
@@ -240,6 +241,12 @@ class Peer:
             log.debug("ignoring disco: %s", exc)
             return
         now = trio.current_time()
+        log.debug(
+            "disco %s from %s (%s)",
+            type(msg).__name__,
+            src_addr or "relay",
+            relay_src.short() if relay_src else sender.short(),
+        )
         match msg:
             case Ping(txid=txid, node_key=node):
                 if relay_src is not None and relay_src != node:

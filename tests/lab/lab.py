@@ -39,6 +39,7 @@ class Lab:
         self.delays = dict(delays_ms)
         self.procs: list[subprocess.Popen[Any]] = []
         self.wan: subprocess.Popen[str] | None = None
+        self.extra_hosts: list[str] = []
 
     def ns(self, host: str) -> str:
         return f"rm{self.tag}-{host}"
@@ -79,6 +80,67 @@ class Lab:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def add_nat_host(
+        self, router: str, host: str, subnet: str, *, random_ports: bool = False
+    ) -> str:
+        """A host on a LAN behind ``router`` (a WAN host), masqueraded to the WAN.
+
+        ``random_ports``: the NAT picks a random port per destination (a "hard"
+        NAT, as ``MASQUERADE --random``); otherwise it keeps the source port,
+        so one socket has one public mapping for every destination.
+        """
+        i = len(self.extra_hosts)
+        self.extra_hosts.append(host)
+        r_if, h_if = f"v{self.tag[:5]}{i}r", f"v{self.tag[:5]}{i}h"
+        steps = [
+            ["ip", "netns", "add", self.ns(host)],
+            ["ip", "-n", self.ns(host), "link", "set", "lo", "up"],
+            ["ip", "link", "add", r_if, "type", "veth", "peer", "name", h_if],
+            ["ip", "link", "set", r_if, "netns", self.ns(router)],
+            ["ip", "link", "set", h_if, "netns", self.ns(host)],
+            ["ip", "-n", self.ns(router), "addr", "add", f"{subnet}.1/24", "dev", r_if],
+            ["ip", "-n", self.ns(router), "link", "set", r_if, "up"],
+            ["ip", "-n", self.ns(host), "addr", "add", f"{subnet}.2/24", "dev", h_if],
+            ["ip", "-n", self.ns(host), "link", "set", h_if, "up"],
+            ["ip", "-n", self.ns(host), "route", "add", "default", "via", f"{subnet}.1"],
+            self.cmd(router, "sysctl", "-qw", "net.ipv4.ip_forward=1"),
+            self.cmd(
+                router,
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "wan0",
+                "-j",
+                "MASQUERADE",
+                *(["--random"] if random_ports else []),
+            ),
+            # A home router's firewall: nothing unsolicited from the WAN reaches the
+            # router itself. (Without it, an early ping from the peer is accepted
+            # into conntrack, and the router then maps our reply to another port.)
+            self.cmd(
+                router,
+                "iptables",
+                "-A",
+                "INPUT",
+                "-i",
+                "wan0",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ),
+            self.cmd(router, "iptables", "-A", "INPUT", "-i", "wan0", "-j", "DROP"),
+        ]
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        self.ips[host] = f"{subnet}.2"
+        return f"{subnet}.2"
+
     def set_delays(self, **delays_ms: float) -> None:
         assert self.wan is not None and self.wan.stdin is not None and self.wan.stdout
         self.wan.stdin.write(json.dumps({"delay_ms": delays_ms}) + "\n")
@@ -110,7 +172,7 @@ class Lab:
         if self.wan is not None and self.wan.poll() is None:
             self.wan.kill()
             self.wan.wait()
-        for h in self.hosts:
+        for h in [*self.hosts, *self.extra_hosts]:
             subprocess.run(["ip", "netns", "del", self.ns(h)], capture_output=True)
 
 
