@@ -68,9 +68,9 @@ async def receive(map_url: str) -> None:
                             assert peer.home is not None
                             here = peer.home.client.url
                             others = [u for u in peer.home.client.urls if u != here]
-                            peer.home.client.move_to(others + [here] if here else others)
+                            peer.home.client.move_to([*others, here] if here else others)
                             with trio.fail_after(10):
-                                while (
+                                while (  # noqa: ASYNC110 - watching the client's state
                                     peer.home.client.url == here or not peer.home.client.connected
                                 ):
                                     await trio.sleep(0.01)
