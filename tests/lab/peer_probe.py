@@ -18,6 +18,7 @@ import sys
 import time
 
 import trio
+import trio.lowlevel
 
 from coordinator.peer import open_peer
 from relay.keys import NodeKey, PrivateKey
@@ -30,6 +31,7 @@ async def receive(map_url: str) -> None:
     seen: set[int] = set()
     dups = 0
     direct = 0
+    first_at = last_at = 0.0
     async with open_peer(map_url, key) as peer:
         assert peer.home is not None
         print(json.dumps({"key": str(key.public), "relay": peer.home.home.relay}), flush=True)
@@ -37,9 +39,11 @@ async def receive(map_url: str) -> None:
         async with trio.open_nursery() as nursery:
 
             async def collect() -> None:
-                nonlocal dups, direct
+                nonlocal dups, direct, first_at, last_at
                 while True:
                     got = await peer.receive()
+                    last_at = time.monotonic()
+                    first_at = first_at or last_at
                     seq = SEQ.unpack(got.payload[:8])[0]
                     if seq in seen:
                         dups += 1
@@ -47,6 +51,7 @@ async def receive(map_url: str) -> None:
                     direct += got.direct
 
             async def control() -> None:
+                nonlocal dups, direct, first_at, last_at
                 buf = b""
                 while data := await stdin.receive_some(100):
                     buf += data
@@ -60,10 +65,16 @@ async def receive(map_url: str) -> None:
                                         "duplicates": dups,
                                         "direct": direct,
                                         "max": max(seen, default=-1),
+                                        "span_s": last_at - first_at,
                                     }
                                 ),
                                 flush=True,
                             )
+                        elif line == b"reset":
+                            seen.clear()
+                            dups = direct = 0
+                            first_at = last_at = 0.0
+                            print(json.dumps({"reset": True}), flush=True)
                         elif line == b"move":
                             assert peer.home is not None
                             here = peer.home.client.url
@@ -83,7 +94,25 @@ async def receive(map_url: str) -> None:
 
 async def stream(map_url: str, dest_text: str, rate: float, seconds: float) -> None:
     dest = NodeKey.parse(dest_text)
-    async with open_peer(map_url, PrivateKey.generate()) as peer:
+    direct = not os.environ.get("RELAYMESH_PROBE_RELAY_ONLY")
+    async with open_peer(map_url, PrivateKey.generate(), direct=direct) as peer:
+        if rate == 0:
+            # As fast as the path takes, after a moment to settle on a path.
+            await peer.send(dest, SEQ.pack(2**62) + b"x" * 100)
+            await trio.sleep(1.5)
+            start = time.monotonic()
+            sent = 0
+            while time.monotonic() - start < seconds:
+                await peer.send(dest, SEQ.pack(sent) + b"x" * 1200)
+                sent += 1
+                if sent % 64 == 0:
+                    await trio.lowlevel.checkpoint()
+            await trio.sleep(1.0)
+            print(
+                json.dumps({"done": True, "sent": sent, "direct": peer.path(dest).direct}),
+                flush=True,
+            )
+            return
         start = time.monotonic()
         first_direct: float | None = None
         sent = 0
@@ -111,6 +140,21 @@ async def stream(map_url: str, dest_text: str, rate: float, seconds: float) -> N
         )
 
 
+async def pingstats(map_url: str, dest_text: str, count: int) -> None:
+    dest = NodeKey.parse(dest_text)
+    direct = not os.environ.get("RELAYMESH_PROBE_RELAY_ONLY")
+    async with open_peer(map_url, PrivateKey.generate(), direct=direct) as peer:
+        rtts = []
+        paths = []
+        for _ in range(count):
+            with trio.fail_after(5):
+                rtt, info = await peer.ping(dest)
+            rtts.append(round(rtt * 1000, 3))
+            paths.append(info.direct)
+            await trio.sleep(0.2)
+        print(json.dumps({"rtts_ms": rtts, "direct": paths}), flush=True)
+
+
 def main() -> None:
     if os.environ.get("RELAYMESH_PROBE_DEBUG"):
         import logging
@@ -124,6 +168,8 @@ def main() -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     if sys.argv[1] == "receive":
         trio.run(receive, sys.argv[2])
+    elif sys.argv[1] == "pingstats":
+        trio.run(pingstats, sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         trio.run(stream, sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5]))
 
