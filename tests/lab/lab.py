@@ -40,6 +40,7 @@ class Lab:
         self.procs: list[subprocess.Popen[Any]] = []
         self.wan: subprocess.Popen[str] | None = None
         self.extra_hosts: list[str] = []
+        self.hosts_dirs: list[Path] = []
 
     def ns(self, host: str) -> str:
         return f"rm{self.tag}-{host}"
@@ -141,6 +142,19 @@ class Lab:
         self.ips[host] = f"{subnet}.2"
         return f"{subnet}.2"
 
+    def write_hosts_files(self) -> None:
+        """Name resolution in the lab: every host name → its address, in every namespace.
+
+        ``ip netns exec`` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts, so
+        programs in the lab resolve names as containers do on a compose network.
+        """
+        lines = ["127.0.0.1 localhost"] + [f"{ip} {h}" for h, ip in self.ips.items()]
+        for h in [*self.hosts, *self.extra_hosts]:
+            d = Path("/etc/netns") / self.ns(h)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "hosts").write_text("\n".join(lines) + "\n")
+            self.hosts_dirs.append(d)
+
     def set_delays(self, **delays_ms: float) -> None:
         assert self.wan is not None and self.wan.stdin is not None and self.wan.stdout
         self.wan.stdin.write(json.dumps({"delay_ms": delays_ms}) + "\n")
@@ -174,6 +188,8 @@ class Lab:
             self.wan.wait()
         for h in [*self.hosts, *self.extra_hosts]:
             subprocess.run(["ip", "netns", "del", self.ns(h)], capture_output=True)
+        for d in self.hosts_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def start_etcd(lab: Lab, host: str, workdir: Path) -> str:
