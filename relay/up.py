@@ -91,9 +91,14 @@ def _report(opts: UpOptions, mode: str, relays: list[dict[str, Any]], etcd: list
         print(f"  {r['relay_id']:<10}{r['region']:<8}{r['ws_url']:<34}{r['http_url']}")
     first = relays[0]
     print(f"status: {first['http_url']}/api/v1/status   metrics: {first['http_url']}/metrics")
+    print("try, in two more terminals:")
     print(
-        "try: relaymesh keygen --out a.key && relaymesh listen --url"
-        f" {relays[-1]['ws_url']} --key-file a.key"
+        "  relaymesh keygen --out b.key && relaymesh listen --url"
+        f" {relays[-1]['http_url']} --key-file b.key"
+    )
+    print(
+        "  relaymesh keygen --out a.key && relaymesh ping --url"
+        f" {first['http_url']} --key-file a.key <b's nodekey>"
     )
     print("Ctrl-C stops the mesh.", flush=True)
 
