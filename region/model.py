@@ -20,6 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from relay.config import format_validation_error
+
 __all__ = [
     "Region",
     "RegionMap",
@@ -154,12 +156,8 @@ def parse_region_map(raw: Any, *, source: str = "region map") -> RegionMap:
     try:
         return RegionMap.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            msg = msg.removeprefix("Value error, ")
-            lines.append(f"{source}: {_describe(tuple(err['loc']), raw)}: {msg}")
-        raise RegionMapError("\n".join(lines)) from None
+        message = format_validation_error(source, exc, lambda loc: _describe(loc, raw))
+        raise RegionMapError(message) from None
 
 
 def load_region_map(path: Path) -> RegionMap:

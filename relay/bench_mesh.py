@@ -48,7 +48,7 @@ keepalive_interval_s = 1.0
 @contextmanager
 def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], str]]:
     """Relay processes for (region, name) pairs on a fresh local etcd."""
-    from .up import _start_local_etcd
+    from .up import _start_local_etcd, stop_processes
 
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-bench-"))
     etcd, endpoint = _start_local_etcd(workdir)
@@ -95,14 +95,7 @@ def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], 
             relays.append({**json.loads(line), "pid": proc.pid, "proc": proc})
         yield relays, endpoint
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         etcd.terminate()
         etcd.wait(timeout=10)
 

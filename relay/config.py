@@ -25,6 +25,7 @@ Example (config/relay.example.toml has every key)::
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,13 +144,18 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def _format_errors(source: str, exc: ValidationError) -> str:
+def format_validation_error(
+    source: str,
+    exc: ValidationError,
+    where: Callable[[tuple[int | str, ...]], str] = _where,
+) -> str:
+    """One line per problem: ``source: where: problem``, worded for an operator."""
     lines = []
     for err in exc.errors():
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{source}: {_where(err['loc'])}: {msg}")
+        lines.append(f"{source}: {where(tuple(err['loc']))}: {msg}")
     return "\n".join(lines)
 
 
@@ -194,7 +200,7 @@ def load_config(
     try:
         return RelayConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc)) from None
+        raise ConfigError(format_validation_error(source, exc)) from None
 
 
 def load_tokens(path: Path) -> frozenset[str]:

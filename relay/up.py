@@ -207,6 +207,19 @@ def _start_local_etcd(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("etcd did not start listening within 20 s")
 
 
+def stop_processes(procs: list[subprocess.Popen[Any]], timeout_s: float = 10) -> None:
+    """SIGTERM every process still running (they drain), then kill what outlives the wait."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _processes(opts: UpOptions) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-up-"))
     children: list[subprocess.Popen[str]] = []
@@ -281,14 +294,7 @@ def _processes(opts: UpOptions) -> None:
         while not stop and all(c.poll() is None for c in children):
             time.sleep(0.2)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_processes(children)
         if etcd_proc is not None:
             etcd_proc.terminate()
             etcd_proc.wait(timeout=10)
