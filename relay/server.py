@@ -537,6 +537,7 @@ class RelayServer:
                     drops[DropReason.UNKNOWN_DEST] += 1
                     self._note_gone(client, dest_key)
                     continue
+                # _enqueue_data, inlined: this runs for every packet.
                 if dest.closing:
                     drops[DropReason.DEST_CLOSING] += 1
                     continue
@@ -566,6 +567,12 @@ class RelayServer:
         if dest is None or dest.is_mesh:
             self._c.drops[DropReason.MESH_NOT_HERE] += 1
             return
+        self._enqueue_data(dest, _HDR.pack(_RECV, n - _K) + body[:_K] + body[2 * _K :])
+
+    def _enqueue_data(self, dest: _Client, frame: bytes) -> None:
+        """Queue a data frame for ``dest``: drop it if dest is closing, else drop the oldest
+        queued one if the queue is full; wake dest's writer. (The routing loop in
+        _read_loop has this inlined: it runs once per packet.)"""
         if dest.closing:
             self._c.drops[DropReason.DEST_CLOSING] += 1
             return
@@ -573,7 +580,7 @@ class RelayServer:
         if len(q) >= dest.data_cap:
             q.popleft()
             self._c.drops[DropReason.QUEUE_FULL] += 1
-        q.append(_HDR.pack(_RECV, n - _K) + body[:_K] + body[2 * _K :])
+        q.append(frame)
         if dest.writer_waiting:
             dest.writer_waiting = False
             dest.wake.set()
