@@ -164,9 +164,11 @@ class PeerPath:
         if self.disco_key is None or now - self.last_discovery < cfg.retry_s:
             return actions
         self.last_discovery = now
-        actions.append(Action("call_me_maybe"))
-        actions.extend(self._ping(addr, now) for addr in self.candidates)
-        return actions
+        return [Action("call_me_maybe"), *self.ping_candidates(now)]
+
+    def ping_candidates(self, now: float) -> list[Action]:
+        """A Ping to every candidate endpoint (discovery, or a CallMeMaybe just arrived)."""
+        return [self._ping(addr, now) for addr in self.candidates]
 
     def ping_from_peer(self, addr: Addr, now: float) -> list[Action]:
         """The peer pinged us from ``addr``: learn it, and ping back if we have no path yet.

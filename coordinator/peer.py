@@ -217,7 +217,7 @@ class Peer:
             if path.disco_key is None:
                 return
             if action.kind == "call_me_maybe":
-                eps = [a for e in self._my_endpoints() if (a := _parse_addr(e))]
+                eps = [a for e in self.endpoints() if (a := _parse_addr(e))]
                 await self._relay_disco(path.node, CallMeMaybe(tuple(eps)))
             elif action.addr is not None:
                 log.debug("disco ping to %s for %s", action.addr, path.node.short())
@@ -225,11 +225,15 @@ class Peer:
                 with suppress(OSError):
                     await self.sock.sendto(self.disco.seal(path.disco_key, msg), action.addr)
 
-    def _my_endpoints(self) -> list[str]:
+    def endpoints(self, report: NetcheckReport | None = None) -> list[str]:
+        """Our candidates ("ip:port"): the LAN address, then the reflexive one from netcheck."""
+        if not self.direct_enabled:
+            return []
+        if report is None and self.home is not None:
+            report = self.home.report
         eps = list(self.local_endpoints)
-        found = self.home.report.global_addr if self.home is not None else None
-        if found and found not in eps:
-            eps.append(found)
+        if report is not None and report.global_addr and report.global_addr not in eps:
+            eps.append(report.global_addr)
         return eps
 
     async def _on_disco(
@@ -277,7 +281,7 @@ class Peer:
                 path = self._path(relay_src)
                 path.learn(sender, list(eps), now)
                 if self.direct_enabled:
-                    await self._act(path, [path._ping(a, now) for a in path.candidates])
+                    await self._act(path, path.ping_candidates(now))
 
     # ---- the tasks ----------------------------------------------------------
 
@@ -365,12 +369,6 @@ async def open_peer(
             peer._nursery = nursery
             nursery.start_soon(peer._udp_reader)
 
-            def endpoints(report: NetcheckReport) -> list[str]:
-                eps = list(peer.local_endpoints)
-                if report.global_addr and report.global_addr not in eps:
-                    eps.append(report.global_addr)
-                return eps if direct else []
-
             # The local address towards the map's host is our LAN candidate.
             host = httpx.URL(region_map_url).host
             local = _local_address_towards(host) if host else None
@@ -382,7 +380,7 @@ async def open_peer(
                 verify_key=verify_key,
                 prober=peer.prober,
                 disco_key=peer.disco.public,
-                endpoints_from=endpoints,
+                endpoints_from=peer.endpoints,
                 **home_options,
             ) as home:
                 peer.home = home

@@ -66,9 +66,6 @@ class HomeSelector:
             q.popleft()
         return min((ms for _, ms in q), default=None)
 
-    def best_region_ms(self, region: str, now: float) -> float | None:
-        return self._best(self._samples, region, now)
-
     def choose(
         self, now: float, *, home_alive: bool = True, relays_up: set[str] | None = None
     ) -> HomeChoice | None:

@@ -57,9 +57,9 @@ def readiness(state: MeshState | None, mesh: Mesh | None) -> list[str]:
     if not state.synced:
         problems.append("peer map not in sync with the shared state")
     if mesh is not None:
-        down = [s.relay_id for s in mesh.statistics() if s.eager and not s.connected]
+        down = mesh.region_links_down()
         if down:
-            problems.append("mesh links down: " + ", ".join(sorted(down)))
+            problems.append("mesh links down: " + ", ".join(down))
     return problems
 
 

@@ -123,9 +123,11 @@ class Mesh:
             )
         return out
 
-    def region_links_up(self) -> bool:
-        """Whether every link to a relay of our own region is connected."""
-        return all(link.client.connected for link in self._links.values() if link.eager)
+    def region_links_down(self) -> list[str]:
+        """Relays of our own region whose link is not connected (readiness needs them all)."""
+        return sorted(
+            rid for rid, link in self._links.items() if link.eager and not link.client.connected
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
