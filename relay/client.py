@@ -9,6 +9,15 @@ the given URLs in turn. Packets queued while disconnected wait (bounded;
 
 Like the relay, the client has one writer task per connection that sends
 everything queued as one WebSocket message, control frames first.
+
+Any number of tasks may call ``send``, ``receive``, ``ping``, ``wait_sent``
+and ``wait_connected`` at once. Waiters park in trio ``ParkingLot``s (or a
+memory channel, or an Event of their own) and are woken by whoever changes
+what they wait for: the writer wakes as many blocked senders as it freed
+slots, and every ``wait_sent`` caller after each message. When the client
+stops (its ``run`` ends: cancelled, or replaced by a newer connection with
+the same key) every waiter, and every later call, raises
+:class:`RelayClosedError` instead of waiting for ever. A client runs once.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nacl.utils
@@ -76,7 +85,15 @@ class ClientStatistics:
 
 
 class RelayClosedError(Exception):
-    """The client stopped for good: replaced by a newer connection with the same key."""
+    """The client stopped for good: closed, or replaced by a newer connection with the same key."""
+
+
+@dataclass(slots=True)
+class _PingWait:
+    """One ``ping()`` call: set when its Pong came back or its connection ended."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    answered: bool = False
 
 
 class _Disconnect(Exception):
@@ -123,12 +140,15 @@ class RelayClient:
         # Written by send()/ping() (any task); drained by the connection's writer.
         self._data: deque[bytes] = deque()
         self._ctrl: deque[bytes] = deque()
+        # The writer's alone: it replaces this Event itself, only while both queues are empty.
         self._wake = trio.Event()
-        self._space = trio.Event()
+        # Senders waiting for room in _data; wait_sent() callers waiting for the writer.
+        self._space = trio.lowlevel.ParkingLot()
+        self._progress = trio.lowlevel.ParkingLot()
         self._recv_send, self._recv_receive = trio.open_memory_channel[Packet](
             receive_queue_packets
         )
-        self._pings: dict[bytes, trio.Event] = {}
+        self._pings: dict[bytes, _PingWait] = {}
         # Written by the supervisor.
         self.server_key: NodeKey | None = None
         self.server_info: dict[str, Any] = {}
@@ -165,14 +185,17 @@ class RelayClient:
         return True
 
     async def send(self, dest: NodeKey, payload: bytes) -> None:
-        """Queue a packet for ``dest``, waiting while the send queue is full."""
+        """Queue a packet for ``dest``, waiting while the send queue is full.
+
+        Cancelled, it has queued nothing; returned, the packet is queued.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
         while len(self._data) >= self._send_cap:
             if self.closed_reason is not None:
                 raise RelayClosedError(self.closed_reason)
-            self._space = trio.Event()
-            await self._space.wait()
+            await self._space.park()
         self._queue(dest, payload)
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def forward_nowait(self, src: bytes, dest: bytes, payload: bytes) -> bool:
         """Queue a ForwardPacket (mesh links only); False if the queue is full.
@@ -203,16 +226,23 @@ class RelayClient:
             raise RelayClosedError(self.closed_reason or "closed") from None
 
     async def ping(self) -> float:
-        """Round trip to the relay in seconds (over the WebSocket, through its queues)."""
+        """Round trip to the relay in seconds (over the WebSocket, through its queues).
+
+        If the connection ends before the Pong, the Ping is sent again on the next one.
+        """
         data = nacl.utils.random(wire.PING_BYTES)
-        done = trio.Event()
-        self._pings[data] = done
+        frame = wire.encode(wire.Ping(data=data))
         try:
-            start = trio.current_time()
-            self._ctrl.append(wire.encode(wire.Ping(data=data)))
-            self._wake.set()
-            await done.wait()
-            return trio.current_time() - start
+            while True:
+                if self.closed_reason is not None:
+                    raise RelayClosedError(self.closed_reason)
+                wait = self._pings[data] = _PingWait()
+                start = trio.current_time()
+                self._ctrl.append(frame)
+                self._wake.set()
+                await wait.done.wait()
+                if wait.answered:
+                    return trio.current_time() - start
         finally:
             self._pings.pop(data, None)
 
@@ -234,14 +264,19 @@ class RelayClient:
         self._wake.set()
 
     async def wait_connected(self) -> None:
+        await trio.lowlevel.checkpoint()
         while not self.connected:
+            if self.closed_reason is not None:
+                raise RelayClosedError(self.closed_reason)
             await self._connected_event.wait()
 
     async def wait_sent(self) -> None:
         """Until everything queued so far has been handed to the socket."""
-        # Polled: flushing is rare (a CLI about to exit), and an event per frame is not.
-        while self._data or self._ctrl or self._in_flight or not self.connected:  # noqa: ASYNC110
-            await trio.sleep(0.005)
+        await trio.lowlevel.checkpoint()
+        while self._data or self._ctrl or self._in_flight or not self.connected:
+            if self.closed_reason is not None:
+                raise RelayClosedError(self.closed_reason)
+            await self._progress.park()
 
     def statistics(self) -> ClientStatistics:
         return ClientStatistics(
@@ -273,6 +308,25 @@ class RelayClient:
         if not first_must_succeed:
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED
+        try:
+            await self._supervise(first_must_succeed, task_status)
+        finally:
+            self._shut(self.closed_reason or "closed")
+
+    def _shut(self, why: str) -> None:
+        """Stop for good: wake every waiter, so that it (and every later call) raises."""
+        self.closed_reason = why
+        self.connected = False
+        self._recv_send.close()
+        self._connected_event.set()
+        self._space.unpark_all()
+        self._progress.unpark_all()
+        for wait in self._pings.values():
+            wait.done.set()
+
+    async def _supervise(
+        self, first_must_succeed: bool, task_status: trio.TaskStatus[None]
+    ) -> None:
         attempt = 0
         index = 0
         started = False
@@ -297,8 +351,6 @@ class RelayClient:
                     # kick it off in turn, and the two would fight for ever: stop.
                     log.warning("relay %s: %s; this client stops", url, exc.why)
                     self.closed_reason = exc.why
-                    self._recv_send.close()
-                    self._space.set()
                     return
                 log.info("relay %s disconnected: %s", url, exc.why)
                 attempt = 1
@@ -341,6 +393,7 @@ class RelayClient:
                 self.connected = True
                 self._connects += 1
                 self._connected_event.set()
+                self._progress.unpark_all()
                 if task_status is not None:
                     task_status.started()
                 result: list[_Disconnect] = []
@@ -355,6 +408,9 @@ class RelayClient:
                     self._session_scope = None
                     self.connected = False
                     self._connected_event = trio.Event()
+                    # A Ping this connection carried will get no Pong: ping() sends it again.
+                    for wait in self._pings.values():
+                        wait.done.set()
                 raise result[0] if result else _Disconnect("closed")
         except (OSError, HandshakeError, ConnectionRejected) as exc:
             raise ConnectError(f"{url}: cannot connect: {exc}") from None
@@ -420,9 +476,10 @@ class RelayClient:
     def _on_control(self, event: wire.Event | None) -> None:
         match event:
             case wire.Pong(data=data):
-                done = self._pings.get(data)
-                if done is not None:
-                    done.set()
+                wait = self._pings.get(data)
+                if wait is not None:
+                    wait.answered = True
+                    wait.done.set()
             case wire.Ping(data=data):
                 self._ctrl.append(wire.encode(wire.Pong(data=data)))
                 self._wake.set()
@@ -464,7 +521,7 @@ class RelayClient:
                     size += len(frame)
                     packets += 1
                 if packets:
-                    self._space.set()
+                    self._space.unpark(count=packets)
                 self._in_flight = packets or 1
                 try:
                     await ws.send_message(b"".join(chunks))
@@ -474,6 +531,7 @@ class RelayClient:
                 finally:
                     self._in_flight = 0
                 self._packets_sent += packets
+                self._progress.unpark_all()
         except ConnectionClosed as exc:
             result.append(_closed(exc))
         finally:
