@@ -24,6 +24,15 @@ Data sent directly over UDP uses another envelope, so a receiver can tell the
 two apart and knows which peer sent it::
 
     magic "RMDAT\\x01" (6) | sender node key (32) | payload sealed node-to-node
+
+Before any of that, a peer must learn the other's disco key. It does so
+through the relay with an Intro, sealed node key to node key (the relay's
+RecvPacket source names the sender, the box proves it)::
+
+    magic "RMDKY\\x01" (6) | nonce (24) | box(flags (1) | disco key (32) | n x addr (18))
+
+Flag bit 0: the sender does not know our disco key yet; answer with an Intro.
+The addresses are the sender's endpoints (at most 32), as in CallMeMaybe.
 """
 
 from __future__ import annotations
@@ -43,19 +52,26 @@ from relay.keys import NodeKey, PrivateKey
 __all__ = [
     "DATA_MAGIC",
     "DISCO_MAGIC",
+    "INTRO_MAGIC",
     "CallMeMaybe",
     "DiscoCodec",
     "DiscoError",
+    "Intro",
     "Ping",
     "Pong",
     "decode_data",
+    "decode_intro",
     "encode_data",
+    "encode_intro",
     "is_data",
     "is_disco",
+    "is_intro",
 ]
 
 DISCO_MAGIC = b"RMDSC\x01"
 DATA_MAGIC = b"RMDAT\x01"
+INTRO_MAGIC = b"RMDKY\x01"
+MAX_INTRO_ENDPOINTS = 32
 _VERSION = 1
 _KEY = 32
 _NONCE = 24
@@ -94,6 +110,15 @@ class CallMeMaybe:
 
 
 Message = Ping | Pong | CallMeMaybe
+
+
+@dataclass(frozen=True, slots=True)
+class Intro:
+    """My disco key and endpoints; ``reply``: I do not know yours yet, send me yours."""
+
+    disco_key: NodeKey
+    endpoints: tuple[Addr, ...]
+    reply: bool
 
 
 def new_txid() -> bytes:
@@ -149,6 +174,36 @@ def decode_plain(data: bytes) -> Message:
     except ValueError as exc:
         raise DiscoError(f"malformed disco body: {exc}") from None
     raise DiscoError(f"unknown or short disco message (type 0x{mtype:02x})")
+
+
+def is_intro(data: bytes) -> bool:
+    return data[: len(INTRO_MAGIC)] == INTRO_MAGIC
+
+
+def encode_intro(intro: Intro) -> bytes:
+    """The plaintext of an Intro (the caller seals it node to node and prefixes INTRO_MAGIC)."""
+    if len(intro.endpoints) > MAX_INTRO_ENDPOINTS:
+        raise ValueError(f"an Intro carries at most {MAX_INTRO_ENDPOINTS} endpoints")
+    return (
+        bytes([1 if intro.reply else 0])
+        + intro.disco_key.raw
+        + b"".join(_pack_addr(e) for e in intro.endpoints)
+    )
+
+
+def decode_intro(plain: bytes) -> Intro:
+    body = plain[1 + _KEY :]
+    if (
+        len(plain) < 1 + _KEY
+        or len(body) % _ADDR.size
+        or len(body) // _ADDR.size > MAX_INTRO_ENDPOINTS
+    ):
+        raise DiscoError("malformed Intro")
+    try:
+        eps = tuple(_unpack_addr(body[i : i + _ADDR.size]) for i in range(0, len(body), _ADDR.size))
+    except ValueError as exc:
+        raise DiscoError(f"malformed Intro: {exc}") from None
+    return Intro(NodeKey(plain[1 : 1 + _KEY]), eps, bool(plain[0] & 1))
 
 
 def is_disco(data: bytes) -> bool:

@@ -5,13 +5,19 @@ a disco key, and then, for every peer it talks to, tries to go direct:
 
 - one UDP socket does everything: netcheck's STUN probes (so the reflexive
   address it learns is this socket's), disco Pings/Pongs, and direct data;
-- the peer's disco key and endpoints come from the peer map (the home relay's
-  ``/api/v1/peers/<key>``) and from CallMeMaybe messages;
+- the peer's disco key and endpoints come from the peer itself: an Intro
+  through the relay, sealed node key to node key, answered with one (the
+  relays' peer API is for operators only), then CallMeMaybe messages;
 - coordinator/paths.py decides, per peer, relay or direct;
 - every payload is sealed end to end with the node keys, on both paths.
 
 ``peer.path(key)`` says how packets to ``key`` go now; ``peer.ping(key)``
 measures a round trip on that path (every Peer answers disco Pings).
+
+``send``, ``receive`` and ``ping`` may be called by many tasks at once. The
+path state is a pure state machine changed only between awaits; waiters wait
+on Events of their own (a ping its Pong, everyone learning a peer's disco
+key the same never-replaced Event) or on the receive channel.
 """
 
 from __future__ import annotations
@@ -29,11 +35,11 @@ import trio
 
 from region.client import HomeRelay, open_home_relay
 from region.netcheck import NetcheckReport, StunProber
-from relay.client import Packet
+from relay.client import Packet, RelayClosedError
 from relay.keys import NodeKey, PrivateKey, Sealer, SealError
 
 from . import disco
-from .disco import Addr, CallMeMaybe, DiscoCodec, DiscoError, Ping, Pong
+from .disco import Addr, CallMeMaybe, DiscoCodec, DiscoError, Intro, Ping, Pong
 from .paths import Action, PathConfig, PeerPath
 
 __all__ = ["Peer", "PeerNotFound", "PeerPathInfo", "open_peer"]
@@ -42,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 class PeerNotFound(Exception):
-    """The peer map has no disco key for that node (not connected anywhere)."""
+    """The node did not answer an Intro through the relay (not connected anywhere)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +101,12 @@ class Peer:
         self._pings: dict[bytes, tuple[trio.Event, list[float]]] = {}
         self._in_send, self._in_recv = trio.open_memory_channel[Received](4096)
         self._lookups: set[NodeKey] = set()
+        # Set (never replaced) when a node's disco key is first known; many may wait on one.
+        self._disco_known: dict[NodeKey, trio.Event] = {}
+        self._intro_tries = 10
+        self._intro_retry_s = 0.5
+        # Intros answered, by node: at most one answer per _intro_retry_s / 2 each.
+        self._intro_answered: dict[NodeKey, float] = {}
         self.home: HomeRelay | None = None
         self._nursery: trio.Nursery | None = None
         self.local_endpoints: list[str] = []
@@ -131,7 +143,11 @@ class Peer:
         await self.home.client.send(dest, sealed)
 
     async def receive(self) -> Received:
-        return await self._in_recv.receive()
+        """The next packet for us. Raises RelayClosedError once the Peer is closed."""
+        try:
+            return await self._in_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise RelayClosedError("peer closed") from None
 
     def path(self, dest: NodeKey) -> PeerPathInfo:
         assert self.home is not None
@@ -149,9 +165,9 @@ class Peer:
         now = trio.current_time()
         path = self._path(dest)
         if path.disco_key is None:
-            await self._fetch_peer_record(dest)
+            await self._introduce(dest)
             if path.disco_key is None:
-                raise PeerNotFound(f"{dest} is not in the peer map")
+                raise PeerNotFound(f"{dest} did not answer through the relay")
         if self.direct_enabled:
             path.want_discovery(now)
         info = self.path(dest)
@@ -174,36 +190,47 @@ class Peer:
     # ---- disco ------------------------------------------------------------------
 
     def _lookup(self, dest: NodeKey) -> None:
-        """Fetch the peer's disco key and endpoints from the peer map, once."""
+        """Learn the peer's disco key and endpoints (an Intro through the relay), once."""
         path = self._path(dest)
         if path.disco_key is not None or dest in self._lookups or self._nursery is None:
             return
         self._lookups.add(dest)
-        self._nursery.start_soon(self._fetch_peer_record, dest)
+        self._nursery.start_soon(self._introduce, dest)
 
-    async def _fetch_peer_record(self, dest: NodeKey) -> None:
-        assert self.home is not None
-        nodes = {n.name: n for r in self.home.region_map.regions for n in r.nodes}
-        node = nodes.get(self.home.home.relay)
-        if node is None:
-            return
-        for _ in range(10):
-            if self._path(dest).disco_key is not None:
+    def _learn_disco_key(self, node: NodeKey, disco_key: NodeKey, eps: list[Addr]) -> None:
+        self._by_disco[disco_key] = node
+        self._path(node).learn(disco_key, eps, trio.current_time())
+        self._disco_known.setdefault(node, trio.Event()).set()
+
+    async def _introduce(self, dest: NodeKey) -> None:
+        """Send Intros asking for ``dest``'s, until one comes back or the tries run out."""
+        known = self._disco_known.setdefault(dest, trio.Event())
+        for _ in range(self._intro_tries):
+            if known.is_set():
                 return
-            try:
-                async with httpx.AsyncClient(timeout=3) as http:
-                    resp = await http.get(f"{node.http_url}/api/v1/peers/{dest}")
-                if resp.status_code == 200:
-                    doc = resp.json()
-                    if doc.get("disco_key"):
-                        eps = [a for e in doc.get("endpoints", []) if (a := _parse_addr(e))]
-                        disco_key = NodeKey.parse(doc["disco_key"])
-                        self._by_disco[disco_key] = dest
-                        self._path(dest).learn(disco_key, eps, trio.current_time())
-                        return
-            except (httpx.HTTPError, ValueError):
-                pass
-            await trio.sleep(0.5)
+            await self._send_intro(dest, reply=True)
+            with trio.move_on_after(self._intro_retry_s):
+                await known.wait()
+
+    async def _send_intro(self, dest: NodeKey, *, reply: bool) -> None:
+        assert self.home is not None
+        eps = [a for e in self.endpoints() if (a := _parse_addr(e))]
+        intro = Intro(self.disco.public, tuple(eps[: disco.MAX_INTRO_ENDPOINTS]), reply)
+        sealed = self.sealer.seal(dest, disco.encode_intro(intro))
+        await self.home.client.send(dest, disco.INTRO_MAGIC + sealed)
+
+    async def _on_intro(self, src: NodeKey, data: bytes) -> None:
+        """An Intro through the relay from ``src``: learn its disco key; answer if asked."""
+        try:
+            intro = disco.decode_intro(self.sealer.open(src, data[len(disco.INTRO_MAGIC) :]))
+        except (SealError, DiscoError) as exc:
+            log.debug("ignoring intro from %s: %s", src.short(), exc)
+            return
+        self._learn_disco_key(src, intro.disco_key, list(intro.endpoints))
+        now = trio.current_time()
+        if intro.reply and now - self._intro_answered.get(src, -1e9) >= self._intro_retry_s / 2:
+            self._intro_answered[src] = now
+            await self._send_intro(src, reply=False)
 
     async def _relay_disco(self, dest: NodeKey, msg: disco.Message) -> None:
         path = self._path(dest)
@@ -255,9 +282,8 @@ class Peer:
             case Ping(txid=txid, node_key=node):
                 if relay_src is not None and relay_src != node:
                     return  # a Ping through the relay must come from the node it names
-                self._by_disco[sender] = node
+                self._learn_disco_key(node, sender, [])
                 path = self._path(node)
-                path.learn(sender, [], now)
                 reply = self.disco.seal(sender, Pong(txid, src_addr or ("0.0.0.0", 0)))
                 if src_addr is not None:
                     with suppress(OSError):
@@ -277,9 +303,8 @@ class Peer:
             case CallMeMaybe(endpoints=eps):
                 if relay_src is None:
                     return  # only through the relay: it vouches for who sent it
-                self._by_disco[sender] = relay_src
+                self._learn_disco_key(relay_src, sender, list(eps))
                 path = self._path(relay_src)
-                path.learn(sender, list(eps), now)
                 if self.direct_enabled:
                     await self._act(path, path.ping_candidates(now))
 
@@ -311,6 +336,9 @@ class Peer:
             packet: Packet = await self.home.client.receive()
             if disco.is_disco(packet.payload):
                 await self._on_disco(packet.payload, src_addr=None, relay_src=packet.src)
+                continue
+            if disco.is_intro(packet.payload):
+                await self._on_intro(packet.src, packet.payload)
                 continue
             try:
                 payload = self.sealer.open(packet.src, packet.payload)
@@ -390,3 +418,5 @@ async def open_peer(
                     yield peer
                 finally:
                     nursery.cancel_scope.cancel()
+                    # Tasks elsewhere blocked in receive() raise instead of waiting for ever.
+                    peer._in_send.close()

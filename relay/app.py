@@ -12,11 +12,18 @@ nursery (see relay/node.py). Endpoints:
 - ``/generate_204`` and ``/derp/latency-check``: empty answers for latency probes.
 - ``/regionmap``: the region map, live (region/live.py), with ETag /
   If-None-Match and Cache-Control, signed when the operator gave a key.
-- ``/api/v1/peers/<nodekey>``: where this relay would send a packet for that key.
+- ``/api/v1/peers/<nodekey>``: where this relay would send a packet for that key,
+  with the client's disco key and endpoints: for operators and relays only
+  (``Authorization: Bearer <api_token(mesh key)>``). Anyone else gets the same
+  401 for every key, known or not, so the route is no oracle of who is
+  connected. Clients learn each other's endpoints by sealed disco through the
+  relays, never here (docs/PROTOCOL.md, "Who may see endpoints").
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -42,7 +49,18 @@ if TYPE_CHECKING:
 
     from .mesh import Mesh
 
-__all__ = ["create_app"]
+__all__ = ["api_token", "create_app"]
+
+_API_TOKEN_CONTEXT = b"relaymesh api v1"
+
+
+def api_token(mesh_key: bytes) -> str:
+    """The bearer token of the peer API: HMAC-SHA256(mesh key, "relaymesh api v1"), hex.
+
+    Whoever holds the mesh key (operators, relays) can derive it; the mesh key
+    itself never travels, and a leaked token does not admit anyone to the mesh.
+    """
+    return hmac.new(mesh_key, _API_TOKEN_CONTEXT, hashlib.sha256).hexdigest()
 
 
 def readiness(state: MeshState | None, mesh: Mesh | None) -> list[str]:
@@ -73,8 +91,11 @@ def create_app(
     region_map: RegionMap | None = None,
     signing_key: SigningKey | None = None,
     stun_stats: StunStats | None = None,
+    mesh_key: bytes | None = None,
 ) -> QuartTrio:
+    """``mesh_key``: without it no caller may read the peer API."""
     app = QuartTrio("relaymesh")
+    peer_api_token = api_token(mesh_key).encode() if mesh_key is not None else None
 
     @app.get("/regionmap")
     async def regionmap() -> Response:
@@ -108,29 +129,48 @@ def create_app(
     async def latency_check() -> Response:
         return Response("", status=204)
 
+    def operator() -> bool:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if peer_api_token is None or scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode("utf-8", "replace"), peer_api_token)
+
     @app.get("/api/v1/peers/<node_key>")
-    async def peer(node_key: str) -> tuple[dict[str, Any], int]:
-        """Where this relay would send a packet for ``node_key``, and why."""
+    async def peer(node_key: str) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Where this relay would send a packet for ``node_key``, and why (operators only)."""
+        if not operator():
+            # Checked before the key is even parsed: one answer for every key.
+            return (
+                {"error": "unauthorized: this API needs the operator token"},
+                401,
+                {"WWW-Authenticate": 'Bearer realm="relaymesh"'},
+            )
         try:
             raw = NodeKey.parse(node_key).raw
         except ValueError as exc:
-            return {"error": str(exc)}, 400
+            return {"error": str(exc)}, 400, {}
         hello = server.client_hello(NodeKey(raw))
         entry = state.peers.get(raw) if state is not None else None
         if hello is None and entry is None:
-            return {"node_key": node_key, "local": False, "known": False}, 404
+            return {"node_key": node_key, "local": False, "known": False}, 404, {}
         record = asdict(entry.record) if entry is not None else None
-        return {
-            "node_key": node_key,
-            "local": hello is not None,
-            "known": entry is not None,
-            "state": entry.state.value if entry is not None else None,
-            "record": record,
-            "disco_key": hello.disco_key if hello is not None else (record or {}).get("disco_key"),
-            "endpoints": list(hello.endpoints)
-            if hello is not None
-            else (record or {}).get("endpoints", []),
-        }, 200
+        return (
+            {
+                "node_key": node_key,
+                "local": hello is not None,
+                "known": entry is not None,
+                "state": entry.state.value if entry is not None else None,
+                "record": record,
+                "disco_key": hello.disco_key
+                if hello is not None
+                else (record or {}).get("disco_key"),
+                "endpoints": list(hello.endpoints)
+                if hello is not None
+                else (record or {}).get("endpoints", []),
+            },
+            200,
+            {},
+        )
 
     @app.get("/api/v1/status")
     async def status() -> dict[str, Any]:

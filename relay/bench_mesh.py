@@ -9,7 +9,8 @@ started for the run (the ``etcd`` binary must be on PATH), on loopback:
 - **registration**: clients connect to eu-1 one after another; for each, the
   time from starting to connect to its record being PRESENT in the cache of
   every other relay (us-1, ap-1), read back to back from their
-  ``/api/v1/peers/<key>`` (so the figure includes an HTTP poll, ~1 ms).
+  ``/api/v1/peers/<key>`` with the operator token (so the figure includes an
+  HTTP poll, ~1 ms).
 - **failover**: clients connected to us-1 (knowing us-1 and us-2), a prober on
   eu-1 sending to each every 20 ms; us-1 is killed with SIGKILL, and for each
   client the time from the kill to the first probe it receives again.
@@ -32,6 +33,7 @@ from typing import Any
 
 import trio
 
+from .app import api_token
 from .bench import _percentiles, _stream
 from .client import RelayClient, open_relay_client
 from .keys import PrivateKey
@@ -52,8 +54,10 @@ def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], 
 
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-bench-"))
     etcd, endpoint = _start_local_etcd(workdir)
-    (workdir / "mesh.key").write_text(secrets.token_hex(32))
+    mesh_key = secrets.token_hex(32)
+    (workdir / "mesh.key").write_text(mesh_key)
     os.chmod(workdir / "mesh.key", 0o600)
+    token = api_token(mesh_key.encode())
     (workdir / "relay.toml").write_text(_TEST_MESH)
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -92,7 +96,7 @@ def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], 
             line = proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"relay {name} did not start")
-            relays.append({**json.loads(line), "pid": proc.pid, "proc": proc})
+            relays.append({**json.loads(line), "pid": proc.pid, "proc": proc, "api_token": token})
         yield relays, endpoint
     finally:
         stop_processes(procs)
@@ -141,12 +145,16 @@ def run_mesh(size: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def _peer_known(http_url: str, node_key: str) -> bool:
+def _peer_known(relay: dict[str, Any], node_key: str) -> bool:
     import urllib.error
     import urllib.request
 
+    request = urllib.request.Request(
+        f"{relay['http_url']}/api/v1/peers/{node_key}",
+        headers={"Authorization": f"Bearer {relay['api_token']}"},
+    )
     try:
-        with urllib.request.urlopen(f"{http_url}/api/v1/peers/{node_key}", timeout=5) as resp:
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return bool(json.loads(resp.read()).get("state") == "present")
     except urllib.error.HTTPError:
         return False
@@ -162,7 +170,7 @@ async def _registration(relays: list[dict[str, Any]], n: int) -> dict[str, Any]:
             seen: list[float] = []
 
             async def poll(relay: dict[str, Any], key: str, seen: list[float]) -> None:
-                while not await trio.to_thread.run_sync(_peer_known, relay["http_url"], key):
+                while not await trio.to_thread.run_sync(_peer_known, relay, key):
                     pass
                 seen.append(time.monotonic())
 

@@ -168,6 +168,7 @@ async def serve_relay_node(
                 region_map=configured_map,
                 signing_key=signing_key,
                 stun_stats=stun_stats,
+                mesh_key=mesh_key,
             )
             binds = await nursery.start(hypercorn_serve, app, hconfig)
             http_port = int(str(binds[0]).rsplit(":", 1)[1])

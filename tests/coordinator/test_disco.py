@@ -119,3 +119,46 @@ _ADDRS = st.ip_addresses(v=4) | st.ip_addresses(v=6).filter(lambda a: a.ipv4_map
 def test_call_me_maybe_round_trip(eps: list[tuple[object, int]]) -> None:
     msg = CallMeMaybe(tuple((str(ip), port) for ip, port in eps))
     assert disco.decode_plain(disco.encode_plain(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    ("intro", "plain"),
+    [
+        (disco.Intro(NODE, (), True), b"\x01" + NODE.raw),
+        (
+            disco.Intro(NODE, (("192.0.2.7", 41641),), False),
+            b"\x00" + NODE.raw + V4 + bytes([192, 0, 2, 7]) + b"\xa2\xa9",
+        ),
+    ],
+)
+def test_intro_plaintext_both_ways(intro: disco.Intro, plain: bytes) -> None:
+    assert disco.encode_intro(intro) == plain
+    assert disco.decode_intro(plain) == intro
+
+
+@pytest.mark.parametrize(
+    "plain",
+    [
+        b"",
+        b"\x01" + NODE.raw[:31],
+        b"\x01" + NODE.raw + b"\x00" * 17,
+        b"\x01" + NODE.raw + (V4 + bytes(6)) * 33,
+    ],
+)
+def test_malformed_intro(plain: bytes) -> None:
+    with pytest.raises(DiscoError):
+        disco.decode_intro(plain)
+
+
+def test_intro_has_its_own_envelope() -> None:
+    with pytest.raises(ValueError):
+        disco.encode_intro(disco.Intro(NODE, (("10.0.0.1", 1),) * 33, False))
+    intro = disco.INTRO_MAGIC + b"sealed"
+    assert disco.is_intro(intro)
+    assert not disco.is_disco(intro) and not disco.is_data(intro)
+
+
+@given(st.binary(max_size=700))
+def test_fuzz_intro(data: bytes) -> None:
+    with contextlib.suppress(DiscoError):
+        disco.decode_intro(data)
