@@ -14,6 +14,10 @@ started for the run (the ``etcd`` binary must be on PATH), on loopback:
 - **failover**: clients connected to us-1 (knowing us-1 and us-2), a prober on
   eu-1 sending to each every 20 ms; us-1 is killed with SIGKILL, and for each
   client the time from the kill to the first probe it receives again.
+
+The work directory (etcd's data, the mesh key, the relays' config) is removed
+when the run ends, whether it finished, failed, or was stopped with Ctrl-C or
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import trio
@@ -53,14 +60,18 @@ def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], 
     from .up import _start_local_etcd, stop_processes
 
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-bench-"))
-    etcd, endpoint = _start_local_etcd(workdir)
-    mesh_key = secrets.token_hex(32)
-    (workdir / "mesh.key").write_text(mesh_key)
-    os.chmod(workdir / "mesh.key", 0o600)
-    token = api_token(mesh_key.encode())
-    (workdir / "relay.toml").write_text(_TEST_MESH)
+    etcd: subprocess.Popen[bytes] | None = None
     procs: list[subprocess.Popen[str]] = []
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
+        etcd, endpoint = _start_local_etcd(workdir)
+        mesh_key = secrets.token_hex(32)
+        fd = os.open(workdir / "mesh.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(mesh_key)
+        token = api_token(mesh_key.encode())
+        (workdir / "relay.toml").write_text(_TEST_MESH)
         relays = []
         for region, name in specs:
             proc = subprocess.Popen(
@@ -99,9 +110,19 @@ def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], 
             relays.append({**json.loads(line), "pid": proc.pid, "proc": proc, "api_token": token})
         yield relays, endpoint
     finally:
-        stop_processes(procs)
-        etcd.terminate()
-        etcd.wait(timeout=10)
+        try:
+            stop_processes(procs)
+            if etcd is not None:
+                stop_processes([etcd])
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, old_term)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Unwind like Ctrl-C does, so the work directory (mesh key included) is removed.
+    raise SystemExit(128 + signum)
 
 
 def _status(http_url: str) -> dict[str, Any]:
