@@ -29,10 +29,10 @@ from quart_trio import QuartTrio
 from coordinator.registry import RelayRecord
 from region.live import SIGNATURE_HEADER, etag, live_map, sign
 from region.model import RegionMap
+from relay.protocol.keys import NodeKey
 
 from . import __version__
 from .config import RelayConfig
-from .keys import NodeKey
 from .metrics import CONTENT_TYPE, relay_registry, render
 from .server import RelayServer
 from .stun_server import StunStats

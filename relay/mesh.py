@@ -31,9 +31,9 @@ import trio
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
+from relay.protocol.keys import NodeKey, PrivateKey
 
 from .client import RelayClient
-from .keys import NodeKey, PrivateKey
 from .server import DropReason, RelayServer
 
 __all__ = ["LinkStats", "Mesh"]

@@ -28,11 +28,11 @@ from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
 from coordinator.store import Store
 from region.model import RegionMap, RegionMapError, load_region_map
+from relay.protocol.keys import NodeKey, PrivateKey, load_or_create_key_file
 
 from . import __version__
 from .app import create_app
 from .config import ConfigError, RelayConfig, load_tokens
-from .keys import NodeKey, PrivateKey, load_or_create_key_file
 from .mesh import Mesh
 from .server import RelayServer
 from .stun_server import StunStats, serve_stun

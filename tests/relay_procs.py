@@ -76,7 +76,7 @@ def start_relay_proc(
         [
             sys.executable,
             "-m",
-            "relay.cli",
+            "relaymesh.cli",
             "--log-level",
             "info",
             "relay",

@@ -32,9 +32,10 @@ from typing import Any
 
 import trio
 
-from .bench import _percentiles, _stream
-from .client import RelayClient, open_relay_client
-from .keys import PrivateKey
+from relay.client import RelayClient, open_relay_client
+from relay.protocol.keys import PrivateKey
+
+from .relay import percentiles, stream
 
 __all__ = ["run_scenario"]
 
@@ -48,10 +49,10 @@ keepalive_interval_s = 1.0
 @contextmanager
 def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], str]]:
     """Relay processes for (region, name) pairs on a fresh local etcd."""
-    from .up import _start_local_etcd, stop_processes
+    from relaymesh.procs import start_local_etcd, stop_processes
 
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-bench-"))
-    etcd, endpoint = _start_local_etcd(workdir)
+    etcd, endpoint = start_local_etcd(workdir)
     (workdir / "mesh.key").write_text(secrets.token_hex(32))
     os.chmod(workdir / "mesh.key", 0o600)
     (workdir / "relay.toml").write_text(_TEST_MESH)
@@ -63,7 +64,7 @@ def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], 
                 [
                     sys.executable,
                     "-m",
-                    "relay.cli",
+                    "relaymesh.cli",
                     "relay",
                     "--json",
                     "--config",
@@ -120,10 +121,10 @@ def run_mesh(size: int, seconds: float) -> dict[str, Any]:
     with _mesh([("eu", "eu-1"), ("us", "us-1")]) as (relays, _):
         eu, us = relays
         base = ["--target", "relay", "--size", str(size)]
-        within = _stream(
+        within = stream(
             [*base, "--url", eu["ws_url"]], [*base, "--url", eu["ws_url"]], seconds, 1, [eu["pid"]]
         )
-        across = _stream(
+        across = stream(
             [*base, "--url", eu["ws_url"]],
             [*base, "--url", us["ws_url"]],
             seconds,
@@ -171,7 +172,7 @@ async def _registration(relays: list[dict[str, Any]], n: int) -> dict[str, Any]:
                     for relay in others:
                         nursery.start_soon(poll, relay, str(key.public), seen)
             samples.append(int((max(seen) - t0) * 1e9))
-    return {"clients": n, "visible_everywhere_ms": _percentiles(samples)}
+    return {"clients": n, "visible_everywhere_ms": percentiles(samples)}
 
 
 def run_registration(n: int) -> dict[str, Any]:
@@ -217,7 +218,7 @@ async def _failover(relays: list[dict[str, Any]], n: int) -> dict[str, Any]:
                 await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
     samples = [int(v * 1e9) for v in recovered.values()]
-    return {"clients": n, "recovered": len(recovered), "reachable_again_ms": _percentiles(samples)}
+    return {"clients": n, "recovered": len(recovered), "reachable_again_ms": percentiles(samples)}
 
 
 def run_failover(n: int) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,9 @@ from typing import Any
 
 import trio
 
-from .config import load_config
+from relay.config import load_config
+
+from .procs import start_local_etcd, stop_processes
 
 __all__ = ["UpOptions", "run_up"]
 
@@ -116,8 +117,7 @@ def run_up(opts: UpOptions) -> int:
 
 async def _embedded(opts: UpOptions) -> None:
     from coordinator.store import open_memory_store
-
-    from .node import NodeInfo, serve_relay_node
+    from relay.node import NodeInfo, serve_relay_node
 
     mesh_key = secrets.token_bytes(32)
     async with open_memory_store() as store, trio.open_nursery() as nursery:
@@ -158,68 +158,6 @@ def _describe(info: Any) -> dict[str, Any]:
 # ---- one process per relay ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_local_etcd(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("etcd")
-    if binary is None:
-        raise RuntimeError(
-            "--etcd auto needs the etcd binary on PATH (Debian: apt-get install"
-            " etcd-server), or give --etcd URL"
-        )
-    client, peer = _free_port(), _free_port()
-    url = f"http://127.0.0.1:{client}"
-    log = (workdir / "etcd.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--name",
-            "up",
-            "--data-dir",
-            str(workdir / "etcd"),
-            "--listen-client-urls",
-            url,
-            "--advertise-client-urls",
-            url,
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-cluster",
-            f"up=http://127.0.0.1:{peer}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", client)) == 0:
-                return proc, url
-        if proc.poll() is not None:
-            raise RuntimeError(f"etcd exited at start; see {workdir / 'etcd.log'}")
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("etcd did not start listening within 20 s")
-
-
-def stop_processes(procs: list[subprocess.Popen[Any]], timeout_s: float = 10) -> None:
-    """SIGTERM every process still running (they drain), then kill what outlives the wait."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _processes(opts: UpOptions) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-up-"))
     children: list[subprocess.Popen[str]] = []
@@ -234,7 +172,7 @@ def _processes(opts: UpOptions) -> None:
     old_term = signal.signal(signal.SIGTERM, on_signal)
     try:
         if opts.etcd == "auto":
-            etcd_proc, endpoints = _start_local_etcd(workdir)
+            etcd_proc, endpoints = start_local_etcd(workdir)
         else:
             endpoints = opts.etcd
         mesh_key_file = workdir / "mesh.key"
@@ -247,7 +185,7 @@ def _processes(opts: UpOptions) -> None:
                     [
                         sys.executable,
                         "-m",
-                        "relay.cli",
+                        "relaymesh.cli",
                         "relay",
                         "--json",
                         "--region",
