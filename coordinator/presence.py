@@ -17,14 +17,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
-if TYPE_CHECKING:
-    # Types only: the relay server imports this module, so it must not import the relay.
-    from relay.handshake import ClientHello
-    from relay.keys import NodeKey
+from relay.protocol.handshake import ClientHello
+from relay.protocol.keys import NodeKey
 
 __all__ = ["Presence", "PresenceQueue", "PresenceStats"]
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import trio
 
-from relay.handshake import ClientHello
-from relay.keys import NodeKey
+from relay.protocol.handshake import ClientHello
+from relay.protocol.keys import NodeKey
 
 from .peermap import PeerEntry, PeerRecord, PeerState, peer_key
 from .presence import PresenceQueue

@@ -41,9 +41,9 @@ import trio
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
+from relay.protocol.keys import NodeKey, PrivateKey
 
 from .client import RelayClient, RelayClosedError
-from .keys import NodeKey, PrivateKey
 from .server import DropReason, RelayServer
 from .supervisor import Backoff
 

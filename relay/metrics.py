@@ -20,7 +20,7 @@ from .server import DropReason, RelayServer
 if TYPE_CHECKING:
     from coordinator.state import MeshState
 
-    from .app import HttpStats
+    from .http import HttpStats
     from .mesh import Mesh
     from .stun_server import StunStats
     from .supervisor import Supervisor

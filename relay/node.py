@@ -3,7 +3,7 @@
 Components, each under the node's :class:`~relay.supervisor.Supervisor`:
 
 - ``websocket``: the WebSocket data plane (relay/server.py);
-- ``http``: the HTTP API (relay/app.py on hypercorn);
+- ``http``: the HTTP API (relay/app.py, served by relay/http.py on hypercorn);
 - ``stun``: the STUN server (relay/stun_server.py);
 - with shared state (etcd endpoints in the config, or a store handed in by
   ``relaymesh up``): ``state``, the registration, the peer-map cache and the
@@ -42,11 +42,12 @@ from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
 from coordinator.store import Store
 from region.model import RegionMap, RegionMapError, load_region_map
+from relay.protocol.keys import NodeKey, PrivateKey, load_or_create_key_file
 
 from . import __version__
-from .app import HttpStats, create_app, serve_app
+from .app import create_app
 from .config import ConfigError, RelayConfig, load_tokens
-from .keys import NodeKey, PrivateKey, load_or_create_key_file
+from .http import HttpStats, serve_app
 from .mesh import Mesh
 from .server import RelayServer
 from .stun_server import StunStats, serve_stun

@@ -36,13 +36,22 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from coordinator.presence import Presence, PresenceQueue
+from relay.protocol import wire
+from relay.protocol.handshake import (
+    ClientHello,
+    mesh_proof,
+    new_challenge,
+    open_client_info,
+    seal_server_info,
+)
+from relay.protocol.keys import NodeKey, PrivateKey
+from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
 
-from . import wire
+from . import _wsmask
 from .config import RelayConfig
-from .handshake import ClientHello, mesh_proof, new_challenge, open_client_info, seal_server_info
-from .keys import NodeKey, PrivateKey
 from .ratelimit import TokenBucket
-from .wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
+
+_wsmask.install()
 
 __all__ = [
     "ClientStats",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .stun import StunError, handle_datagram
+from relay.protocol.stun import StunError, handle_datagram
 
 __all__ = ["StunStats", "serve_stun"]
 

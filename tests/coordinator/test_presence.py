@@ -6,8 +6,8 @@ import trio
 import trio.testing
 
 from coordinator.presence import Presence, PresenceQueue
-from relay.handshake import ClientHello
-from relay.keys import NodeKey, PrivateKey
+from relay.protocol.handshake import ClientHello
+from relay.protocol.keys import NodeKey, PrivateKey
 
 
 def hello(key: NodeKey) -> ClientHello:

@@ -22,10 +22,10 @@ from coordinator.state import MeshState
 from coordinator.store import MemoryStore, open_memory_store
 from relay.client import RelayClient, open_relay_client
 from relay.config import load_config
-from relay.keys import PrivateKey
 from relay.mesh import Mesh
 from relay.node import NodeInfo, serve_relay_node
-from relay.stun import decode_response, encode_request
+from relay.protocol.keys import PrivateKey
+from relay.protocol.stun import decode_response, encode_request
 from tests.conftest import wait_until
 
 MESH_KEY = b"0123456789abcdef0123456789abcdef"
