@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from relay.client import RelayClient, open_relay_client
-from relay.keys import PrivateKey
+from relay.protocol.keys import PrivateKey
 from tests.etcd_cluster import EtcdCluster, start_cluster
 from tests.relay_procs import MESH_TEST_CONFIG, RelayProc, start_relay_proc
 

@@ -8,8 +8,8 @@ from coordinator.peermap import PeerState
 from coordinator.store import open_memory_store
 from relay.client import open_relay_client
 from relay.config import load_config
-from relay.keys import PrivateKey
 from relay.node import NodeInfo, serve_relay_node
+from relay.protocol.keys import PrivateKey
 from tests.conftest import wait_until
 
 MESH_KEY = b"0123456789abcdef0123456789abcdef"

@@ -23,7 +23,7 @@ from coordinator.store import (
     WatchBroken,
     open_memory_store,
 )
-from relay.keys import PrivateKey
+from relay.protocol.keys import PrivateKey
 from tests.conftest import wait_until
 
 PREFIX = "/relaymesh/v1/"
