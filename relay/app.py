@@ -18,6 +18,9 @@ nursery (see relay/node.py). Endpoints:
   401 for every key, known or not, so the route is no oracle of who is
   connected. Clients learn each other's endpoints by sealed disco through the
   relays, never here (docs/PROTOCOL.md, "Who may see endpoints").
+
+Served by :func:`relay.http.serve_app` (hypercorn, one error boundary per
+connection).
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from quart_trio import QuartTrio
 from coordinator.registry import RelayRecord
 from region.live import SIGNATURE_HEADER, etag, live_map, sign
 from region.model import RegionMap
+from relay.protocol.keys import NodeKey
 
 from . import __version__
 from .config import RelayConfig
-from .keys import NodeKey
+from .http import HttpStats
 from .metrics import CONTENT_TYPE, relay_registry, render
 from .server import RelayServer
 from .stun_server import StunStats
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
     from coordinator.state import MeshState
 
     from .mesh import Mesh
+    from .supervisor import Supervisor
 
 __all__ = ["api_token", "create_app"]
 
@@ -91,6 +96,8 @@ def create_app(
     region_map: RegionMap | None = None,
     signing_key: SigningKey | None = None,
     stun_stats: StunStats | None = None,
+    http_stats: HttpStats | None = None,
+    supervisor: Supervisor | None = None,
     mesh_key: bytes | None = None,
 ) -> QuartTrio:
     """``mesh_key``: without it no caller may read the peer API."""
@@ -108,7 +115,14 @@ def create_app(
             return Response("", status=304, headers=headers)
         return Response(body, content_type="application/json", headers=headers)
 
-    registry = relay_registry(server, state=state, mesh=mesh)
+    registry = relay_registry(
+        server,
+        state=state,
+        mesh=mesh,
+        supervisor=supervisor,
+        http_stats=http_stats,
+        stun_stats=stun_stats,
+    )
     started = time.time()
 
     @app.get("/readyz")
@@ -198,9 +212,14 @@ def create_app(
             "shared_state": asdict(state.statistics()) if state is not None else None,
             "mesh_links": [asdict(link) for link in mesh.statistics()] if mesh else [],
             "relays": sorted(state.relays) if state is not None else [],
-            "stun": {"requests": stun_stats.requests, "malformed": stun_stats.malformed}
+            "stun": {
+                "requests": stun_stats.requests,
+                "malformed": stun_stats.malformed,
+                "errors": stun_stats.errors,
+            }
             if stun_stats is not None
             else None,
+            "components": asdict(supervisor.statistics()) if supervisor is not None else None,
         }
 
     return app

@@ -25,11 +25,12 @@ Example (config/relay.example.toml has every key)::
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from region.model import format_validation_error
 
 __all__ = [
     "AdmissionConfig",
@@ -138,25 +139,6 @@ class RelayConfig(_Frozen):
     limits: LimitsConfig = LimitsConfig()
     mesh: MeshConfig = MeshConfig()
     region_map: RegionMapConfig = RegionMapConfig()
-
-
-def _where(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
-def format_validation_error(
-    source: str,
-    exc: ValidationError,
-    where: Callable[[tuple[int | str, ...]], str] = _where,
-) -> str:
-    """One line per problem: ``source: where: problem``, worded for an operator."""
-    lines = []
-    for err in exc.errors():
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{source}: {where(tuple(err['loc']))}: {msg}")
-    return "\n".join(lines)
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

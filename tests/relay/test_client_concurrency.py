@@ -15,10 +15,10 @@ import trio
 import trio.testing
 from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
 
-from relay import wire
 from relay.client import RelayClient, RelayClosedError, open_relay_client
-from relay.handshake import new_challenge, open_client_info, seal_server_info
-from relay.keys import PrivateKey
+from relay.protocol import wire
+from relay.protocol.handshake import new_challenge, open_client_info, seal_server_info
+from relay.protocol.keys import PrivateKey
 from tests.conftest import start_relay
 
 SEQ = struct.Struct(">II")

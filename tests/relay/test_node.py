@@ -9,8 +9,8 @@ import trio
 
 from relay.client import open_relay_client
 from relay.config import load_config
-from relay.keys import PrivateKey
 from relay.node import NodeInfo, serve_relay_node
+from relay.protocol.keys import PrivateKey
 
 
 async def http_get(url: str) -> tuple[int, dict[str, str], bytes]:

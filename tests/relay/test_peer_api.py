@@ -14,7 +14,7 @@ import trio
 from coordinator.store import open_memory_store
 from relay.app import api_token
 from relay.client import open_relay_client
-from relay.keys import PrivateKey
+from relay.protocol.keys import PrivateKey
 from tests.conftest import wait_until
 from tests.region.test_live import MESH_KEY, mesh
 

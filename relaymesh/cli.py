@@ -18,10 +18,11 @@ from typing import Any, NoReturn
 
 import trio
 
-from . import __version__
-from .client import ConnectError, open_relay_client
-from .config import ConfigError, load_config, load_mesh_key
-from .keys import (
+from relay import __version__
+from relay.client import ConnectError, open_relay_client
+from relay.config import ConfigError, load_config, load_mesh_key
+from relay.node import serve_relay_node
+from relay.protocol.keys import (
     KeyFileError,
     NodeKey,
     PrivateKey,
@@ -30,13 +31,10 @@ from .keys import (
     load_key_file,
     write_key_file,
 )
-from .node import serve_relay_node
+
+from .errors import UserError
 
 __all__ = ["main"]
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line."""
 
 
 def _fail(msg: str, code: int = 1) -> NoReturn:
@@ -210,7 +208,7 @@ def _verify_key(text: str | None) -> Any:
 
 
 def cmd_regionmap(args: argparse.Namespace) -> int:
-    from region.client import MapFetchError, RegionMapSource
+    from relaymesh.home import MapFetchError, RegionMapSource
 
     source = RegionMapSource(args.url, verify_key=_verify_key(args.verify_key))
     try:
@@ -234,8 +232,8 @@ def cmd_regionmap(args: argparse.Namespace) -> int:
 
 
 def cmd_netcheck(args: argparse.Namespace) -> int:
-    from region.client import MapFetchError, RegionMapSource
     from region.netcheck import run_netcheck
+    from relaymesh.home import MapFetchError, RegionMapSource
 
     async def run() -> Any:
         source = RegionMapSource(args.url, verify_key=_verify_key(args.verify_key))
@@ -272,8 +270,8 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    from coordinator.peer import PeerNotFound, open_peer
-    from region.client import MapFetchError
+    from relaymesh.home import MapFetchError
+    from relaymesh.peer import PeerNotFound, open_peer
 
     key = _load_key(args.key_file)
     dest: NodeKey = args.node
@@ -353,8 +351,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 def _listen_as_peer(args: argparse.Namespace, key: PrivateKey) -> int:
     """Listen on the closest relay of a mesh, with direct paths (and answering pings)."""
-    from coordinator.peer import open_peer
-    from region.client import MapFetchError
+    from relaymesh.home import MapFetchError
+    from relaymesh.peer import open_peer
 
     async def run() -> None:
         async with open_peer(args.url, key) as peer:
@@ -432,7 +430,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import cmd_bench
+    from .bench.command import cmd_bench
 
     return cmd_bench(args)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import bench_mesh
+from relaymesh.bench import mesh as bench_mesh
 from tests.etcd_cluster import need_etcd
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_sigterm_mid_run_leaves_no_work_directory(tmp_root: Path) -> None:
     script = (
         "import tempfile, time, sys\n"
         f"tempfile.tempdir = {str(tmp_root)!r}\n"
-        "from relay import bench_mesh\n"
+        "from relaymesh.bench import mesh as bench_mesh\n"
         "with bench_mesh._mesh([('eu', 'eu-1')]):\n"
         "    print('up', flush=True)\n"
         "    time.sleep(60)\n"

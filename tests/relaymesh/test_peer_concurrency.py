@@ -10,10 +10,10 @@ import pytest
 import trio
 import trio.testing
 
-from coordinator.peer import PeerNotFound, open_peer
 from coordinator.store import open_memory_store
 from relay.client import RelayClosedError
-from relay.keys import PrivateKey
+from relay.protocol.keys import PrivateKey
+from relaymesh.peer import PeerNotFound, open_peer
 from tests.region.test_live import mesh
 
 SEQ = struct.Struct(">II")

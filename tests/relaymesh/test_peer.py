@@ -6,10 +6,10 @@ import struct
 
 import trio
 
-from coordinator.paths import PathConfig
-from coordinator.peer import open_peer
 from coordinator.store import open_memory_store
-from relay.keys import PrivateKey
+from relay.protocol.keys import PrivateKey
+from relaymesh.paths import PathConfig
+from relaymesh.peer import open_peer
 from tests.conftest import wait_until
 from tests.region.test_live import mesh
 
