@@ -34,6 +34,7 @@ from . import __version__
 from .app import create_app
 from .config import ConfigError, RelayConfig, load_tokens
 from .mesh import Mesh
+from .monitor import MeshMonitor
 from .server import RelayServer
 from .stun_server import StunStats, serve_stun
 
@@ -54,6 +55,7 @@ class NodeInfo:
     state: MeshState | None
     mesh: Mesh | None
     stun_port: int = 0
+    monitor: MeshMonitor | None = None
 
 
 def load_node_key(cfg: RelayConfig) -> PrivateKey:
@@ -159,6 +161,18 @@ async def serve_relay_node(
             def relays() -> list[RelayRecord]:
                 return list(state.relays.values()) if state is not None else me_box
 
+            monitor = (
+                MeshMonitor(
+                    cfg.health,
+                    me=lambda: me_box[0],
+                    relays=relays,
+                    regions=[r.code for r in configured_map.regions]
+                    if configured_map is not None
+                    else None,
+                )
+                if cfg.health.enabled
+                else None
+            )
             app = create_app(
                 cfg,
                 server,
@@ -168,6 +182,7 @@ async def serve_relay_node(
                 region_map=configured_map,
                 signing_key=signing_key,
                 stun_stats=stun_stats,
+                monitor=monitor,
             )
             binds = await nursery.start(hypercorn_serve, app, hconfig)
             http_port = int(str(binds[0]).rsplit(":", 1)[1])
@@ -179,6 +194,8 @@ async def serve_relay_node(
                 if mesh is not None:
                     await nursery.start(mesh.run)
                 nursery.start_soon(_report_health, server, state)
+            if monitor is not None:
+                await nursery.start(monitor.run)
             info = NodeInfo(
                 relay_id=cfg.relay.name,
                 region=cfg.relay.region,
@@ -190,6 +207,7 @@ async def serve_relay_node(
                 state=state,
                 mesh=mesh,
                 stun_port=stun_port,
+                monitor=monitor,
             )
             log.info(
                 "relay %s/%s up: %s %s key %s",

@@ -245,6 +245,8 @@ class RelayServer:
         #: For packets to keys not connected here: (src, dest, payload) -> handled?
         #: The mesh sets this; it must not block.
         self.forwarder: Callable[[bytes, bytes, bytes], bool] | None = None
+        #: Set once drain() has begun: the relay is on its way out.
+        self.draining = False
 
     # ---- public surface -------------------------------------------------
 
@@ -315,6 +317,7 @@ class RelayServer:
         self, *, reconnect_in_ms: int = 0, try_for_ms: int = 10_000, grace_s: float = 2.0
     ) -> None:
         """Tell every client we are restarting, give writers ``grace_s`` to flush, close all."""
+        self.draining = True
         frame = wire.encode(wire.Restarting(reconnect_in_ms=reconnect_in_ms, try_for_ms=try_for_ms))
         clients = list(self._clients.values())
         for cl in clients:
