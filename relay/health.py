@@ -112,6 +112,7 @@ class _Relay:
     in_registry: bool = True
     left_at: float | None = None
     ever_up: bool = False
+    rated: bool = False
     # Counters at the previous good fetch, for rates.
     prev: tuple[float, int, int, int] | None = None
     pps_in: float = 0.0
@@ -138,10 +139,11 @@ class MeshHealth:
         self._regions: set[str] = set(regions)
         self._since: dict[tuple[str, str], float] = {}
         self._link_state: dict[tuple[str, str], str] = {}
+        self._announced: set[tuple[str, str]] = set()
         self._etcd_ok: dict[str, bool] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=self.t.events)
         points = max(2, int(self.t.history_s / self.t.interval_s) + 1)
-        self.history: deque[tuple[float, float, float, float, float | None]] = deque(maxlen=points)
+        self.history: deque[tuple[float, *tuple[float | None, ...]]] = deque(maxlen=points)
         self.doc: dict[str, Any] | None = None
 
     # ---- one round ------------------------------------------------------------
@@ -210,6 +212,7 @@ class MeshHealth:
                 self._event(now, "relay_restarted", rec.relay_id, f"{rec.relay_id} restarted")
             if relay.record.get("started_at") != rec.started_at:
                 relay.prev = None
+                relay.rated = False
                 relay.links_prev.clear()
             relay.record = asdict(rec)
             relay.region = rec.region
@@ -238,6 +241,7 @@ class MeshHealth:
                 relay.pps_in = max(0, counters[1] - relay.prev[1]) / dt
                 relay.pps_out = max(0, counters[2] - relay.prev[2]) / dt
                 relay.drops_per_s = max(0, counters[3] - relay.prev[3]) / dt
+                relay.rated = True
             relay.prev = counters
             for link in doc.get("mesh_links", []):
                 dst, sent = str(link.get("relay_id")), int(link.get("packets_sent", 0))
@@ -344,13 +348,7 @@ class MeshHealth:
                 before = self._link_state.get(key)
                 if before != state:
                     self._since[("link", f"{key[0]}>{key[1]}")] = now
-                    if before is not None and "down" in (state, before) and state != "unknown":
-                        self._event(
-                            now,
-                            f"link_{'down' if state == 'down' else 'up'}",
-                            f"{key[0]}>{key[1]}",
-                            f"link {key[0]} → {key[1]} {'down' if state == 'down' else 'up'}",
-                        )
+                    self._link_event(now, key, state, "down" not in (src.state, dst.state))
                     self._link_state[key] = state
                 out.append(
                     {
@@ -370,7 +368,21 @@ class MeshHealth:
         known = {(s.relay_id, d.relay_id) for s in relays for d in relays}
         for key in [k for k in self._link_state if k not in known]:
             del self._link_state[key]
+            self._announced.discard(key)
         return out
+
+    def _link_event(self, now: float, key: tuple[str, str], state: str, ends_up: bool) -> None:
+        """A path going down while both its relays are up, and its coming back.
+
+        A down relay's paths go down with it; its own event says so.
+        """
+        subject = f"{key[0]}>{key[1]}"
+        if state == "down" and ends_up:
+            self._announced.add(key)
+            self._event(now, "link_down", subject, f"path {key[0]} → {key[1]} down")
+        elif state == "up" and key in self._announced:
+            self._announced.discard(key)
+            self._event(now, "link_up", subject, f"path {key[0]} → {key[1]} up again")
 
     def _path_state(
         self,
@@ -497,7 +509,7 @@ class MeshHealth:
                         f" ({probe['failures']} probes failed: {probe.get('error')})",
                     )
                 )
-        up_regions = {r.region for r in self._relays.values() if r.state in ("up", "draining")}
+        up_regions = {r.region for r in self._relays.values() if r.state != "down"}
         for region in sorted(self._regions - up_regions):
             found.append(("region_without_relay", region, f"region {region} has no relay up"))
         problems = []
@@ -517,7 +529,8 @@ class MeshHealth:
             )
         for key in [k for k in self._since if k[0] != "link" and k not in active]:
             del self._since[key]
-        problems.sort(key=lambda p: (p.severity != ERROR, p.since, p.code, p.subject))
+        order = list(PROBLEM_CODES)
+        problems.sort(key=lambda p: (p.severity != ERROR, order.index(p.code), p.since, p.subject))
         return problems
 
     # ---- regions, history, events ----------------------------------------------
@@ -536,14 +549,15 @@ class MeshHealth:
         return out
 
     def _record_history(self, now: float, links: list[dict[str, Any]]) -> None:
-        live = [r for r in self._relays.values() if r.state == "up"]
+        # A relay's rates exist from its second status on; before any has one, there is no point.
+        live = [r for r in self._relays.values() if r.state == "up" and r.rated]
         rtts = [link["rtt_ms"] for link in links if link["rtt_ms"] is not None]
         self.history.append(
             (
                 now,
-                sum(r.pps_in for r in live),
-                sum(r.pps_out for r in live),
-                sum(r.drops_per_s for r in live),
+                sum(r.pps_in for r in live) if live else None,
+                sum(r.pps_out for r in live) if live else None,
+                sum(r.drops_per_s for r in live) if live else None,
                 statistics.median(rtts) if rtts else None,
             )
         )
@@ -556,12 +570,10 @@ class MeshHealth:
             "drops_per_s": [],
             "rtt_ms": [],
         }
-        for t, pin, pout, drops, rtt in self.history:
+        for t, *values in self.history:
             cols["t"].append(round(t, 3))
-            cols["pps_in"].append(round(pin, 2))
-            cols["pps_out"].append(round(pout, 2))
-            cols["drops_per_s"].append(round(drops, 2))
-            cols["rtt_ms"].append(None if rtt is None else round(rtt, 3))
+            for name, v in zip(("pps_in", "pps_out", "drops_per_s", "rtt_ms"), values, strict=True):
+                cols[name].append(None if v is None else round(v, 3))
         return cols
 
     def _event(self, now: float, kind: str, subject: str, message: str) -> None:
