@@ -68,7 +68,6 @@ def status(
                 "error": None if probe_ok else "no answer within 1 s",
             }
             for p in [rid, *peers]
-            if p != rid or True
         ],
     }
 
@@ -230,7 +229,7 @@ def test_problem_codes_are_documented() -> None:
 
 
 def big_mesh_document(regions: int, per_region: int) -> dict[str, Any]:
-    """The document of a healthy mesh of ``regions`` × ``per_region`` relays, one relay down."""
+    """The document of a healthy mesh of ``regions`` x ``per_region`` relays, one relay down."""
     ids = [f"r{g:02d}-{i}" for g in range(1, regions + 1) for i in range(1, per_region + 1)]
     reg = [record(rid, rid.split("-")[0]) for rid in ids]
     h = MeshHealth(ids[0], HealthThresholds(interval_s=5.0, stale_after_s=15.0))

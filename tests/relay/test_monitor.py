@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.store import MemoryStore, open_memory_store
 from relay.config import load_config
@@ -80,6 +81,37 @@ async def test_healthy_mesh_has_every_path_probed_and_no_problem(nursery: trio.N
         other = await wait_doc(us, all_up)
         assert other["served_by"] == "us-1" and other["problems"] == []
 
+        # Every figure of the page is a metric, and prometheus_client's own parser reads them.
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(eu.http_url + "/metrics")).text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+
+        def samples(name: str) -> dict[tuple[str, ...], float]:
+            return {
+                tuple(v for k, v in sorted(s.labels.items()) if k not in ("region", "relay")): (
+                    s.value
+                )
+                for s in families[name].samples
+            }
+
+        assert samples("relaymesh_probe_success") == {
+            ("eu-1",): 1.0,
+            ("us-1",): 1.0,
+            ("us-2",): 1.0,
+        }
+        assert all(v > 0 for v in samples("relaymesh_probe_rtt_seconds").values())
+        assert samples("relaymesh_mesh_relay_up") == {
+            ("eu-1", "eu"): 1.0,
+            ("us-1", "us"): 1.0,
+            ("us-2", "us"): 1.0,
+        }
+        assert len(samples("relaymesh_mesh_path_up")) == 6
+        assert set(samples("relaymesh_mesh_path_up").values()) == {1.0}
+        assert samples("relaymesh_health_healthy") == {(): 1.0}
+        assert samples("relaymesh_etcd_reachable") == {(): 1.0}
+        assert "relaymesh_health_problem" in families
+        assert not families["relaymesh_health_problem"].samples
+
 
 async def test_probe_finds_a_relay_that_accepts_but_does_not_forward(
     nursery: trio.Nursery,
@@ -100,6 +132,15 @@ async def test_probe_finds_a_relay_that_accepts_but_does_not_forward(
         link = next(x for x in doc["links"] if (x["src"], x["dst"]) == ("eu-1", "us-1"))
         assert link["state"] == "down" and link["connected"] is True
         assert doc["healthy"] is False
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(eu.http_url + "/metrics")).text
+        problems = {
+            (s.labels["code"], s.labels["subject"])
+            for f in text_string_to_metric_families(text)
+            if f.name == "relaymesh_health_problem"
+            for s in f.samples
+        }
+        assert ("probe_failed", "eu-1>us-1") in problems
         # The healthy relay's own path is fine.
         eu1 = next(r for r in doc["relays"] if r["relay_id"] == "eu-1")
         assert eu1["probe"]["ok"] is True
