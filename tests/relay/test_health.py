@@ -228,25 +228,26 @@ def test_problem_codes_are_documented() -> None:
         assert f"`{code}`" in text and severity in text
 
 
-def big_mesh_document(regions: int, per_region: int) -> dict[str, Any]:
+def big_mesh_document(regions: int, per_region: int, rounds: int = 12) -> dict[str, Any]:
     """The document of a healthy mesh of ``regions`` x ``per_region`` relays, one relay down."""
     ids = [f"r{g:02d}-{i}" for g in range(1, regions + 1) for i in range(1, per_region + 1)]
     reg = [record(rid, rid.split("-")[0]) for rid in ids]
+    base = {rid: status(rid, [p for p in ids if p != rid]) for rid in ids}
     h = MeshHealth(ids[0], HealthThresholds(interval_s=5.0, stale_after_s=15.0))
     t = 1000.0
-    for n in range(1, 181):
+    for n in range(1, rounds + 1):
         fetches = {
-            rid: Fetch(doc=status(rid, [p for p in ids if p != rid], packets=n * 1000))
-            for rid in ids
+            rid: Fetch(doc={**doc, "stats": {**doc["stats"], "packets_in": n * 1000}})
+            for rid, doc in base.items()
         }
-        if n > 170:
+        if n > rounds - 10:
             fetches[ids[7]] = Fetch(error="status unreachable: ConnectError")
         doc = h.update(t + n * 5, reg, fetches)
     return doc
 
 
 def test_large_mesh_document() -> None:
-    doc = big_mesh_document(regions=4, per_region=3)
+    doc = big_mesh_document(regions=4, per_region=3, rounds=200)
     assert doc["summary"]["relays"] == 12 and doc["summary"]["links"] == 12 * 11
     assert ("relay_down", "r03-2") in codes(doc)
-    assert len(doc["history"]["t"]) == 180
+    assert len(doc["history"]["t"]) == 181  # 15 minutes of 5 s rounds
