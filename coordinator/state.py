@@ -16,6 +16,16 @@ Three restartable loops in one nursery:
   compacted revision it starts over. Routing reads the resulting cache and
   never waits on the store: while the store is unreachable, routes known
   before keep working.
+- **presence** (when given the relay server's presence queue): applies the
+  connects and disconnects of this relay's clients to what the publisher
+  writes. The queue coalesces per key, so nothing is lost while this task
+  is behind; a change that fails to apply is counted, retried after the
+  others, and never ends the loop.
+
+Nothing here calls into another component. Who needs to know that the relay
+table changed (the mesh) takes :meth:`MeshState.open_relay_updates`, a
+channel of one slot it drains in its own task: a change while a wake-up is
+already pending is covered by that wake-up.
 
 A peer record deleted in the same revision as its relay's record (lease
 expiry) is marked LOST for ``lost_grace_s``; any other delete means GONE.
@@ -27,7 +37,6 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -36,6 +45,7 @@ from relay.protocol.handshake import ClientHello
 from relay.protocol.keys import NodeKey
 
 from .peermap import PeerEntry, PeerRecord, PeerState, peer_key
+from .presence import PresenceQueue
 from .registry import RelayRecord, relay_key
 from .store import (
     Compacted,
@@ -67,6 +77,8 @@ class StateStats:
     registrations: int
     revision: int
     pending_writes: int
+    #: Presence changes that raised while being applied (each is retried).
+    presence_errors: int
 
 
 class MeshState:
@@ -79,6 +91,7 @@ class MeshState:
         lease_ttl_s: int = 8,
         keepalive_interval_s: float = 2.0,
         lost_grace_s: float = 30.0,
+        presence: PresenceQueue | None = None,
     ) -> None:
         self.store = store
         self.me = me
@@ -105,10 +118,11 @@ class MeshState:
         self._dirty_event = trio.Event()
         # Owned by the publisher: the value we last wrote per key (for a safe delete).
         self._published: dict[str, bytes] = {}
-        #: Called by the sync loop after the relay table changes.
-        self.on_relays_changed: list[Callable[[], None]] = []
-        #: Called with (node key, record) when a peer is seen on a relay.
-        self.on_peer_present: list[Callable[[bytes, PeerRecord], None]] = []
+        # Where the relay server reports its clients; drained by the presence loop.
+        self._presence = presence
+        self._presence_errors = 0
+        # One-slot channels, one per open_relay_updates(); the sync loop sends.
+        self._relay_watchers: list[trio.MemorySendChannel[None]] = []
 
     # ---- what routing asks --------------------------------------------------
 
@@ -132,6 +146,7 @@ class MeshState:
             registrations=self._registrations,
             revision=self.revision,
             pending_writes=len(self._dirty),
+            presence_errors=self._presence_errors,
         )
 
     async def wait_synced(self) -> None:
@@ -139,6 +154,17 @@ class MeshState:
 
     async def wait_registered(self) -> None:
         await self._registered_event.wait()
+
+    def open_relay_updates(self) -> trio.MemoryReceiveChannel[None]:
+        """A channel that yields once after each change of :attr:`relays` (coalesced).
+
+        It starts with one item, so the reader first reconciles with the table
+        as it is. Close it when done (``with state.open_relay_updates() as rx``).
+        """
+        tx, rx = trio.open_memory_channel[None](1)
+        tx.send_nowait(None)
+        self._relay_watchers.append(tx)
+        return rx
 
     # ---- what the relay tells us -------------------------------------------
 
@@ -170,6 +196,8 @@ class MeshState:
             nursery.start_soon(self._publisher_loop)
             nursery.start_soon(self._sync_loop)
             nursery.start_soon(self._expire_lost_loop)
+            if self._presence is not None:
+                nursery.start_soon(self._presence_loop, self._presence)
             task_status.started()
 
     async def _registration_loop(self) -> None:
@@ -273,6 +301,33 @@ class MeshState:
             self.synced = False
             self._resyncs += 1
 
+    async def _presence_loop(self, queue: PresenceQueue) -> None:
+        backoff = _Backoff()
+        failing = ""
+        while True:
+            change = await queue.get()
+            try:
+                if change.hello is not None:
+                    self.client_connected(change.key, change.hello)
+                else:
+                    self.client_disconnected(change.key)
+            except Exception as exc:
+                self._presence_errors += 1
+                queue.defer(change)
+                delay = backoff.next()
+                why = f"{type(exc).__name__}: {exc}"
+                if why != failing:
+                    log.error("presence of %s not applied: %s", change.key, why, exc_info=exc)
+                failing = why
+                await trio.sleep(delay)
+                continue
+            queue.done(change)
+            if failing:
+                log.info("presence changes apply again")
+                failing = ""
+                backoff.reset()
+            await trio.lowlevel.checkpoint()
+
     async def _expire_lost_loop(self) -> None:
         while True:
             await trio.sleep(min(1.0, self._grace_s / 4))
@@ -317,10 +372,6 @@ class MeshState:
         self.peers = peers
         self.revision = snap.revision
         self._notify_relays()
-        for raw, entry in peers.items():
-            if entry.state is PeerState.PRESENT:
-                for cb in self.on_peer_present:
-                    cb(raw, entry.record)
 
     def _apply(self, batch: list[WatchEvent]) -> None:
         relays_changed = False
@@ -354,8 +405,6 @@ class MeshState:
                     log.warning("ignoring malformed %s: %s", ev.key, exc)
                     continue
                 self.peers[raw] = PeerEntry(record, PeerState.PRESENT, ev.revision)
-                for cb in self.on_peer_present:
-                    cb(raw, record)
                 continue
             old = self.peers.get(raw)
             if old is None:
@@ -370,8 +419,13 @@ class MeshState:
             self._notify_relays()
 
     def _notify_relays(self) -> None:
-        for cb in self.on_relays_changed:
-            cb()
+        for tx in list(self._relay_watchers):
+            try:
+                tx.send_nowait(None)
+            except trio.WouldBlock:
+                pass  # a wake-up is already pending; it covers this change too
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._relay_watchers.remove(tx)
 
 
 class _Backoff:

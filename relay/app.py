@@ -15,6 +15,9 @@ nursery (see relay/node.py). Endpoints:
 - ``/regionmap``: the region map, live (region/live.py), with ETag /
   If-None-Match and Cache-Control, signed when the operator gave a key.
 - ``/api/v1/peers/<nodekey>``: where this relay would send a packet for that key.
+
+Served by :func:`relay.http.serve_app` (hypercorn, one error boundary per
+connection).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from relay.protocol.keys import NodeKey
 
 from . import __version__
 from .config import RelayConfig
+from .http import HttpStats
 from .metrics import CONTENT_TYPE, relay_registry, render
 from .monitor import MeshMonitor
 from .server import RelayServer
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
     from coordinator.state import MeshState
 
     from .mesh import Mesh
+    from .supervisor import Supervisor
 
 __all__ = ["create_app"]
 
@@ -77,6 +82,8 @@ def create_app(
     region_map: RegionMap | None = None,
     signing_key: SigningKey | None = None,
     stun_stats: StunStats | None = None,
+    http_stats: HttpStats | None = None,
+    supervisor: Supervisor | None = None,
     monitor: MeshMonitor | None = None,
 ) -> QuartTrio:
     app = QuartTrio("relaymesh")
@@ -92,7 +99,15 @@ def create_app(
             return Response("", status=304, headers=headers)
         return Response(body, content_type="application/json", headers=headers)
 
-    registry = relay_registry(server, state=state, mesh=mesh, monitor=monitor)
+    registry = relay_registry(
+        server,
+        state=state,
+        mesh=mesh,
+        supervisor=supervisor,
+        http_stats=http_stats,
+        stun_stats=stun_stats,
+        monitor=monitor,
+    )
     started = time.time()
 
     @app.get("/readyz")
@@ -184,9 +199,14 @@ def create_app(
             "shared_state": asdict(state.statistics()) if state is not None else None,
             "mesh_links": [asdict(link) for link in mesh.statistics()] if mesh else [],
             "relays": sorted(state.relays) if state is not None else [],
-            "stun": {"requests": stun_stats.requests, "malformed": stun_stats.malformed}
+            "stun": {
+                "requests": stun_stats.requests,
+                "malformed": stun_stats.malformed,
+                "errors": stun_stats.errors,
+            }
             if stun_stats is not None
             else None,
+            "components": asdict(supervisor.statistics()) if supervisor is not None else None,
         }
 
     return app

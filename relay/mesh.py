@@ -20,6 +20,16 @@ link each way.
 The routing decision reads MeshState's cache only, never the store, so it
 costs a dictionary lookup on the relay's hot path and keeps working while the
 store is unreachable.
+
+Wiring: the mesh registers itself with the server as its packet forwarder
+(``server.add_forwarder``; the server calls :meth:`Mesh.forward` and contains
+its exceptions), and follows the relay table through
+``state.open_relay_updates()`` in its own task. Each link runs in its own
+guard: a link whose client fails (or is stopped for good because another
+connection with this relay's key replaced it) is logged, counted in
+``link_failures`` and reopened with a fresh client after a jittered backoff
+(0.2 s doubling to 10 s); packets for it queue in the new client meanwhile,
+and the other links and the node go on.
 """
 
 from __future__ import annotations
@@ -33,12 +43,20 @@ from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
 from relay.protocol.keys import NodeKey, PrivateKey
 
-from .client import RelayClient
+from .client import RelayClient, RelayClosedError
 from .server import DropReason, RelayServer
+from .supervisor import Backoff
 
 __all__ = ["LinkStats", "Mesh"]
 
 log = logging.getLogger(__name__)
+
+#: A failed link is reopened after a jittered delay: first up to this (seconds) ...
+_LINK_RESTART_INITIAL_S = 0.2
+#: ... doubling up to this ...
+_LINK_RESTART_MAX_S = 10.0
+#: ... and back to the first step once a link ran this long.
+_LINK_STABLE_S = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +69,8 @@ class LinkStats:
     packets_sent: int
     queued: int
     eager: bool
+    #: Times this relay's link failed and was reopened since the node started.
+    failures: int
 
 
 @dataclass
@@ -83,6 +103,8 @@ class Mesh:
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None
         self.forwarded_out = 0
+        # Written by the link tasks: failures per relay id.
+        self.link_failures: dict[str, int] = {}
 
     # ---- the hot path -------------------------------------------------------
 
@@ -119,31 +141,46 @@ class Mesh:
                     packets_sent=st.packets_sent,
                     queued=st.send_queued,
                     eager=link.eager,
+                    failures=self.link_failures.get(link.record.relay_id, 0),
                 )
             )
         return out
 
     def region_links_down(self) -> list[str]:
         """Relays of our own region whose link is not connected (readiness needs them all)."""
-        return sorted(
+        down = {
             rid for rid, link in self._links.items() if link.eager and not link.client.connected
+        }
+        me = self._me
+        down.update(
+            rid
+            for rid, record in self._state.relays.items()
+            if rid != me.relay_id and record.region == me.region and rid not in self._links
         )
+        return sorted(down)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._state.on_relays_changed.append(self._reconcile)
-            self._server.forwarder = self.forward
-            try:
-                self._reconcile()
-                task_status.started()
-                while True:
-                    await trio.sleep(max(1.0, self._idle_s / 4))
-                    self._close_idle()
-            finally:
-                self._server.forwarder = None
-                self._state.on_relays_changed.remove(self._reconcile)
-                self._nursery = None
+        """Keep the links up until cancelled (restartable: a new run starts from no links)."""
+        with self._state.open_relay_updates() as updates:
+            async with trio.open_nursery() as nursery:
+                self._links = {}
+                self._nursery = nursery
+                self._server.add_forwarder(self)
+                try:
+                    await updates.receive()
+                    self._reconcile()
+                    nursery.start_soon(self._follow_relays, updates)
+                    task_status.started()
+                    while True:
+                        await trio.sleep(max(1.0, self._idle_s / 4))
+                        self._close_idle()
+                finally:
+                    self._server.remove_forwarder(self)
+                    self._nursery = None
+
+    async def _follow_relays(self, updates: trio.MemoryReceiveChannel[None]) -> None:
+        async for _ in updates:
+            self._reconcile()
 
     def _reconcile(self) -> None:
         relays = self._state.relays
@@ -170,38 +207,80 @@ class Mesh:
             return None
         self._close(record.relay_id, "replaced")
         try:
-            pinned = NodeKey.parse(record.public_key)
+            NodeKey.parse(record.public_key)
         except ValueError:
             log.warning("relay %s has a malformed key in the registry", record.relay_id)
             return None
-        client = RelayClient(
-            [record.ws_url],
-            self._key,
-            mesh_key=self._mesh_key,
-            server_key=pinned,
-            send_queue_packets=self._queue,
-            receive_queue_packets=16,
-        )
-        link = _Link(record, client, last_used=trio.current_time(), eager=eager)
+        link = _Link(record, self._new_client(record), last_used=trio.current_time(), eager=eager)
         self._links[record.relay_id] = link
         self._nursery.start_soon(self._run_link, link)
         log.info("mesh link to %s (%s) opening", record.relay_id, record.ws_url)
         return link
 
     async def _run_link(self, link: _Link) -> None:
+        relay_id = link.record.relay_id
+        backoff = Backoff(initial_s=_LINK_RESTART_INITIAL_S, max_s=_LINK_RESTART_MAX_S)
         with link.scope:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    lambda task_status: link.client.run(
-                        first_must_succeed=False, task_status=task_status
+            while True:
+                began = trio.current_time()
+                try:
+                    await self._run_client(link.client)
+                except Exception as exc:
+                    failure: Exception = exc
+                else:
+                    failure = RuntimeError("the link's client returned")
+                self.link_failures[relay_id] = self.link_failures.get(relay_id, 0) + 1
+                if trio.current_time() - began >= _LINK_STABLE_S:
+                    backoff.reset()
+                delay = backoff.next()
+                if _only(failure, RelayClosedError):
+                    # Another connection with this relay's key took the link over.
+                    log.warning(
+                        "mesh link to %s stopped: %s; reopening in %.2f s",
+                        relay_id,
+                        failure,
+                        delay,
                     )
-                )
-                # Nothing should arrive on a link; drain so a stray packet cannot block it.
-                while True:
-                    await link.client.receive()
+                else:
+                    log.error(
+                        "mesh link to %s failed; reopening in %.2f s",
+                        relay_id,
+                        delay,
+                        exc_info=failure,
+                    )
+                # Packets for it queue (bounded) in the new client while we wait.
+                link.client = self._new_client(link.record)
+                await trio.sleep(delay)
+
+    @staticmethod
+    async def _run_client(client: RelayClient) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: client.run(first_must_succeed=False, task_status=task_status)
+            )
+            # Nothing should arrive on a link; drain so a stray packet cannot block it.
+            while True:
+                await client.receive()
+
+    def _new_client(self, record: RelayRecord) -> RelayClient:
+        return RelayClient(
+            [record.ws_url],
+            self._key,
+            mesh_key=self._mesh_key,
+            server_key=NodeKey.parse(record.public_key),
+            send_queue_packets=self._queue,
+            receive_queue_packets=16,
+        )
 
     def _close(self, relay_id: str, why: str) -> None:
         link = self._links.pop(relay_id, None)
         if link is not None:
             log.info("mesh link to %s closing: %s", relay_id, why)
             link.scope.cancel()
+
+
+def _only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """``exc`` is a ``kind``, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(e, kind) for e in exc.exceptions)
+    return isinstance(exc, kind)

@@ -15,13 +15,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .server import RelayServer
+from .server import DropReason, RelayServer
 
 if TYPE_CHECKING:
     from coordinator.state import MeshState
 
+    from .http import HttpStats
     from .mesh import Mesh
     from .monitor import MeshMonitor
+    from .stun_server import StunStats
+    from .supervisor import Supervisor
 
 __all__ = ["CONTENT_TYPE", "MeshHealthCollector", "RelayCollector", "relay_registry", "render"]
 
@@ -30,11 +33,21 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class RelayCollector(Collector):
     def __init__(
-        self, server: RelayServer, state: MeshState | None = None, mesh: Mesh | None = None
+        self,
+        server: RelayServer,
+        state: MeshState | None = None,
+        mesh: Mesh | None = None,
+        *,
+        supervisor: Supervisor | None = None,
+        http_stats: HttpStats | None = None,
+        stun_stats: StunStats | None = None,
     ) -> None:
         self._server = server
         self._state = state
         self._mesh = mesh
+        self._supervisor = supervisor
+        self._http = http_stats
+        self._stun = stun_stats
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self._server.statistics()
@@ -108,6 +121,34 @@ class RelayCollector(Collector):
             for link in self._mesh.statistics():
                 links.add_metric([*ident, link.relay_id], 1.0 if link.connected else 0.0)
             yield links
+        if self._supervisor is not None:
+            restarts = CounterMetricFamily(
+                "relaymesh_component_restarts",
+                "Components of the node restarted after a failure, by component.",
+                labels=[*labels, "component"],
+            )
+            sup = self._supervisor.statistics()
+            for name in sorted({*sup.running, *sup.restarts}):
+                restarts.add_metric([*ident, name], sup.restarts.get(name, 0))
+            yield restarts
+        # Failures contained without a restart: one HTTP connection, one STUN datagram,
+        # one presence change (retried), one mesh link (reopened), one forwarded packet.
+        errors = CounterMetricFamily(
+            "relaymesh_component_errors",
+            "Failures contained inside a component (that connection, datagram, change,"
+            " link or packet only), by component.",
+            labels=[*labels, "component"],
+        )
+        errors.add_metric([*ident, "forwarder"], s.drops[DropReason.FORWARD_ERROR.value])
+        if self._http is not None:
+            errors.add_metric([*ident, "http"], self._http.errors)
+        if self._stun is not None:
+            errors.add_metric([*ident, "stun"], self._stun.errors)
+        if self._state is not None:
+            errors.add_metric([*ident, "presence"], self._state.statistics().presence_errors)
+        if self._mesh is not None:
+            errors.add_metric([*ident, "mesh_link"], sum(self._mesh.link_failures.values()))
+        yield errors
         if self._state is not None:
             st = self._state.statistics()
             yield gauge(
@@ -275,10 +316,22 @@ def relay_registry(
     *,
     state: MeshState | None = None,
     mesh: Mesh | None = None,
+    supervisor: Supervisor | None = None,
+    http_stats: HttpStats | None = None,
+    stun_stats: StunStats | None = None,
     monitor: MeshMonitor | None = None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RelayCollector(server, state, mesh))
+    registry.register(
+        RelayCollector(
+            server,
+            state,
+            mesh,
+            supervisor=supervisor,
+            http_stats=http_stats,
+            stun_stats=stun_stats,
+        )
+    )
     if monitor is not None:
         cfg = server.cfg.relay
         registry.register(MeshHealthCollector([cfg.region, cfg.name], monitor))
