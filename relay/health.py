@@ -417,7 +417,8 @@ class MeshHealth:
             if not shared:
                 continue
             ok = shared.get("degraded") is None
-            if self._etcd_ok.get(r.relay_id, True) != ok:
+            before = self._etcd_ok.get(r.relay_id)
+            if before is not None and before != ok:  # a relay still registering has lost nothing
                 self._event(
                     now,
                     "etcd_back" if ok else "etcd_lost",
