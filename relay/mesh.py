@@ -16,6 +16,11 @@ link each way.
   and counted (``mesh_queue_full``).
 - A forwarded packet is never forwarded again: the receiving relay delivers
   it to a local client or drops it (``mesh_not_here``).
+- A relay whose lease expired (its record left the registry, its peers are
+  LOST) may well be alive: an etcd outage longer than the lease TTL expires
+  every lease at once. While our link to it stays connected it is kept, no
+  longer eager, and its LOST peers are still sent there; it is closed once it
+  disconnects, and reused if the relay registers again at the same URL.
 
 The routing decision reads MeshState's cache only, never the store, so it
 costs a dictionary lookup on the relay's hot path and keeps working while the
@@ -111,13 +116,28 @@ class Mesh:
     def forward(self, src: bytes, dest: bytes, payload: bytes) -> bool:
         """Send a packet towards the relay that holds ``dest``; False if none is known."""
         record = self._state.route(dest)
-        if record is None or record.relay_id == self._me.relay_id:
+        if record is None:
+            return self._forward_to_lost(src, dest, payload)
+        if record.relay_id == self._me.relay_id:
             return False
         link = self._links.get(record.relay_id)
         if link is None or link.record.ws_url != record.ws_url:
             link = self._open(record, eager=record.region == self._me.region)
             if link is None:
                 return False
+        link.last_used = trio.current_time()
+        if link.client.forward_nowait(src, dest, payload):
+            self.forwarded_out += 1
+        else:
+            self._server.count_drop(DropReason.MESH_QUEUE_FULL)
+        return True
+
+    def _forward_to_lost(self, src: bytes, dest: bytes, payload: bytes) -> bool:
+        """A LOST peer's packet goes to its last relay while our link there is up."""
+        relay_id = self._state.last_relay(dest)
+        link = self._links.get(relay_id) if relay_id is not None else None
+        if link is None or not link.client.connected:
+            return False
         link.last_used = trio.current_time()
         if link.client.forward_nowait(src, dest, payload):
             self.forwarded_out += 1
@@ -186,8 +206,13 @@ class Mesh:
         relays = self._state.relays
         for relay_id, link in list(self._links.items()):
             current = relays.get(relay_id)
-            if current is None or current.ws_url != link.record.ws_url:
+            if current is None and link.client.connected:
+                # Its lease expired but it still answers: keep the link for its LOST peers.
+                link.eager = False
+            elif current is None or current.ws_url != link.record.ws_url:
                 self._close(relay_id, "left the registry" if current is None else "moved")
+            else:
+                link.eager = current.region == self._me.region
         for relay_id, record in relays.items():
             if (
                 relay_id != self._me.relay_id
@@ -201,6 +226,8 @@ class Mesh:
         for relay_id, link in list(self._links.items()):
             if not link.eager and now - link.last_used > self._idle_s:
                 self._close(relay_id, f"idle for {self._idle_s:g} s")
+            elif relay_id not in self._state.relays and not link.client.connected:
+                self._close(relay_id, "left the registry")
 
     def _open(self, record: RelayRecord, *, eager: bool) -> _Link | None:
         if self._nursery is None:
