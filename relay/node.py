@@ -49,6 +49,7 @@ from .app import create_app
 from .config import ConfigError, RelayConfig, load_tokens
 from .http import HttpStats, serve_app
 from .mesh import Mesh
+from .monitor import MeshMonitor
 from .server import RelayServer
 from .stun_server import StunStats, serve_stun
 from .supervisor import Supervisor
@@ -74,6 +75,7 @@ class NodeInfo:
     mesh: Mesh | None
     supervisor: Supervisor
     stun_port: int = 0
+    monitor: MeshMonitor | None = None
 
 
 def load_node_key(cfg: RelayConfig) -> PrivateKey:
@@ -187,6 +189,18 @@ async def serve_relay_node(
                     def relays() -> list[RelayRecord]:
                         return list(state.relays.values()) if state is not None else [me]
 
+                    monitor = (
+                        MeshMonitor(
+                            cfg.health,
+                            me=lambda: me,
+                            relays=relays,
+                            regions=[r.code for r in configured_map.regions]
+                            if configured_map is not None
+                            else None,
+                        )
+                        if cfg.health.enabled
+                        else None
+                    )
                     http_stats = HttpStats()
                     app = create_app(
                         cfg,
@@ -199,6 +213,7 @@ async def serve_relay_node(
                         stun_stats=stun_stats,
                         http_stats=http_stats,
                         supervisor=supervisor,
+                        monitor=monitor,
                         mesh_key=mesh_key,
                     )
                     await supervisor.start(
@@ -211,6 +226,8 @@ async def serve_relay_node(
                         await supervisor.start(
                             nursery, "health", partial(_report_health, server, state)
                         )
+                    if monitor is not None:
+                        await supervisor.start(nursery, "monitor", monitor.run)
                     info = NodeInfo(
                         relay_id=cfg.relay.name,
                         region=cfg.relay.region,
@@ -223,6 +240,7 @@ async def serve_relay_node(
                         mesh=mesh,
                         supervisor=supervisor,
                         stun_port=stun_port,
+                        monitor=monitor,
                     )
                     log.info(
                         "relay %s/%s up: %s %s key %s",

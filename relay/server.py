@@ -267,6 +267,8 @@ class RelayServer:
         # Set by add_forwarder(): who carries packets for keys not connected here.
         self._forwarder: PacketForwarder | None = None
         self._forward_error_logged_at = -_FORWARD_ERROR_LOG_INTERVAL_S
+        #: Set once drain() has begun: the relay is on its way out.
+        self.draining = False
 
     # ---- public surface -------------------------------------------------
 
@@ -362,6 +364,7 @@ class RelayServer:
         self, *, reconnect_in_ms: int = 0, try_for_ms: int = 10_000, grace_s: float = 2.0
     ) -> None:
         """Tell every client we are restarting, give writers ``grace_s`` to flush, close all."""
+        self.draining = True
         frame = wire.encode(wire.Restarting(reconnect_in_ms=reconnect_in_ms, try_for_ms=try_for_ms))
         clients = list(self._clients.values())
         for cl in clients:

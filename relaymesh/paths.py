@@ -1,6 +1,6 @@
 """Path choice for one peer: relayed until a direct UDP path is proven, and back.
 
-A pure state machine (time comes in as arguments); coordinator/peer.py does
+A pure state machine (time comes in as arguments); relaymesh/peer.py does
 the I/O. The rules:
 
 - Packets go through the relay until a Pong has come back on a direct

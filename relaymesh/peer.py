@@ -8,7 +8,7 @@ a disco key, and then, for every peer it talks to, tries to go direct:
 - the peer's disco key and endpoints come from the peer itself: an Intro
   through the relay, sealed node key to node key, answered with one (the
   relays' peer API is for operators only), then CallMeMaybe messages;
-- coordinator/paths.py decides, per peer, relay or direct;
+- relaymesh/paths.py decides, per peer, relay or direct;
 - every payload is sealed end to end with the node keys, on both paths.
 
 ``peer.path(key)`` says how packets to ``key`` go now; ``peer.ping(key)``

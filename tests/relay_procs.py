@@ -17,6 +17,10 @@ MESH_TEST_CONFIG = """
 lease_ttl_s = 2
 keepalive_interval_s = 0.5
 lost_grace_s = 30
+
+# The tests count clients, peers and forwarded packets: no probe traffic.
+[health]
+enabled = false
 """
 
 
