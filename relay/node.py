@@ -26,7 +26,7 @@ from nacl.signing import SigningKey
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
-from coordinator.store import Store
+from coordinator.store import LeaseNotFound, Store, StoreUnavailable
 from region.model import RegionMap, RegionMapError, load_region_map
 from relay.protocol.keys import NodeKey, PrivateKey, load_or_create_key_file
 
@@ -37,7 +37,7 @@ from .mesh import Mesh
 from .server import RelayServer
 from .stun_server import StunStats, serve_stun
 
-__all__ = ["NodeInfo", "load_node_key", "serve_relay_node"]
+__all__ = ["ListenError", "NodeInfo", "load_node_key", "serve_relay_node", "shut_down_node"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,29 @@ class NodeInfo:
     state: MeshState | None
     mesh: Mesh | None
     stun_port: int = 0
+
+
+class ListenError(Exception):
+    """A port could not be bound; the message names the address and what it was for."""
+
+
+@asynccontextmanager
+async def _binding(role: str, host: str, port: int) -> AsyncIterator[None]:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        yield
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {where} ({role}): {exc.strerror or exc}") from None
+    except BaseExceptionGroup as group:
+        # The servers bind inside their own nurseries: the OSError comes grouped.
+        errors, _ = group.split(OSError)
+        if errors is None:
+            raise
+        first: BaseException = errors
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        reason = first.strerror if isinstance(first, OSError) and first.strerror else str(first)
+        raise ListenError(f"cannot listen on {where} ({role}): {reason}") from None
 
 
 def load_node_key(cfg: RelayConfig) -> PrivateKey:
@@ -109,13 +132,15 @@ async def serve_relay_node(
     hconfig.graceful_timeout = 1.0
     configured_map, signing_key = _load_region_map_config(cfg)
     async with trio.open_nursery() as nursery:
-        ws_port = await nursery.start(server.serve, host, cfg.relay.port)
+        async with _binding("WebSocket", host, cfg.relay.port):
+            ws_port = await nursery.start(server.serve, host, cfg.relay.port)
         stun_stats = StunStats()
         stun_port = 0
         if cfg.relay.stun:
-            stun_port = await nursery.start(
-                partial(serve_stun, host, cfg.relay.stun_port, stats=stun_stats)
-            )
+            async with _binding("STUN, UDP", host, cfg.relay.stun_port):
+                stun_port = await nursery.start(
+                    partial(serve_stun, host, cfg.relay.stun_port, stats=stun_stats)
+                )
         ahost = cfg.mesh.advertise_host or _url_host(host)
         ws_url = f"ws://{ahost}:{ws_port}/derp"
         me = RelayRecord(
@@ -169,7 +194,8 @@ async def serve_relay_node(
                 signing_key=signing_key,
                 stun_stats=stun_stats,
             )
-            binds = await nursery.start(hypercorn_serve, app, hconfig)
+            async with _binding("HTTP", host, cfg.relay.http_port):
+                binds = await nursery.start(hypercorn_serve, app, hconfig)
             http_port = int(str(binds[0]).rsplit(":", 1)[1])
             http_url = f"http://{ahost}:{http_port}"
             me_box[0] = replace(me, http_url=http_url)
@@ -223,6 +249,32 @@ def _load_region_map_config(cfg: RelayConfig) -> tuple[RegionMap | None, Signing
                 f"{rm.signing_key_file}: an Ed25519 signing key is 64 hex digits"
             ) from None
     return configured, signing_key
+
+
+async def shut_down_node(info: NodeInfo, *, deadline_s: float) -> None:
+    """A planned stop, within ``deadline_s``; the caller then cancels the node.
+
+    1. Every client gets Restarting; those that know other relays move at once,
+       while this relay still delivers to them and forwards for them.
+    2. The writers of those still here flush; each connection is closed with
+       1001 (going away), so clients fail over at once instead of timing out.
+    3. The relay deregisters: its lease is revoked, which removes its record and
+       the peers still published under it. This comes last on purpose: while
+       clients are moving, other relays must still route to the ones here.
+    """
+    close_s = min(1.0, deadline_s / 4)
+    revoke_s = min(1.0, deadline_s / 4)
+    with trio.move_on_after(deadline_s):
+        await info.server.drain(
+            reconnect_in_ms=0, grace_s=deadline_s - close_s - revoke_s, close_s=close_s
+        )
+        state = info.state
+        if state is not None and state.registered:
+            with trio.move_on_after(revoke_s):
+                try:
+                    await state.store.revoke(state.lease)
+                except (StoreUnavailable, LeaseNotFound) as exc:
+                    log.info("could not deregister (the lease will expire): %s", exc)
 
 
 @asynccontextmanager
