@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -72,6 +72,19 @@ def _http_base(url: str, command: str) -> str:
             f" `relaymesh relay`), which serves the region map; {url} is a WebSocket URL"
         )
     return url
+
+
+def _run(fn: Callable[[], Awaitable[Any]], *mistakes: type[Exception]) -> Any:
+    """trio.run(fn), with ``mistakes`` (grouped or not) turned into the one-line UserError."""
+    try:
+        return trio.run(fn)
+    except mistakes as exc:
+        raise UserError(str(exc)) from None
+    except BaseExceptionGroup as group:
+        found, _ = group.split(mistakes)
+        if found is None:
+            raise
+        raise UserError(str(_first(found))) from None
 
 
 def _parse_nodekey(text: str) -> NodeKey:
@@ -291,10 +304,7 @@ def cmd_regionmap(args: argparse.Namespace) -> int:
 
     url = _http_base(args.url, "regionmap")
     source = RegionMapSource(url, verify_key=_verify_key(args.verify_key))
-    try:
-        region_map = trio.run(source.fetch)
-    except MapFetchError as exc:
-        raise UserError(str(exc)) from None
+    region_map = _run(source.fetch, MapFetchError)
     if args.json:
         print(json.dumps(region_map.model_dump(mode="json")))
         return 0
@@ -323,10 +333,7 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
         region_map = await source.fetch()
         return await run_netcheck(region_map, deadline_s=args.deadline)
 
-    try:
-        report = trio.run(run)
-    except MapFetchError as exc:
-        raise UserError(str(exc)) from None
+    report = _run(run, MapFetchError)
     if args.json:
         print(json.dumps(report.to_json()))
         return 0
@@ -385,10 +392,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
                 print(json.dumps(line) if args.json else text, flush=True)
         return 0 if answered else 1
 
-    try:
-        return trio.run(run)
-    except (MapFetchError, PeerNotFound) as exc:
-        raise UserError(str(exc)) from None
+    return int(_run(run, MapFetchError, PeerNotFound))
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -463,10 +467,7 @@ def _listen_as_peer(args: argparse.Namespace, key: PrivateKey) -> int:
                 else:
                     print(f"{got.src}: {text}", flush=True)
 
-    try:
-        trio.run(run)
-    except MapFetchError as exc:
-        raise UserError(str(exc)) from None
+    _run(run, MapFetchError, ConnectError)
     return 0
 
 
