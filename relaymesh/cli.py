@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -526,6 +527,34 @@ def cmd_send(args: argparse.Namespace) -> int:
 # ---- parser ----------------------------------------------------------------
 
 
+# ---- status -----------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy, 1 with an error-severity problem (or stale data), 2 unreachable."""
+    from .status import fetch_mesh_status, render_status, status_exit_code
+
+    while True:
+        doc, error = fetch_mesh_status(args.url)
+        if doc is None:
+            print(f"relaymesh: error: {args.url}: {error}", file=sys.stderr)
+            code = 2
+        else:
+            code = status_exit_code(doc)
+            if args.json:
+                print(json.dumps(doc), flush=True)
+            else:
+                if args.watch:
+                    print("\x1b[H\x1b[2J", end="")
+                print(render_status(doc), flush=True)
+        if not args.watch:
+            return code
+        try:
+            time.sleep(doc["interval_s"] if doc else 2.0)
+        except KeyboardInterrupt:
+            return code
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench.command import cmd_bench
 
@@ -678,6 +707,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each pong")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser(
+        "status",
+        help="the mesh's health, problems first",
+        description="Show the whole mesh's health as a relay sees it (its /api/v1/mesh):"
+        " problems first, then relays, paths and etcd. Exit status: 0 healthy,"
+        " 1 a problem of severity error (or stale data), 2 the relay cannot be reached.",
+    )
+    p.add_argument("--url", required=True, help="a relay's HTTP URL, e.g. http://127.0.0.1:3341")
+    p.add_argument("--json", action="store_true", help="print the status document as JSON")
+    p.add_argument("--watch", action="store_true", help="redraw every few seconds until Ctrl-C")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "bench",

@@ -17,12 +17,9 @@ Ctrl-C or SIGTERM: relays tell their clients to move, then exit.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,7 +33,7 @@ from relay.config import load_config
 
 from .errors import UserError
 from .hints import command_name
-from .procs import start_local_etcd, stop_processes
+from .procs import EtcdCluster, RelayProc, spawn_relay, start_etcd, stop_processes, write_mesh_key
 
 __all__ = ["UpOptions", "run_up"]
 
@@ -206,8 +203,8 @@ def _describe(info: Any) -> dict[str, Any]:
 
 def _processes(opts: UpOptions) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-up-"))
-    children: list[subprocess.Popen[str]] = []
-    etcd_proc: subprocess.Popen[bytes] | None = None
+    relays: list[RelayProc] = []
+    etcd: EtcdCluster | None = None
     stop = 0
 
     def on_signal(signum: int, frame: object) -> None:
@@ -218,55 +215,34 @@ def _processes(opts: UpOptions) -> int:
     old_term = signal.signal(signal.SIGTERM, on_signal)
     try:
         if opts.etcd == "auto":
-            etcd_proc, endpoints = start_local_etcd(workdir)
+            etcd = start_etcd(workdir / "etcd")
+            endpoints = ",".join(etcd.endpoints)
         else:
             endpoints = opts.etcd
-        mesh_key_file = workdir / "mesh.key"
-        fd = os.open(mesh_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
+        mesh_key_file = write_mesh_key(workdir / "mesh.key")
         for spec in _layout(opts):
-            children.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "relaymesh.cli",
-                        "relay",
-                        "--json",
-                        "--region",
-                        spec["region"],
-                        "--name",
-                        spec["name"],
-                        "--port",
-                        str(spec["port"]),
-                        "--http-port",
-                        str(spec["http_port"]),
-                        "--stun-port",
-                        str(spec["stun_port"]),
-                        "--listen-host",
-                        opts.listen_host,
-                        "--etcd",
-                        endpoints,
-                        "--mesh-key-file",
-                        str(mesh_key_file),
-                        "--key-file",
-                        str(workdir / f"{spec['name']}.key"),
-                    ],
-                    stdout=subprocess.PIPE,
-                    stderr=(workdir / f"{spec['name']}.log").open("w"),
-                    text=True,
+            relays.append(
+                spawn_relay(
+                    workdir,
+                    region=spec["region"],
+                    name=spec["name"],
+                    etcd=endpoints,
+                    mesh_key_file=mesh_key_file,
+                    key_file=workdir / f"{spec['name']}.key",
+                    port=spec["port"],
+                    http_port=spec["http_port"],
+                    stun_port=spec["stun_port"],
+                    listen_host=opts.listen_host,
+                    log=True,
                 )
             )
-        relays = []
-        for spec, child in zip(_layout(opts), children, strict=True):
-            assert child.stdout is not None
-            line = child.stdout.readline()
-            if not line:
-                child.wait()
-                raise UserError(f"relay {spec['name']}: {_last_error(workdir, spec['name'])}")
-            info = json.loads(line)
-            relays.append(
+        described = []
+        for relay in relays:
+            try:
+                info = relay.wait_started().info
+            except RuntimeError:
+                raise UserError(f"relay {relay.name}: {_last_error(workdir, relay.name)}") from None
+            described.append(
                 {
                     "relay_id": info["name"],
                     "region": info["region"],
@@ -274,20 +250,19 @@ def _processes(opts: UpOptions) -> int:
                     "http_url": info["http_url"],
                     "stun_port": info.get("stun_port", 0),
                     "public_key": info["public_key"],
-                    "pid": child.pid,
+                    "pid": relay.pid,
                 }
             )
-        _report(opts, "processes", relays, endpoints.split(","))
+        _report(opts, "processes", described, endpoints.split(","))
         if not opts.json:
             print(f"relay logs: {workdir}/<relay>.log", flush=True)
-        while not stop and all(c.poll() is None for c in children):
+        while not stop and all(r.proc.poll() is None for r in relays):
             time.sleep(0.2)
         return stop
     finally:
-        stop_processes(children)
-        if etcd_proc is not None:
-            etcd_proc.terminate()
-            etcd_proc.wait(timeout=10)
+        stop_processes(r.proc for r in relays)
+        if etcd is not None:
+            etcd.stop_all(kill=False)
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(workdir, ignore_errors=True)

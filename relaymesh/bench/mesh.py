@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
+import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,6 +33,14 @@ import trio
 from relay.client import RelayClient, open_relay_client
 from relay.protocol.keys import PrivateKey
 
+from ..procs import (
+    EtcdCluster,
+    RelayProc,
+    spawn_relay,
+    start_etcd,
+    stop_processes,
+    write_mesh_key,
+)
 from .relay import percentiles, stream
 
 __all__ = ["run_scenario"]
@@ -48,57 +54,36 @@ keepalive_interval_s = 1.0
 
 @contextmanager
 def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], str]]:
-    """Relay processes for (region, name) pairs on a fresh local etcd."""
-    from relaymesh.procs import start_local_etcd, stop_processes
+    """Relay processes for (region, name) pairs on a fresh local etcd.
 
+    Everything lives in one temporary directory (the mesh key among it), removed at exit.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-bench-"))
-    etcd, endpoint = start_local_etcd(workdir)
-    (workdir / "mesh.key").write_text(secrets.token_hex(32))
-    os.chmod(workdir / "mesh.key", 0o600)
-    (workdir / "relay.toml").write_text(_TEST_MESH)
-    procs: list[subprocess.Popen[str]] = []
+    relays: list[RelayProc] = []
+    etcd: EtcdCluster | None = None
     try:
-        relays = []
+        etcd = start_etcd(workdir / "etcd")
+        endpoint = etcd.endpoints[0]
+        mesh_key = write_mesh_key(workdir / "mesh.key")
+        (workdir / "relay.toml").write_text(_TEST_MESH)
         for region, name in specs:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "relaymesh.cli",
-                    "relay",
-                    "--json",
-                    "--config",
-                    str(workdir / "relay.toml"),
-                    "--region",
-                    region,
-                    "--name",
-                    name,
-                    "--port",
-                    "0",
-                    "--http-port",
-                    "0",
-                    "--stun-port",
-                    "0",
-                    "--etcd",
-                    endpoint,
-                    "--mesh-key-file",
-                    str(workdir / "mesh.key"),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
+            relays.append(
+                spawn_relay(
+                    workdir,
+                    region=region,
+                    name=name,
+                    etcd=endpoint,
+                    mesh_key_file=mesh_key,
+                    config=workdir / "relay.toml",
+                    log=False,
+                )
             )
-            procs.append(proc)
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"relay {name} did not start")
-            relays.append({**json.loads(line), "pid": proc.pid, "proc": proc})
-        yield relays, endpoint
+        yield [{**r.wait_started().info, "pid": r.pid, "proc": r.proc} for r in relays], endpoint
     finally:
-        stop_processes(procs)
-        etcd.terminate()
-        etcd.wait(timeout=10)
+        stop_processes(r.proc for r in relays)
+        if etcd is not None:
+            etcd.stop_all(kill=False)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _status(http_url: str) -> dict[str, Any]:
