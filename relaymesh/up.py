@@ -160,6 +160,8 @@ async def _embedded(opts: UpOptions) -> int:
                                 )
                             )
                         )
+                    except ListenError as exc:
+                        raise UserError(f"relay {spec['name']}: {exc}") from None
                     except BaseExceptionGroup as group:
                         # Raised in the node's nursery, so grouped; still one line.
                         taken, _ = group.split(ListenError)

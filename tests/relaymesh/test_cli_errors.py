@@ -101,7 +101,8 @@ MISTAKES: list[tuple[str, list[str], str]] = [
     (
         "up beside a port in use",
         ["up", "--regions", "eu", "--relays-per-region", "1", "--base-port", "<TCP>"],
-        r"relay eu-1: cannot listen on 127\.0\.0\.1:<TCP> \(WebSocket\): Address already in use",
+        # The HTTP port (base + 1) is bound first; it may be the one taken, too.
+        r"relay eu-1: cannot listen on 127\.0\.0\.1:\d+ \((WebSocket|HTTP)\): Address already in",
     ),
     (
         "up with etcd unreachable",
