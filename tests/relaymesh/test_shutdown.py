@@ -120,5 +120,5 @@ async def test_a_planned_restart_moves_clients_to_a_sibling_with_little_loss(
     print(f"planned restart, clients with a sibling URL: {lost} of {sent} packets lost")
     assert ended_on is not None and "sd2" not in ended_on  # a URL, not a name
     # Measured: 0-5 of 2000 here; 6-71 before clients moved on Restarting and the
-    # relay waited for them (docs/deploy.md, "Planned restarts").
+    # relay waited for them.
     assert lost <= 20, f"{lost} of {sent} lost"
