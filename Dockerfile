@@ -12,8 +12,8 @@ RUN pip install --no-cache-dir . && useradd --system --home /var/lib/relaymesh r
     && mkdir -p /var/lib/relaymesh && chown relaymesh /var/lib/relaymesh
 USER relaymesh
 WORKDIR /var/lib/relaymesh
-# WebSocket data plane, HTTP API
-EXPOSE 3340 3341
+# WebSocket data plane, HTTP API, STUN
+EXPOSE 3340 3341 3478/udp
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:3341/healthz', timeout=2)" || exit 1
 ENTRYPOINT ["relaymesh"]
 CMD ["relay", "--listen-host", "0.0.0.0", "--key-file", "/var/lib/relaymesh/relay.key"]

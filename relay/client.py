@@ -23,6 +23,7 @@ the same key) every waiter, and every later call, raises
 from __future__ import annotations
 
 import logging
+import os
 import random
 import struct
 from collections import deque
@@ -358,6 +359,11 @@ class RelayClient:
                     return
                 log.info("relay %s disconnected: %s", url, exc.why)
                 attempt = 1
+                if exc.code == CloseReason.GOING_AWAY and len(self.urls) > 1:
+                    # The relay is shutting down: its siblings are the place to be, now.
+                    index += 1
+                    attempt = 0
+                    self._restart_hint_s = 0.0
             if self._move_requested:
                 self._move_requested = False
                 index = 0
@@ -417,7 +423,7 @@ class RelayClient:
                         wait.done.set()
                 raise result[0] if result else _Disconnect("closed")
         except (OSError, HandshakeError, ConnectionRejected) as exc:
-            raise ConnectError(f"{url}: cannot connect: {exc}") from None
+            raise ConnectError(f"{url}: cannot connect: {_os_reason(exc)}") from None
 
     async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> None:
         self.server_key, self.server_info = await client_handshake(
@@ -495,7 +501,13 @@ class RelayClient:
             case wire.Health(problem=problem):
                 self.health = problem
             case wire.Restarting(reconnect_in_ms=ms):
-                self._restart_hint_s = ms / 1000
+                if len(self.urls) > 1 and self.url in self.urls:
+                    # A planned restart: move to the next relay now instead of waiting
+                    # for this one to come back; it goes to the end of the list.
+                    i = self.urls.index(self.url)
+                    self.move_to(self.urls[i + 1 :] + self.urls[: i + 1])
+                else:
+                    self._restart_hint_s = ms / 1000
             case _:
                 pass  # KeepAlive, or a frame a newer relay sends that we can ignore
 
@@ -602,6 +614,21 @@ async def client_handshake(
             f"expected ServerInfo, got {type(reply).__name__}", CloseReason.BAD_HANDSHAKE
         )
     return got, open_server_info(key, got, reply)
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The operating system's reason behind a failed connect ("Connection refused"), which
+    trio-websocket wraps in a HandshakeError without text and trio in an exception group."""
+    seen: list[BaseException] = [exc]
+    for err in seen:
+        if isinstance(err, OSError) and err.errno is not None and err.strerror:
+            return os.strerror(err.errno)
+        if isinstance(err, BaseExceptionGroup):
+            seen.extend(err.exceptions)
+        for nxt in (err.__cause__, err.__context__):
+            if nxt is not None and nxt not in seen:
+                seen.append(nxt)
+    return next((str(e) for e in seen if str(e)), type(exc).__name__)
 
 
 def _why(exc: ConnectionClosed) -> str:

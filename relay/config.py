@@ -67,6 +67,9 @@ class RelaySection(_Frozen):
     stun_port: int = Field(3478, ge=0, le=65535)
     #: The relay's private key; created (mode 0600) if missing. None: a new key each start.
     key_file: Path | None = None
+    #: On SIGTERM: the time from Restarting to the last 1001 close, after which the relay
+    #: exits whatever is left (clients that have not moved, unflushed queues).
+    shutdown_deadline_s: float = Field(5.0, gt=0, le=600)
 
 
 class AdmissionConfig(_Frozen):
@@ -119,6 +122,8 @@ class MeshConfig(_Frozen):
     link_queue_packets: int = Field(4096, ge=1, le=1_000_000)
     #: The host others use to reach this relay (default: the listen host, or 127.0.0.1).
     advertise_host: str | None = None
+    #: `relaymesh relay` exits with an error if it is not registered in etcd this soon.
+    start_timeout_s: float = Field(10.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _keepalive_within_ttl(self) -> MeshConfig:

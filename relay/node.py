@@ -40,7 +40,7 @@ from nacl.signing import SigningKey
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
-from coordinator.store import Store
+from coordinator.store import LeaseNotFound, Store, StoreUnavailable
 from region.model import RegionMap, RegionMapError, load_region_map
 from relay.protocol.keys import NodeKey, PrivateKey, load_or_create_key_file
 
@@ -54,7 +54,7 @@ from .server import RelayServer
 from .stun_server import StunStats, serve_stun
 from .supervisor import Supervisor
 
-__all__ = ["NodeInfo", "load_node_key", "serve_relay_node"]
+__all__ = ["ListenError", "NodeInfo", "load_node_key", "serve_relay_node", "shut_down_node"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,29 @@ class NodeInfo:
     supervisor: Supervisor
     stun_port: int = 0
     monitor: MeshMonitor | None = None
+
+
+class ListenError(Exception):
+    """A port could not be bound; the message names the address and what it was for."""
+
+
+@asynccontextmanager
+async def _binding(role: str, host: str, port: int) -> AsyncIterator[None]:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        yield
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {where} ({role}): {exc.strerror or exc}") from None
+    except BaseExceptionGroup as group:
+        # The servers bind inside their own nurseries: the OSError may come grouped.
+        errors, _ = group.split(OSError)
+        if errors is None:
+            raise
+        first: BaseException = errors
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        reason = first.strerror if isinstance(first, OSError) and first.strerror else str(first)
+        raise ListenError(f"cannot listen on {where} ({role}): {reason}") from None
 
 
 def load_node_key(cfg: RelayConfig) -> PrivateKey:
@@ -128,7 +151,9 @@ async def serve_relay_node(
     supervisor = Supervisor()
     started = False
     try:
-        with await _listen_tcp(host, cfg.relay.http_port) as http_sock:
+        async with _binding("HTTP", host, cfg.relay.http_port):
+            http_sock = await _listen_tcp(host, cfg.relay.http_port)
+        with http_sock:
             async with trio.open_nursery() as nursery:
 
                 def serve_ws(task_status: trio.TaskStatus[int]) -> Any:
@@ -136,7 +161,8 @@ async def serve_relay_node(
                     port = server.port if server.port is not None else cfg.relay.port
                     return server.serve(host, port, task_status=task_status)
 
-                ws_port = await supervisor.start(nursery, "websocket", serve_ws)
+                async with _binding("WebSocket", host, cfg.relay.port):
+                    ws_port = await supervisor.start(nursery, "websocket", serve_ws)
                 stun_stats = StunStats()
                 stun_port = 0
                 if cfg.relay.stun:
@@ -147,7 +173,8 @@ async def serve_relay_node(
                             host, stun_box[0], stats=stun_stats, task_status=task_status
                         )
 
-                    stun_port = stun_box[0] = await supervisor.start(nursery, "stun", run_stun)
+                    async with _binding("STUN, UDP", host, cfg.relay.stun_port):
+                        stun_port = stun_box[0] = await supervisor.start(nursery, "stun", run_stun)
                 ahost = cfg.mesh.advertise_host or _url_host(host)
                 ws_url = f"ws://{ahost}:{ws_port}/derp"
                 http_url = f"http://{ahost}:{http_sock.getsockname()[1]}"
@@ -261,6 +288,32 @@ async def serve_relay_node(
             if len(leaves) == 1 and isinstance(leaves[0], Exception):
                 raise leaves[0] from None
         raise
+
+
+async def shut_down_node(info: NodeInfo, *, deadline_s: float) -> None:
+    """A planned stop, within ``deadline_s``; the caller then cancels the node.
+
+    1. Every client gets Restarting; those that know other relays move at once,
+       while this relay still delivers to them and forwards for them.
+    2. The writers of those still here flush; each connection is closed with
+       1001 (going away), so clients fail over at once instead of timing out.
+    3. The relay deregisters: its lease is revoked, which removes its record and
+       the peers still published under it. This comes last on purpose: while
+       clients are moving, other relays must still route to the ones here.
+    """
+    close_s = min(1.0, deadline_s / 4)
+    revoke_s = min(1.0, deadline_s / 4)
+    with trio.move_on_after(deadline_s):
+        await info.server.drain(
+            reconnect_in_ms=0, grace_s=deadline_s - close_s - revoke_s, close_s=close_s
+        )
+        state = info.state
+        if state is not None and state.registered:
+            with trio.move_on_after(revoke_s):
+                try:
+                    await state.store.revoke(state.lease)
+                except (StoreUnavailable, LeaseNotFound) as exc:
+                    log.info("could not deregister (the lease will expire): %s", exc)
 
 
 async def _listen_tcp(host: str, port: int) -> trio.socket.SocketType:

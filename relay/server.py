@@ -196,6 +196,8 @@ class _Client:
         # Set by whoever ends the connection first.
         self.close_reason: CloseReason | None = None
         self.close_detail = ""
+        # Set by the connection's handler once its close frame went out (or could not).
+        self.closed = trio.Event()
 
     def end(self, reason: CloseReason, detail: str) -> None:
         if self.close_reason is None:
@@ -361,19 +363,39 @@ class RelayServer:
             self._enqueue_ctrl(cl, frame)
 
     async def drain(
-        self, *, reconnect_in_ms: int = 0, try_for_ms: int = 10_000, grace_s: float = 2.0
+        self,
+        *,
+        reconnect_in_ms: int = 0,
+        try_for_ms: int = 10_000,
+        grace_s: float = 2.0,
+        close_s: float = 1.0,
     ) -> None:
-        """Tell every client we are restarting, give writers ``grace_s`` to flush, close all."""
+        """Shut the data plane down in order, for a planned restart.
+
+        Tell every client we are restarting and give them up to ``grace_s`` to
+        leave on their own (a client that knows other relays moves at once; until
+        it has, this relay still delivers to it). Then, for up to ``close_s``, let
+        the writers of those still here flush what is queued, close each with
+        1001 (going away) and wait for the close frames to go out.
+        """
         self.draining = True
         frame = wire.encode(wire.Restarting(reconnect_in_ms=reconnect_in_ms, try_for_ms=try_for_ms))
-        clients = list(self._clients.values())
+        clients = [cl for cl in self._clients.values() if not cl.is_mesh]
         for cl in clients:
             self._enqueue_ctrl(cl, frame)
+        # Polled: this runs once per shutdown, over every client.
         with trio.move_on_after(grace_s):
-            # Polled: this runs once per shutdown, over every client.
-            while any(cl.ctrl or cl.data for cl in clients if not cl.closing):  # noqa: ASYNC110
+            while any(not cl.closing for cl in clients):  # noqa: ASYNC110
                 await trio.sleep(0.01)
-        for cl in clients:
+        remaining = list(self._clients.values())
+        with trio.move_on_after(close_s):
+            while any(cl.ctrl or cl.data for cl in remaining if not cl.closing):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            for cl in remaining:
+                cl.end(CloseReason.GOING_AWAY, "relay restarting")
+            for cl in remaining:
+                await cl.closed.wait()
+        for cl in remaining:
             cl.end(CloseReason.GOING_AWAY, "relay restarting")
 
     # ---- connection lifecycle --------------------------------------------
@@ -426,7 +448,10 @@ class RelayServer:
         finally:
             self._unregister(client)
         reason = client.close_reason or CloseReason.CLOSED_BY_PEER
-        await self._close(ws, reason, client.close_detail)
+        try:
+            await self._close(ws, reason, client.close_detail)
+        finally:
+            client.closed.set()
 
     async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> ClientHello:
         challenge = new_challenge()

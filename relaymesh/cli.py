@@ -10,19 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
 
+from coordinator.store import StoreUnavailable
 from relay import __version__
 from relay.client import ConnectError, open_relay_client
 from relay.config import ConfigError, load_config, load_mesh_key
-from relay.node import serve_relay_node
+from relay.node import ListenError, NodeInfo, load_node_key, serve_relay_node, shut_down_node
 from relay.protocol.keys import (
     KeyFileError,
     NodeKey,
@@ -34,6 +36,8 @@ from relay.protocol.keys import (
 )
 
 from .errors import UserError
+from .hints import command_name
+from .urls import UrlError, relay_urls, split_urls, url_kind
 
 __all__ = ["main"]
 
@@ -52,6 +56,36 @@ def _load_key(path: Path) -> PrivateKey:
         return load_key_file(path)
     except KeyFileError as exc:
         raise UserError(str(exc)) from None
+
+
+def _urls(text: str) -> str:
+    try:
+        split_urls(text)
+    except UrlError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _http_base(url: str, command: str) -> str:
+    if url_kind(url) != "http":
+        raise UserError(
+            f"{command} needs a relay's HTTP base (http://host:port, the `http` line of"
+            f" `relaymesh relay`), which serves the region map; {url} is a WebSocket URL"
+        )
+    return url
+
+
+def _run(fn: Callable[[], Awaitable[Any]], *mistakes: type[Exception]) -> Any:
+    """trio.run(fn), with ``mistakes`` (grouped or not) turned into the one-line UserError."""
+    try:
+        return trio.run(fn)
+    except mistakes as exc:
+        raise UserError(str(exc)) from None
+    except BaseExceptionGroup as group:
+        found, _ = group.split(mistakes)
+        if found is None:
+            raise
+        raise UserError(str(_first(found))) from None
 
 
 def _parse_nodekey(text: str) -> NodeKey:
@@ -120,52 +154,110 @@ def cmd_relay(args: argparse.Namespace) -> int:
             " (or [mesh] mesh_key_file, or env RELAYMESH_MESH_KEY)"
         )
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            try:
-                info = await nursery.start(
-                    lambda task_status: serve_relay_node(
-                        cfg, mesh_key=mesh_key, task_status=task_status
-                    )
-                )
-            except OSError as exc:
-                raise UserError(f"cannot listen: {exc.strerror or exc}") from None
-            if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "region": info.region,
-                            "name": info.name,
-                            "public_key": str(info.public_key),
-                            "ws_url": info.ws_url,
-                            "http_url": info.http_url,
-                        }
-                    ),
-                    flush=True,
-                )
-            else:
-                print(f"relay {info.region}/{info.name} is up", flush=True)
-                print(f"  key       {info.public_key}")
-                print(f"  websocket {info.ws_url}")
-                print(f"  http      {info.http_url}  (/healthz /metrics /api/v1/status)")
-                print("connect two terminals through it:")
-                print("  relaymesh keygen --out alice.key; relaymesh keygen --out bob.key")
-                print(f"  relaymesh listen --url {info.ws_url} --key-file bob.key")
-                print(
-                    f"  relaymesh send --url {info.ws_url} --key-file alice.key"
-                    " --to <bob's key> hello",
-                    flush=True,
-                )
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    break
-            log = logging.getLogger("relaymesh")
-            log.info("shutting down: telling clients to move")
-            await info.server.drain(reconnect_in_ms=0, grace_s=2.0)
-            nursery.cancel_scope.cancel()
+    try:
+        key = load_node_key(cfg)
+    except OSError as exc:
+        raise UserError(
+            f"{cfg.relay.key_file}: cannot create the relay key: {exc.strerror or exc}"
+        ) from None
+    prog = command_name()
 
-    trio.run(run)
-    return 0
+    async def run() -> int:
+        # Signals are caught from before the first port is bound: a Ctrl-C that lands
+        # while the relay starts (or just after its banner) still stops it cleanly.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            got: list[int] = []
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                starting = trio.CancelScope()
+
+                async def watch() -> None:
+                    async for signum in signals:
+                        got.append(signum)
+                        starting.cancel()
+                        stop.set()
+                        return
+
+                nursery.start_soon(watch)
+                with starting:
+                    info = await _start_node(nursery, cfg, key, mesh_key)
+                if not got:
+                    _relay_banner(args, info, prog)
+                    await stop.wait()
+                    log = logging.getLogger("relaymesh")
+                    log.info("shutting down: telling clients to move")
+                    await shut_down_node(info, deadline_s=cfg.relay.shutdown_deadline_s)
+                nursery.cancel_scope.cancel()
+        return 130 if got[0] == signal.SIGINT else 0
+
+    return trio.run(run)
+
+
+async def _start_node(
+    nursery: trio.Nursery, cfg: Any, key: PrivateKey, mesh_key: bytes | None
+) -> NodeInfo:
+    """Start the node; with shared state, return only once it is registered there."""
+    try:
+        info: NodeInfo = await nursery.start(
+            lambda task_status: serve_relay_node(
+                cfg, key=key, mesh_key=mesh_key, task_status=task_status
+            )
+        )
+    except (ListenError, ConfigError, StoreUnavailable) as exc:
+        raise UserError(str(exc)) from None
+    except BaseExceptionGroup as group:
+        # Raised inside the node's nursery, so grouped; still the operator's one line.
+        mistakes, _ = group.split((ListenError, ConfigError, StoreUnavailable))
+        if mistakes is None:
+            raise
+        raise UserError(str(_first(mistakes))) from None
+    state = info.state
+    if state is None:
+        return info
+    where = ",".join(cfg.mesh.etcd_endpoints)
+    # Fail fast, never a banner before the relay is in the mesh: a supervisor
+    # (systemd, compose, Kubernetes) restarts it once etcd is there.
+    with trio.move_on_after(cfg.mesh.start_timeout_s):
+        while not state.registered:
+            problem = state.degraded or ""
+            if problem.startswith("shared state unreachable"):
+                raise UserError(f"etcd {where}: {problem.removeprefix('shared state ')}")
+            await trio.sleep(0.05)
+        return info
+    raise UserError(
+        f"etcd {where}: not registered within {cfg.mesh.start_timeout_s:g} s"
+        f" ({state.degraded or 'no answer'})"
+    )
+
+
+def _relay_banner(args: argparse.Namespace, info: NodeInfo, prog: str) -> None:
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "region": info.region,
+                    "name": info.name,
+                    "public_key": str(info.public_key),
+                    "ws_url": info.ws_url,
+                    "http_url": info.http_url,
+                    "stun_port": info.stun_port,
+                }
+            ),
+            flush=True,
+        )
+        return
+    print(f"relay {info.region}/{info.name} is up", flush=True)
+    print(f"  key       {info.public_key}")
+    print(f"  websocket {info.ws_url}")
+    print(f"  http      {info.http_url}  (/healthz /metrics /api/v1/status /regionmap)")
+    print(f"  stun      udp port {info.stun_port}" if info.stun_port else "  stun      off")
+    print("connect two terminals through it:")
+    print(f"  {prog} keygen --out alice.key; {prog} keygen --out bob.key")
+    print(f"  {prog} listen --url {info.ws_url} --key-file bob.key")
+    print(
+        f"  {prog} send --url {info.ws_url} --key-file alice.key --to <bob's key> hello",
+        flush=True,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -211,11 +303,9 @@ def _verify_key(text: str | None) -> Any:
 def cmd_regionmap(args: argparse.Namespace) -> int:
     from relaymesh.home import MapFetchError, RegionMapSource
 
-    source = RegionMapSource(args.url, verify_key=_verify_key(args.verify_key))
-    try:
-        region_map = trio.run(source.fetch)
-    except MapFetchError as exc:
-        raise UserError(str(exc)) from None
+    url = _http_base(args.url, "regionmap")
+    source = RegionMapSource(url, verify_key=_verify_key(args.verify_key))
+    region_map = _run(source.fetch, MapFetchError)
     if args.json:
         print(json.dumps(region_map.model_dump(mode="json")))
         return 0
@@ -236,15 +326,15 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
     from region.netcheck import run_netcheck
     from relaymesh.home import MapFetchError, RegionMapSource
 
+    url = _http_base(args.url, "netcheck")
+    verify_key = _verify_key(args.verify_key)
+
     async def run() -> Any:
-        source = RegionMapSource(args.url, verify_key=_verify_key(args.verify_key))
+        source = RegionMapSource(url, verify_key=verify_key)
         region_map = await source.fetch()
         return await run_netcheck(region_map, deadline_s=args.deadline)
 
-    try:
-        report = trio.run(run)
-    except MapFetchError as exc:
-        raise UserError(str(exc)) from None
+    report = _run(run, MapFetchError)
     if args.json:
         print(json.dumps(report.to_json()))
         return 0
@@ -274,12 +364,13 @@ def cmd_ping(args: argparse.Namespace) -> int:
     from relaymesh.home import MapFetchError
     from relaymesh.peer import PeerNotFound, open_peer
 
+    url = _http_base(args.url, "ping")
     key = _load_key(args.key_file)
     dest: NodeKey = args.node
 
     async def run() -> int:
         answered = 0
-        async with open_peer(args.url, key) as peer:
+        async with open_peer(url, key) as peer:
             for seq in range(args.count):
                 if seq:
                     await trio.sleep(args.interval)
@@ -302,25 +393,26 @@ def cmd_ping(args: argparse.Namespace) -> int:
                 print(json.dumps(line) if args.json else text, flush=True)
         return 0 if answered else 1
 
-    try:
-        return trio.run(run)
-    except (MapFetchError, PeerNotFound) as exc:
-        raise UserError(str(exc)) from None
+    return int(_run(run, MapFetchError, PeerNotFound))
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    from relaymesh.home import MapFetchError
+
+    urls = split_urls(args.url)
     key = _load_key(args.key_file)
-    if args.url.startswith(("http://", "https://")):
+    if len(urls) == 1 and url_kind(urls[0]) == "http":
         return _listen_as_peer(args, key)
     sealer = Sealer(key)
 
     async def run() -> None:
         try:
-            async with open_relay_client(args.url, key, token=args.token) as client:
+            urls = await relay_urls(args.url)
+            async with open_relay_client(urls, key, token=args.token) as client:
                 if args.json:
-                    print(json.dumps({"listening": str(key.public), "url": args.url}), flush=True)
+                    print(json.dumps({"listening": str(key.public), "url": client.url}), flush=True)
                 else:
-                    print(f"listening as {key.public} on {args.url}", flush=True)
+                    print(f"listening as {key.public} on {client.url}", flush=True)
                 received = 0
                 while args.count is None or received < args.count:
                     packet = await client.receive()
@@ -343,7 +435,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
                         )
                     else:
                         print(f"{packet.src}: {plain.decode(errors='replace')}", flush=True)
-        except ConnectError as exc:
+        except (ConnectError, MapFetchError) as exc:
             raise UserError(str(exc)) from None
 
     trio.run(run)
@@ -376,21 +468,26 @@ def _listen_as_peer(args: argparse.Namespace, key: PrivateKey) -> int:
                 else:
                     print(f"{got.src}: {text}", flush=True)
 
-    try:
-        trio.run(run)
-    except MapFetchError as exc:
-        raise UserError(str(exc)) from None
+    _run(run, MapFetchError, ConnectError)
     return 0
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from relaymesh.home import MapFetchError
+
     key = _load_key(args.key_file)
     sealer = Sealer(key)
     dest: NodeKey = args.to
+    try:
+        sealer.seal(dest, b"")
+    except Exception:
+        # libsodium refuses a key that is not a point of the curve (all zeros, say).
+        raise UserError(f"--to {dest}: not a usable public key (no shared key with it)") from None
 
     async def run() -> None:
         try:
-            async with open_relay_client(args.url, key, token=args.token) as client:
+            urls = await relay_urls(args.url)
+            async with open_relay_client(urls, key, token=args.token) as client:
                 sent = 0
                 if args.message == "-":
                     # One packet per line, sent as it is read, so a terminal works like a chat.
@@ -418,7 +515,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                     print(
                         f"relaymesh: the relay says {dest} is not connected there", file=sys.stderr
                     )
-        except ConnectError as exc:
+        except (ConnectError, MapFetchError) as exc:
             raise UserError(str(exc)) from None
         except trio.TooSlowError:
             raise UserError("the relay did not take the packets within 10 s") from None
@@ -461,6 +558,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .bench.command import cmd_bench
 
+    if not args.seconds > 0:
+        raise UserError(f"--seconds must be more than 0, not {args.seconds:g}")
+    if args.pairs < 1:
+        raise UserError(f"--pairs must be at least 1, not {args.pairs}")
+    if args.size < 0:
+        raise UserError(f"--size must be at least 0 bytes, not {args.size}")
     return cmd_bench(args)
 
 
@@ -517,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-port",
         type=int,
         default=3340,
-        help="first port; relay i gets base+2i (WebSocket) and base+2i+1 (HTTP);"
+        help="first port; relay i gets base+2i (WebSocket, TCP), base+2i+1 (HTTP, TCP)"
+        " and base+138+i (STUN, UDP: 3478 and up for the default base);"
         " 0: any free ports (default 3340)",
     )
     p.add_argument(
@@ -542,8 +646,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--url",
             required=True,
-            help="relay WebSocket URL (ws://…/derp); for listen also a relay's HTTP URL"
-            " (http://…) to join the mesh through its closest relay, with direct paths",
+            type=_urls,
+            help="a relay's WebSocket URL (ws://…/derp) or its HTTP base (http://…: any"
+            " relay of its region map, that one first, so the client moves to a sibling"
+            " when it restarts); several, comma-separated, are tried in order."
+            + (
+                " listen with one HTTP base joins the mesh as a peer: closest relay,"
+                " direct paths, answers ping"
+                if name == "listen"
+                else ""
+            ),
         )
         p.add_argument("--key-file", type=Path, required=True, help="your private key file")
         p.add_argument("--token", help="admission token, if the relay asks for one")
@@ -569,7 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=helptext, description=helptext[0].upper() + helptext[1:] + "."
         )
         p.add_argument(
-            "--url", required=True, help="a relay's HTTP URL, e.g. http://127.0.0.1:3341"
+            "--url",
+            required=True,
+            help="a relay's HTTP base, e.g. http://127.0.0.1:3341 (it serves the region map)",
         )
         p.add_argument("--verify-key", help="refuse a map not signed by this Ed25519 key (hex)")
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -645,16 +759,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except UserError as exc:
+    except (UserError, UrlError) as exc:
         _fail(str(exc))
-    except BaseExceptionGroup as group:
-        # Errors raised inside a nursery arrive grouped; a user mistake is still one line.
-        users, _ = group.split(UserError)
-        if users is None:
-            raise
-        _fail(str(_first(users)))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_gone()
+    except BaseExceptionGroup as group:
+        # Errors raised inside a nursery arrive grouped; a user mistake is still one
+        # line, Ctrl-C is still 130, and a reader that went away is still quiet.
+        if group.split(KeyboardInterrupt)[0] is not None:
+            return 130
+        users, _ = group.split((UserError, UrlError))
+        if users is not None:
+            _fail(str(_first(users)))
+        if group.split(BrokenPipeError)[0] is not None:
+            return _stdout_gone()
+        raise
+
+
+def _stdout_gone() -> int:
+    """``relaymesh netcheck --json | head``: the reader left; exit quietly, as cat does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 def _first(exc: BaseException) -> BaseException:

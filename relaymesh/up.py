@@ -31,6 +31,8 @@ import trio
 
 from relay.config import load_config
 
+from .errors import UserError
+from .hints import command_name
 from .procs import EtcdCluster, RelayProc, spawn_relay, start_etcd, stop_processes, write_mesh_key
 
 __all__ = ["UpOptions", "run_up"]
@@ -47,6 +49,11 @@ class UpOptions:
     listen_host: str = "127.0.0.1"
 
 
+#: STUN (UDP) ports start this far above the base port: 3478, STUN's own port, for
+#: the default base 3340, and another range beside another ``up`` with another base.
+STUN_OFFSET = 3478 - 3340
+
+
 def _layout(opts: UpOptions) -> list[dict[str, Any]]:
     relays = []
     i = 0
@@ -59,7 +66,7 @@ def _layout(opts: UpOptions) -> list[dict[str, Any]]:
                     "name": f"{region}-{n}",
                     "port": port,
                     "http_port": port + 1 if port else 0,
-                    "stun_port": 3478 + i if port else 0,
+                    "stun_port": opts.base_port + STUN_OFFSET + i if port else 0,
                 }
             )
             i += 1
@@ -84,62 +91,102 @@ def _report(opts: UpOptions, mode: str, relays: list[dict[str, Any]], etcd: list
         f"relaymesh up: {len(relays)} relays in {len({r['region'] for r in relays})} regions,"
         f" {where}"
     )
-    print(f"  {'relay':<10}{'region':<8}{'websocket':<34}http")
+    print(f"  {'relay':<10}{'region':<8}{'websocket':<34}{'http':<26}stun (udp)")
     for r in relays:
-        print(f"  {r['relay_id']:<10}{r['region']:<8}{r['ws_url']:<34}{r['http_url']}")
+        print(
+            f"  {r['relay_id']:<10}{r['region']:<8}{r['ws_url']:<34}{r['http_url']:<26}"
+            f"{r['stun_port'] or '-'}"
+        )
     first = relays[0]
     print(f"status: {first['http_url']}/api/v1/status   metrics: {first['http_url']}/metrics")
-    print("try, in two more terminals:")
+    prog = command_name()
+    print("try, in two more terminals (b listens, a pings and sends):")
     print(
-        "  relaymesh keygen --out b.key && relaymesh listen --url"
+        f"  {prog} keygen --out b.key && {prog} listen --url"
         f" {relays[-1]['http_url']} --key-file b.key"
     )
     print(
-        "  relaymesh keygen --out a.key && relaymesh ping --url"
+        f"  {prog} keygen --out a.key && {prog} ping --url"
         f" {first['http_url']} --key-file a.key <b's nodekey>"
+    )
+    print(
+        f"  {prog} send --url {first['http_url']} --key-file a.key --to <b's nodekey> hello",
     )
     print("Ctrl-C stops the mesh.", flush=True)
 
 
 def run_up(opts: UpOptions) -> int:
-    if opts.etcd == "none":
-        trio.run(_embedded, opts)
-    else:
-        _processes(opts)
-    return 0
+    """Run until Ctrl-C (exit code 130) or SIGTERM (0)."""
+    signum = trio.run(_embedded, opts) if opts.etcd == "none" else _processes(opts)
+    return 130 if signum == signal.SIGINT else 0
 
 
 # ---- embedded --------------------------------------------------------------
 
 
-async def _embedded(opts: UpOptions) -> None:
+async def _embedded(opts: UpOptions) -> int:
     from coordinator.store import open_memory_store
-    from relay.node import NodeInfo, serve_relay_node
+    from relay.node import ListenError, NodeInfo, serve_relay_node, shut_down_node
 
     mesh_key = secrets.token_bytes(32)
-    async with open_memory_store() as store, trio.open_nursery() as nursery:
-        infos: list[NodeInfo] = []
-        for spec in _layout(opts):
-            cfg = load_config(overrides={"relay": {**spec, "listen_host": opts.listen_host}})
-            infos.append(
-                await nursery.start(
-                    lambda task_status, cfg=cfg: serve_relay_node(
-                        cfg, store=store, mesh_key=mesh_key, task_status=task_status
+    # Signals are caught from the start, so a Ctrl-C while relays start stops cleanly.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        got: list[int] = []
+        async with open_memory_store() as store, trio.open_nursery() as nursery:
+            starting = trio.CancelScope()
+            stop = trio.Event()
+
+            async def watch() -> None:
+                async for signum in signals:
+                    got.append(signum)
+                    starting.cancel()
+                    stop.set()
+                    return
+
+            nursery.start_soon(watch)
+            infos: list[NodeInfo] = []
+            cfgs = []
+            with starting:
+                for spec in _layout(opts):
+                    cfg = load_config(
+                        overrides={"relay": {**spec, "listen_host": opts.listen_host}}
                     )
-                )
-            )
-        with trio.fail_after(10):
-            for info in infos:
-                assert info.state is not None
-                await info.state.wait_synced()
-        _report(opts, "embedded", [_describe(i) for i in infos], [])
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
-        async with trio.open_nursery() as draining:
-            for info in infos:
-                draining.start_soon(partial(info.server.drain, grace_s=2.0))
-        nursery.cancel_scope.cancel()
+                    cfgs.append(cfg)
+                    try:
+                        infos.append(
+                            await nursery.start(
+                                lambda task_status, cfg=cfg: serve_relay_node(
+                                    cfg, store=store, mesh_key=mesh_key, task_status=task_status
+                                )
+                            )
+                        )
+                    except ListenError as exc:
+                        raise UserError(f"relay {spec['name']}: {exc}") from None
+                    except BaseExceptionGroup as group:
+                        # Raised in the node's nursery, so grouped; still one line.
+                        taken, _ = group.split(ListenError)
+                        if taken is None:
+                            raise
+                        raise UserError(f"relay {spec['name']}: {_leaf(taken)}") from None
+                with trio.fail_after(10):
+                    for info in infos:
+                        assert info.state is not None
+                        await info.state.wait_synced()
+                _report(opts, "embedded", [_describe(i) for i in infos], [])
+            await stop.wait()
+            async with trio.open_nursery() as draining:
+                for info, cfg in zip(infos, cfgs, strict=False):
+                    draining.start_soon(
+                        partial(shut_down_node, info, deadline_s=cfg.relay.shutdown_deadline_s)
+                    )
+            nursery.cancel_scope.cancel()
+    return got[0]
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _describe(info: Any) -> dict[str, Any]:
@@ -148,6 +195,7 @@ def _describe(info: Any) -> dict[str, Any]:
         "region": info.region,
         "ws_url": info.ws_url,
         "http_url": info.http_url,
+        "stun_port": info.stun_port,
         "public_key": str(info.public_key),
     }
 
@@ -155,15 +203,15 @@ def _describe(info: Any) -> dict[str, Any]:
 # ---- one process per relay ----------------------------------------------------
 
 
-def _processes(opts: UpOptions) -> None:
+def _processes(opts: UpOptions) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-up-"))
     relays: list[RelayProc] = []
     etcd: EtcdCluster | None = None
-    stop = False
+    stop = 0
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stop
-        stop = True
+        stop = signum
 
     old_int = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
@@ -187,25 +235,32 @@ def _processes(opts: UpOptions) -> None:
                     http_port=spec["http_port"],
                     stun_port=spec["stun_port"],
                     listen_host=opts.listen_host,
-                    log=None,
+                    log=True,
                 )
             )
         described = []
         for relay in relays:
-            info = relay.wait_started().info
+            try:
+                info = relay.wait_started().info
+            except RuntimeError:
+                raise UserError(f"relay {relay.name}: {_last_error(workdir, relay.name)}") from None
             described.append(
                 {
                     "relay_id": info["name"],
                     "region": info["region"],
                     "ws_url": info["ws_url"],
                     "http_url": info["http_url"],
+                    "stun_port": info.get("stun_port", 0),
                     "public_key": info["public_key"],
                     "pid": relay.pid,
                 }
             )
         _report(opts, "processes", described, endpoints.split(","))
+        if not opts.json:
+            print(f"relay logs: {workdir}/<relay>.log", flush=True)
         while not stop and all(r.proc.poll() is None for r in relays):
             time.sleep(0.2)
+        return stop
     finally:
         stop_processes(r.proc for r in relays)
         if etcd is not None:
@@ -213,3 +268,13 @@ def _processes(opts: UpOptions) -> None:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _last_error(workdir: Path, name: str) -> str:
+    """The one-line error a relay printed before it exited, for ``up`` to repeat."""
+    try:
+        lines = (workdir / f"{name}.log").read_text().splitlines()
+    except OSError:
+        lines = []
+    errors = [ln.removeprefix("relaymesh: error: ") for ln in lines if "relaymesh: error:" in ln]
+    return errors[-1] if errors else "exited at start; " + (lines[-1] if lines else "no output")
