@@ -2,11 +2,17 @@
 
 Theory of operation
 -------------------
-Each accepted connection runs :meth:`RelayServer._handle`: a handshake under a
-deadline, then one nursery holding a reader task and a writer task. When one
-of them ends (peer closed, bad frame, write timeout, replaced) it records why
-and cancels the nursery, and the handler closes the WebSocket with that
-reason. The nursery never outlives the handler.
+The relay owns its accept loop (``trio.serve_listeners``). Each accepted TCP
+connection runs :meth:`RelayServer._connection`, an error boundary around its
+whole life: a nursery of the connection's own holds trio-websocket's reader
+task, the upgrade and the handshake (one deadline from accept, at most
+``max_preauth_connections`` at once: the oldest is shed), then a nursery
+holding our reader task and writer task. When one of them ends (peer closed,
+bad frame, write timeout, replaced) it records why and cancels the nursery,
+and the connection closes the WebSocket with that reason. Whatever escapes is
+logged once, counted in ``closes`` and ends that connection only; every
+accepted connection is counted there exactly once. No nursery outlives its
+connection.
 
 Routing is synchronous and never blocks: the reader of client X decodes a
 SendPacket to Y, turns it into a RecvPacket frame (same length: the 32-byte
