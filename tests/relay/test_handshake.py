@@ -91,7 +91,7 @@ def _sealed(obj: object) -> wire.ClientInfo:
         # The two reproductions: a non-ASCII challenge (TypeError from compare_digest)
         # and 2,000 nested arrays (RecursionError from the JSON parser).
         ({"version": 2, "challenge": "é" * 64}, CloseReason.BAD_HANDSHAKE),
-        ({"version": 2, "challenge": "٠" * 64}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 2, "challenge": "\u0660" * 64}, CloseReason.BAD_HANDSHAKE),
         (b"[" * 2000, CloseReason.BAD_HANDSHAKE),
         (b'{"version": 2, "x": ' + b"[" * 5 + b"]" * 5 + b"}", CloseReason.BAD_HANDSHAKE),
         (b"\xff\xfe" + '{"version": 2}'.encode("utf-16-le"), CloseReason.BAD_HANDSHAKE),
