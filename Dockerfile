@@ -7,6 +7,7 @@ COPY pyproject.toml README.md ./
 COPY relay ./relay
 COPY region ./region
 COPY coordinator ./coordinator
+COPY relaymesh ./relaymesh
 RUN pip install --no-cache-dir . && useradd --system --home /var/lib/relaymesh relaymesh \
     && mkdir -p /var/lib/relaymesh && chown relaymesh /var/lib/relaymesh
 USER relaymesh

@@ -10,6 +10,11 @@ Several endpoints (a cluster) are given to gRPC as one target with the
 ``pick_first`` policy, so when the member in use goes away gRPC moves to the
 next one on its own; hostnames are resolved when the store is opened.
 
+When etcd goes away, gRPC retries its connection at most ``_RECONNECT_MAX_MS``
+apart, so a store that comes back is usable again within that; etcd3's watch
+thread, which reopens its stream the moment one fails (a busy loop while etcd
+is down), opens one stream per ``_WATCH_REOPEN_S`` at most.
+
 etcd3 (0.12) is unmaintained and its generated protobuf code needs
 ``protobuf<4``: pyproject pins that. All of it stays behind the Store protocol.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import functools
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
@@ -41,6 +47,9 @@ from .store import (
 __all__ = ["EtcdStore", "grpc_target", "open_etcd_store"]
 
 T = TypeVar("T")
+
+_RECONNECT_MAX_MS = 300
+_WATCH_REOPEN_S = 0.25
 
 
 def grpc_target(endpoints: Sequence[str]) -> str:
@@ -76,6 +85,22 @@ class _ParkedWatchStub:
         return iter(())
 
 
+class _PacedWatchStub:
+    """etcd3's watch stub, opening a new stream no sooner than ``pace_s`` after the last."""
+
+    def __init__(self, stub: Any, pace_s: float) -> None:
+        self._stub = stub
+        self._pace_s = pace_s
+        self._opened = 0.0
+
+    def Watch(self, *args: Any, **kwargs: Any) -> Any:
+        wait = self._opened + self._pace_s - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._opened = time.monotonic()
+        return self._stub.Watch(*args, **kwargs)
+
+
 class EtcdStore:
     def __init__(
         self, endpoints: Sequence[str], *, timeout_s: float = 3.0, watch_buffer: int = 1024
@@ -94,10 +119,12 @@ class EtcdStore:
             timeout=timeout_s,
             grpc_options=[
                 ("grpc.lb_policy_name", "pick_first"),
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 2000),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", _RECONNECT_MAX_MS),
             ],
         )
+        watcher = self._client.watcher
+        watcher._watch_stub = _PacedWatchStub(watcher._watch_stub, _WATCH_REOPEN_S)
         self._etcd3 = etcd3
 
     async def aclose(self) -> None:

@@ -7,6 +7,11 @@ Three restartable loops in one nursery:
   the relay keeps serving and reports itself degraded; it keeps trying the
   same lease (which survives an outage shorter than its TTL), and when the
   store says the lease is gone it registers again and republishes its peers.
+  The keepalive is also the probe: when another loop's call fails it runs at
+  once, and while the store does not answer it runs every ``_PROBE_S``; the
+  first that succeeds wakes the other loops out of their backoff, so a store
+  that comes back is in use again (and the relay ready) within that. Their
+  own calls, heavier, keep their exponential backoff.
 - **publisher**: applies this relay's peer-record changes in order. Changes
   are coalesced per key, so a burst of connects and disconnects never grows a
   queue beyond the number of clients, and a put is never overtaken by an
@@ -15,10 +20,23 @@ Three restartable loops in one nursery:
   no update is lost between snapshot and subscription; on a broken watch or a
   compacted revision it starts over. Routing reads the resulting cache and
   never waits on the store: while the store is unreachable, routes known
-  before keep working.
+  before keep working, and a new snapshot replaces the cache in one step.
+- **presence** (when given the relay server's presence queue): applies the
+  connects and disconnects of this relay's clients to what the publisher
+  writes. The queue coalesces per key, so nothing is lost while this task
+  is behind; a change that fails to apply is counted, retried after the
+  others, and never ends the loop.
+
+Nothing here calls into another component. Who needs to know that the relay
+table changed (the mesh) takes :meth:`MeshState.open_relay_updates`, a
+channel of one slot it drains in its own task: a change while a wake-up is
+already pending is covered by that wake-up.
 
 A peer record deleted in the same revision as its relay's record (lease
-expiry) is marked LOST for ``lost_grace_s``; any other delete means GONE.
+expiry) is marked LOST for ``lost_grace_s``; any other delete means GONE. A
+peer missing from a new snapshot is LOST if its relay is missing too, or has
+registered again since the peer's record was written (its old lease expired,
+taking the record with it); otherwise it is GONE.
 """
 
 from __future__ import annotations
@@ -27,15 +45,15 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
-from relay.handshake import ClientHello
-from relay.keys import NodeKey
+from relay.protocol.handshake import ClientHello
+from relay.protocol.keys import NodeKey
 
 from .peermap import PeerEntry, PeerRecord, PeerState, peer_key
+from .presence import PresenceQueue
 from .registry import RelayRecord, relay_key
 from .store import (
     Compacted,
@@ -54,6 +72,9 @@ log = logging.getLogger(__name__)
 
 _DELETE = object()
 
+#: While the store does not answer, it is tested at least this often (seconds).
+_PROBE_S = 0.25
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StateStats:
@@ -67,6 +88,8 @@ class StateStats:
     registrations: int
     revision: int
     pending_writes: int
+    #: Presence changes that raised while being applied (each is retried).
+    presence_errors: int
 
 
 class MeshState:
@@ -79,6 +102,7 @@ class MeshState:
         lease_ttl_s: int = 8,
         keepalive_interval_s: float = 2.0,
         lost_grace_s: float = 30.0,
+        presence: PresenceQueue | None = None,
     ) -> None:
         self.store = store
         self.me = me
@@ -105,10 +129,15 @@ class MeshState:
         self._dirty_event = trio.Event()
         # Owned by the publisher: the value we last wrote per key (for a safe delete).
         self._published: dict[str, bytes] = {}
-        #: Called by the sync loop after the relay table changes.
-        self.on_relays_changed: list[Callable[[], None]] = []
-        #: Called with (node key, record) when a peer is seen on a relay.
-        self.on_peer_present: list[Callable[[bytes, PeerRecord], None]] = []
+        # Where the relay server reports its clients; drained by the presence loop.
+        self._presence = presence
+        self._presence_errors = 0
+        # One-slot channels, one per open_relay_updates(); the sync loop sends.
+        self._relay_watchers: list[trio.MemorySendChannel[None]] = []
+        # Loops waiting out a backoff park here, until the store answers again.
+        self._store_back = trio.lowlevel.ParkingLot()
+        # The keepalive parks here between keepalives; a failed call elsewhere wakes it.
+        self._probe_now = trio.lowlevel.ParkingLot()
 
     # ---- what routing asks --------------------------------------------------
 
@@ -118,6 +147,14 @@ class MeshState:
         if entry is None or entry.state is not PeerState.PRESENT:
             return None
         return self.relays.get(entry.record.relay_id)
+
+    def last_relay(self, node_key: bytes) -> str | None:
+        """The relay a LOST peer was last on. Its lease expired, which a store outage
+        does to relays that are alive; the mesh asks only when route() has no answer."""
+        entry = self.peers.get(node_key)
+        if entry is None or entry.state is not PeerState.LOST:
+            return None
+        return entry.record.relay_id
 
     def statistics(self) -> StateStats:
         lost = sum(1 for e in self.peers.values() if e.state is PeerState.LOST)
@@ -132,6 +169,7 @@ class MeshState:
             registrations=self._registrations,
             revision=self.revision,
             pending_writes=len(self._dirty),
+            presence_errors=self._presence_errors,
         )
 
     async def wait_synced(self) -> None:
@@ -139,6 +177,17 @@ class MeshState:
 
     async def wait_registered(self) -> None:
         await self._registered_event.wait()
+
+    def open_relay_updates(self) -> trio.MemoryReceiveChannel[None]:
+        """A channel that yields once after each change of :attr:`relays` (coalesced).
+
+        It starts with one item, so the reader first reconciles with the table
+        as it is. Close it when done (``with state.open_relay_updates() as rx``).
+        """
+        tx, rx = trio.open_memory_channel[None](1)
+        tx.send_nowait(None)
+        self._relay_watchers.append(tx)
+        return rx
 
     # ---- what the relay tells us -------------------------------------------
 
@@ -170,10 +219,12 @@ class MeshState:
             nursery.start_soon(self._publisher_loop)
             nursery.start_soon(self._sync_loop)
             nursery.start_soon(self._expire_lost_loop)
+            if self._presence is not None:
+                nursery.start_soon(self._presence_loop, self._presence)
             task_status.started()
 
     async def _registration_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = _Backoff(max_s=_PROBE_S)
         while True:
             try:
                 lease = await self.store.grant_lease(self._ttl)
@@ -191,6 +242,9 @@ class MeshState:
                 self._registered_event.set()
                 backoff.reset()
                 log.info("registered %s under lease %x", self.me.relay_id, lease)
+                # The publisher has work under the new lease; sync may be in a backoff.
+                self._dirty_event.set()
+                self._store_back.unpark_all()
                 await self._keep_alive(lease)
             except StoreUnavailable as exc:
                 self._degrade(f"shared state unreachable: {exc}")
@@ -201,23 +255,39 @@ class MeshState:
 
     async def _keep_alive(self, lease: int) -> None:
         """Until the lease is known to be gone (LeaseNotFound propagates)."""
-        backoff = _Backoff(initial_s=0.2, max_s=self._keepalive_s)
+        backoff = _Backoff(max_s=min(self._keepalive_s, _PROBE_S))
+        unreachable = False
         while True:
-            await trio.sleep(self._keepalive_s if self.degraded is None else backoff.next())
+            if unreachable or self.degraded is not None:
+                await trio.sleep(backoff.next())
+            else:
+                with trio.move_on_after(self._keepalive_s):
+                    await self._probe_now.park()
             try:
                 await self.store.keepalive(lease)
             except StoreUnavailable as exc:
                 self._degrade(f"shared state unreachable: {exc}")
+                unreachable = True
                 continue
-            if self.degraded is not None:
+            backoff.reset()
+            if unreachable:
+                # Only now: a loop whose own calls fail while ours succeed keeps its backoff.
                 log.info("shared state reachable again; lease %x still held", lease)
-                self.degraded = None
-                backoff.reset()
+                unreachable = False
+                self._store_back.unpark_all()
+            self.degraded = None
 
     def _degrade(self, why: str) -> None:
         if self.degraded != why:
             log.warning("degraded: %s", why)
         self.degraded = why
+
+    async def _retry_after(self, delay_s: float) -> None:
+        """After a failed call: probe the store now, and wait ``delay_s`` before retrying,
+        or less if the probe finds the store answering again."""
+        self._probe_now.unpark_all()
+        with trio.move_on_after(delay_s):
+            await self._store_back.park()
 
     async def _publisher_loop(self) -> None:
         backoff = _Backoff()
@@ -246,7 +316,7 @@ class MeshState:
                     self._published[key] = value
             except (StoreUnavailable, LeaseNotFound) as exc:
                 self._degrade(f"cannot publish peers: {exc}")
-                await trio.sleep(backoff.next())
+                await self._retry_after(backoff.next())
                 continue
             backoff.reset()
             if self._dirty.get(key) is change:
@@ -269,9 +339,36 @@ class MeshState:
                         self._apply(batch)
             except (StoreUnavailable, Compacted) as exc:
                 log.info("sync: %s", exc)
-                await trio.sleep(backoff.next())
+                await self._retry_after(backoff.next())
             self.synced = False
             self._resyncs += 1
+
+    async def _presence_loop(self, queue: PresenceQueue) -> None:
+        backoff = _Backoff()
+        failing = ""
+        while True:
+            change = await queue.get()
+            try:
+                if change.hello is not None:
+                    self.client_connected(change.key, change.hello)
+                else:
+                    self.client_disconnected(change.key)
+            except Exception as exc:
+                self._presence_errors += 1
+                queue.defer(change)
+                delay = backoff.next()
+                why = f"{type(exc).__name__}: {exc}"
+                if why != failing:
+                    log.error("presence of %s not applied: %s", change.key, why, exc_info=exc)
+                failing = why
+                await trio.sleep(delay)
+                continue
+            queue.done(change)
+            if failing:
+                log.info("presence changes apply again")
+                failing = ""
+                backoff.reset()
+            await trio.lowlevel.checkpoint()
 
     async def _expire_lost_loop(self) -> None:
         while True:
@@ -293,12 +390,14 @@ class MeshState:
 
     def _load(self, snap: Snapshot) -> None:
         relays: dict[str, RelayRecord] = {}
+        registered_at: dict[str, int] = {}
         peers: dict[bytes, PeerEntry] = {}
         for kv in snap.items:
             kind, name = self._split(kv.key)
             try:
                 if kind == "relays":
                     relays[name] = RelayRecord.from_json(kv.value)
+                    registered_at[name] = kv.mod_revision
                 elif kind == "peers":
                     peers[NodeKey.parse(name).raw] = PeerEntry(
                         PeerRecord.from_json(kv.value), PeerState.PRESENT, kv.mod_revision
@@ -306,21 +405,19 @@ class MeshState:
             except (ValueError, TypeError) as exc:
                 log.warning("ignoring malformed %s: %s", kv.key, exc)
         now = trio.current_time()
-        # Peers that vanished while we were not watching: LOST if their relay did too.
+        # Peers that vanished while we were not watching: LOST if their relay did too, or
+        # if it registered again since (a relay writes its record only when it registers,
+        # under a new lease: the old one expired and took the peer's record with it).
         for raw, old in self.peers.items():
             if raw not in peers:
                 if old.state is PeerState.LOST:
                     peers[raw] = old
-                elif old.record.relay_id not in relays:
+                elif registered_at.get(old.record.relay_id, snap.revision + 1) > old.revision:
                     peers[raw] = PeerEntry(old.record, PeerState.LOST, snap.revision, now)
         self.relays = relays
         self.peers = peers
         self.revision = snap.revision
         self._notify_relays()
-        for raw, entry in peers.items():
-            if entry.state is PeerState.PRESENT:
-                for cb in self.on_peer_present:
-                    cb(raw, entry.record)
 
     def _apply(self, batch: list[WatchEvent]) -> None:
         relays_changed = False
@@ -354,8 +451,6 @@ class MeshState:
                     log.warning("ignoring malformed %s: %s", ev.key, exc)
                     continue
                 self.peers[raw] = PeerEntry(record, PeerState.PRESENT, ev.revision)
-                for cb in self.on_peer_present:
-                    cb(raw, record)
                 continue
             old = self.peers.get(raw)
             if old is None:
@@ -370,8 +465,13 @@ class MeshState:
             self._notify_relays()
 
     def _notify_relays(self) -> None:
-        for cb in self.on_relays_changed:
-            cb()
+        for tx in list(self._relay_watchers):
+            try:
+                tx.send_nowait(None)
+            except trio.WouldBlock:
+                pass  # a wake-up is already pending; it covers this change too
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._relay_watchers.remove(tx)
 
 
 class _Backoff:

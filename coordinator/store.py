@@ -269,7 +269,8 @@ class MemoryStore:
             if watcher in self._watchers:
                 self._watchers.remove(watcher)
             watcher.send.close()
-        except trio.ClosedResourceError:
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            # The watch is ending: its consumer closed the channel before it unsubscribed.
             if watcher in self._watchers:
                 self._watchers.remove(watcher)
 

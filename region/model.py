@@ -14,22 +14,44 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from relay.config import format_validation_error
-
 __all__ = [
     "Region",
     "RegionMap",
     "RegionMapError",
     "RelayNode",
+    "format_validation_error",
     "load_region_map",
     "parse_region_map",
 ]
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def format_validation_error(
+    source: str,
+    exc: ValidationError,
+    where: Callable[[tuple[int | str, ...]], str] = _where,
+) -> str:
+    """One line per problem: ``source: where: problem``, worded for an operator.
+
+    Shared with relay/config.py (the relay's own TOML), which sits a layer above.
+    """
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {where(tuple(err['loc']))}: {msg}")
+    return "\n".join(lines)
 
 
 class RegionMapError(Exception):
@@ -59,7 +81,7 @@ class RelayNode(_Frozen):
     @classmethod
     def _nodekey(cls, v: str | None) -> str | None:
         if v is not None:
-            from relay.keys import NodeKey
+            from relay.protocol.keys import NodeKey
 
             NodeKey.parse(v)
         return v

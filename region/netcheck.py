@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import trio
 
-from relay.stun import StunError, decode_response, encode_request, new_transaction_id
+from relay.protocol.stun import StunError, decode_response, encode_request, new_transaction_id
 
 from .model import RegionMap, RelayNode
 

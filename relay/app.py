@@ -8,11 +8,16 @@ nursery (see relay/node.py). Endpoints:
   state (lease held), its cache in sync, links to its region's relays up;
   503 with the reasons otherwise. A lone relay (no shared state) is ready.
 - ``/metrics``: Prometheus text exposition (relay/metrics.py).
-- ``/api/v1/status``: JSON for the dashboard and scripts.
+- ``/api/v1/status``: this relay, as JSON, for scripts and the mesh monitor.
+- ``/api/v1/mesh``: the whole mesh's health (relay/health.py, docs/health.md).
+- ``/dashboard``: the operator's page over ``/api/v1/mesh`` (relay/dashboard/).
 - ``/generate_204`` and ``/derp/latency-check``: empty answers for latency probes.
 - ``/regionmap``: the region map, live (region/live.py), with ETag /
   If-None-Match and Cache-Control, signed when the operator gave a key.
 - ``/api/v1/peers/<nodekey>``: where this relay would send a packet for that key.
+
+Served by :func:`relay.http.serve_app` (hypercorn, one error boundary per
+connection).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from nacl.signing import SigningKey
@@ -29,11 +35,13 @@ from quart_trio import QuartTrio
 from coordinator.registry import RelayRecord
 from region.live import SIGNATURE_HEADER, etag, live_map, sign
 from region.model import RegionMap
+from relay.protocol.keys import NodeKey
 
 from . import __version__
 from .config import RelayConfig
-from .keys import NodeKey
+from .http import HttpStats
 from .metrics import CONTENT_TYPE, relay_registry, render
+from .monitor import MeshMonitor
 from .server import RelayServer
 from .stun_server import StunStats
 
@@ -41,6 +49,7 @@ if TYPE_CHECKING:
     from coordinator.state import MeshState
 
     from .mesh import Mesh
+    from .supervisor import Supervisor
 
 __all__ = ["create_app"]
 
@@ -73,6 +82,9 @@ def create_app(
     region_map: RegionMap | None = None,
     signing_key: SigningKey | None = None,
     stun_stats: StunStats | None = None,
+    http_stats: HttpStats | None = None,
+    supervisor: Supervisor | None = None,
+    monitor: MeshMonitor | None = None,
 ) -> QuartTrio:
     app = QuartTrio("relaymesh")
 
@@ -87,7 +99,15 @@ def create_app(
             return Response("", status=304, headers=headers)
         return Response(body, content_type="application/json", headers=headers)
 
-    registry = relay_registry(server, state=state, mesh=mesh)
+    registry = relay_registry(
+        server,
+        state=state,
+        mesh=mesh,
+        supervisor=supervisor,
+        http_stats=http_stats,
+        stun_stats=stun_stats,
+        monitor=monitor,
+    )
     started = time.time()
 
     @app.get("/readyz")
@@ -132,9 +152,26 @@ def create_app(
             else (record or {}).get("endpoints", []),
         }, 200
 
+    @app.get("/api/v1/mesh")
+    async def mesh_status() -> tuple[dict[str, Any], int]:
+        doc = monitor.document() if monitor is not None else None
+        if doc is None:
+            why = "mesh health is off ([health] enabled)" if monitor is None else "starting"
+            return {"error": why}, 503
+        return {**doc, "served_at": time.time()}, 200
+
+    @app.get("/dashboard")
+    async def dashboard_page() -> Response:
+        return _asset("index.html")
+
+    @app.get("/dashboard/<name>")
+    async def dashboard_asset(name: str) -> Response:
+        return _asset(name)
+
     @app.get("/api/v1/status")
     async def status() -> dict[str, Any]:
         stats = server.statistics()
+        queued = [c.data_queued for c in server.client_statistics()]
         return {
             "region": cfg.relay.region,
             "name": cfg.relay.name,
@@ -152,15 +189,39 @@ def create_app(
                 "drops": stats.drops,
                 "closes": stats.closes,
                 "forwarded_in": stats.forwarded_in,
+                "rate_limited_s": round(stats.rate_limited_s, 3),
             },
+            "draining": server.draining,
+            "queues": {"data_queued": sum(queued), "data_queued_max": max(queued, default=0)},
+            "probes": monitor.probe_results() if monitor is not None else [],
             "ready": not readiness(state, mesh),
             "problems": readiness(state, mesh),
             "shared_state": asdict(state.statistics()) if state is not None else None,
             "mesh_links": [asdict(link) for link in mesh.statistics()] if mesh else [],
             "relays": sorted(state.relays) if state is not None else [],
-            "stun": {"requests": stun_stats.requests, "malformed": stun_stats.malformed}
+            "stun": {
+                "requests": stun_stats.requests,
+                "malformed": stun_stats.malformed,
+                "errors": stun_stats.errors,
+            }
             if stun_stats is not None
             else None,
+            "components": asdict(supervisor.statistics()) if supervisor is not None else None,
         }
 
     return app
+
+
+_ASSETS = {
+    "index.html": "text/html; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+}
+
+
+def _asset(name: str) -> Response:
+    """A file of the dashboard, shipped in the package (no CDN: operators run offline)."""
+    if name not in _ASSETS:
+        return Response("not found\n", status=404, content_type="text/plain")
+    body = resources.files("relay").joinpath("dashboard", name).read_bytes()
+    return Response(body, content_type=_ASSETS[name], headers={"Cache-Control": "no-cache"})

@@ -32,10 +32,14 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from . import wire
-from .handshake import open_server_info, seal_client_info
-from .keys import NodeKey, PrivateKey
-from .wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
+from relay.protocol import wire
+from relay.protocol.handshake import open_server_info, seal_client_info
+from relay.protocol.keys import NodeKey, PrivateKey
+from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
+
+from . import _wsmask
+
+_wsmask.install()
 
 __all__ = [
     "ClientStatistics",

@@ -25,15 +25,17 @@ Example (config/relay.example.toml has every key)::
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from region.model import format_validation_error
+
 __all__ = [
     "AdmissionConfig",
     "ConfigError",
+    "HealthConfig",
     "LimitsConfig",
     "MeshConfig",
     "RelayConfig",
@@ -136,31 +138,34 @@ class RegionMapConfig(_Frozen):
     signing_key_file: Path | None = None
 
 
+class HealthConfig(_Frozen):
+    """The mesh-wide health view (relay/monitor.py, docs/health.md)."""
+
+    #: Collect the mesh's status and run the probes (needs shared state).
+    enabled: bool = True
+    #: Seconds between collection rounds: every relay's status, one probe per path.
+    interval_s: float = Field(5.0, ge=0.2, le=3600)
+    #: A probe not answered within this is a failure.
+    probe_timeout_s: float = Field(2.0, gt=0, le=60)
+    #: Consecutive failed probes before a path is reported.
+    probe_failures: int = Field(2, ge=1, le=100)
+    #: At most this many relays are probed from here (cost bound); the rest are not probed.
+    max_probe_targets: int = Field(128, ge=0, le=10_000)
+    #: A relay whose status is older than this is down. 0: three intervals.
+    stale_after_s: float = Field(0.0, ge=0)
+    #: Dropped packets/s on one relay above which drops_high is reported.
+    drops_high_per_s: float = Field(100.0, ge=0)
+    #: A relay gone from the registry is shown as down for this long, then forgotten.
+    forget_after_s: float = Field(600.0, ge=0)
+
+
 class RelayConfig(_Frozen):
     relay: RelaySection = RelaySection()
     admission: AdmissionConfig = AdmissionConfig()
     limits: LimitsConfig = LimitsConfig()
     mesh: MeshConfig = MeshConfig()
     region_map: RegionMapConfig = RegionMapConfig()
-
-
-def _where(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
-def format_validation_error(
-    source: str,
-    exc: ValidationError,
-    where: Callable[[tuple[int | str, ...]], str] = _where,
-) -> str:
-    """One line per problem: ``source: where: problem``, worded for an operator."""
-    lines = []
-    for err in exc.errors():
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{source}: {where(tuple(err['loc']))}: {msg}")
-    return "\n".join(lines)
+    health: HealthConfig = HealthConfig()
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

@@ -16,10 +16,25 @@ link each way.
   and counted (``mesh_queue_full``).
 - A forwarded packet is never forwarded again: the receiving relay delivers
   it to a local client or drops it (``mesh_not_here``).
+- A relay whose lease expired (its record left the registry, its peers are
+  LOST) may well be alive: an etcd outage longer than the lease TTL expires
+  every lease at once. While our link to it stays connected it is kept, no
+  longer eager, and its LOST peers are still sent there; it is closed once it
+  disconnects, and reused if the relay registers again at the same URL.
 
 The routing decision reads MeshState's cache only, never the store, so it
 costs a dictionary lookup on the relay's hot path and keeps working while the
 store is unreachable.
+
+Wiring: the mesh registers itself with the server as its packet forwarder
+(``server.add_forwarder``; the server calls :meth:`Mesh.forward` and contains
+its exceptions), and follows the relay table through
+``state.open_relay_updates()`` in its own task. Each link runs in its own
+guard: a link whose client fails (or is stopped for good because another
+connection with this relay's key replaced it) is logged, counted in
+``link_failures`` and reopened with a fresh client after a jittered backoff
+(0.2 s doubling to 10 s); packets for it queue in the new client meanwhile,
+and the other links and the node go on.
 """
 
 from __future__ import annotations
@@ -31,14 +46,22 @@ import trio
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
+from relay.protocol.keys import NodeKey, PrivateKey
 
-from .client import RelayClient
-from .keys import NodeKey, PrivateKey
+from .client import RelayClient, RelayClosedError
 from .server import DropReason, RelayServer
+from .supervisor import Backoff
 
 __all__ = ["LinkStats", "Mesh"]
 
 log = logging.getLogger(__name__)
+
+#: A failed link is reopened after a jittered delay: first up to this (seconds) ...
+_LINK_RESTART_INITIAL_S = 0.2
+#: ... doubling up to this ...
+_LINK_RESTART_MAX_S = 10.0
+#: ... and back to the first step once a link ran this long.
+_LINK_STABLE_S = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +74,8 @@ class LinkStats:
     packets_sent: int
     queued: int
     eager: bool
+    #: Times this relay's link failed and was reopened since the node started.
+    failures: int
 
 
 @dataclass
@@ -83,19 +108,36 @@ class Mesh:
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None
         self.forwarded_out = 0
+        # Written by the link tasks: failures per relay id.
+        self.link_failures: dict[str, int] = {}
 
     # ---- the hot path -------------------------------------------------------
 
     def forward(self, src: bytes, dest: bytes, payload: bytes) -> bool:
         """Send a packet towards the relay that holds ``dest``; False if none is known."""
         record = self._state.route(dest)
-        if record is None or record.relay_id == self._me.relay_id:
+        if record is None:
+            return self._forward_to_lost(src, dest, payload)
+        if record.relay_id == self._me.relay_id:
             return False
         link = self._links.get(record.relay_id)
         if link is None or link.record.ws_url != record.ws_url:
             link = self._open(record, eager=record.region == self._me.region)
             if link is None:
                 return False
+        link.last_used = trio.current_time()
+        if link.client.forward_nowait(src, dest, payload):
+            self.forwarded_out += 1
+        else:
+            self._server.count_drop(DropReason.MESH_QUEUE_FULL)
+        return True
+
+    def _forward_to_lost(self, src: bytes, dest: bytes, payload: bytes) -> bool:
+        """A LOST peer's packet goes to its last relay while our link there is up."""
+        relay_id = self._state.last_relay(dest)
+        link = self._links.get(relay_id) if relay_id is not None else None
+        if link is None or not link.client.connected:
+            return False
         link.last_used = trio.current_time()
         if link.client.forward_nowait(src, dest, payload):
             self.forwarded_out += 1
@@ -119,38 +161,58 @@ class Mesh:
                     packets_sent=st.packets_sent,
                     queued=st.send_queued,
                     eager=link.eager,
+                    failures=self.link_failures.get(link.record.relay_id, 0),
                 )
             )
         return out
 
     def region_links_down(self) -> list[str]:
         """Relays of our own region whose link is not connected (readiness needs them all)."""
-        return sorted(
+        down = {
             rid for rid, link in self._links.items() if link.eager and not link.client.connected
+        }
+        me = self._me
+        down.update(
+            rid
+            for rid, record in self._state.relays.items()
+            if rid != me.relay_id and record.region == me.region and rid not in self._links
         )
+        return sorted(down)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._state.on_relays_changed.append(self._reconcile)
-            self._server.forwarder = self.forward
-            try:
-                self._reconcile()
-                task_status.started()
-                while True:
-                    await trio.sleep(max(1.0, self._idle_s / 4))
-                    self._close_idle()
-            finally:
-                self._server.forwarder = None
-                self._state.on_relays_changed.remove(self._reconcile)
-                self._nursery = None
+        """Keep the links up until cancelled (restartable: a new run starts from no links)."""
+        with self._state.open_relay_updates() as updates:
+            async with trio.open_nursery() as nursery:
+                self._links = {}
+                self._nursery = nursery
+                self._server.add_forwarder(self)
+                try:
+                    await updates.receive()
+                    self._reconcile()
+                    nursery.start_soon(self._follow_relays, updates)
+                    task_status.started()
+                    while True:
+                        await trio.sleep(max(1.0, self._idle_s / 4))
+                        self._close_idle()
+                finally:
+                    self._server.remove_forwarder(self)
+                    self._nursery = None
+
+    async def _follow_relays(self, updates: trio.MemoryReceiveChannel[None]) -> None:
+        async for _ in updates:
+            self._reconcile()
 
     def _reconcile(self) -> None:
         relays = self._state.relays
         for relay_id, link in list(self._links.items()):
             current = relays.get(relay_id)
-            if current is None or current.ws_url != link.record.ws_url:
+            if current is None and link.client.connected:
+                # Its lease expired but it still answers: keep the link for its LOST peers.
+                link.eager = False
+            elif current is None or current.ws_url != link.record.ws_url:
                 self._close(relay_id, "left the registry" if current is None else "moved")
+            else:
+                link.eager = current.region == self._me.region
         for relay_id, record in relays.items():
             if (
                 relay_id != self._me.relay_id
@@ -164,44 +226,88 @@ class Mesh:
         for relay_id, link in list(self._links.items()):
             if not link.eager and now - link.last_used > self._idle_s:
                 self._close(relay_id, f"idle for {self._idle_s:g} s")
+            elif relay_id not in self._state.relays and not link.client.connected:
+                self._close(relay_id, "left the registry")
 
     def _open(self, record: RelayRecord, *, eager: bool) -> _Link | None:
         if self._nursery is None:
             return None
         self._close(record.relay_id, "replaced")
         try:
-            pinned = NodeKey.parse(record.public_key)
+            NodeKey.parse(record.public_key)
         except ValueError:
             log.warning("relay %s has a malformed key in the registry", record.relay_id)
             return None
-        client = RelayClient(
-            [record.ws_url],
-            self._key,
-            mesh_key=self._mesh_key,
-            server_key=pinned,
-            send_queue_packets=self._queue,
-            receive_queue_packets=16,
-        )
-        link = _Link(record, client, last_used=trio.current_time(), eager=eager)
+        link = _Link(record, self._new_client(record), last_used=trio.current_time(), eager=eager)
         self._links[record.relay_id] = link
         self._nursery.start_soon(self._run_link, link)
         log.info("mesh link to %s (%s) opening", record.relay_id, record.ws_url)
         return link
 
     async def _run_link(self, link: _Link) -> None:
+        relay_id = link.record.relay_id
+        backoff = Backoff(initial_s=_LINK_RESTART_INITIAL_S, max_s=_LINK_RESTART_MAX_S)
         with link.scope:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    lambda task_status: link.client.run(
-                        first_must_succeed=False, task_status=task_status
+            while True:
+                began = trio.current_time()
+                try:
+                    await self._run_client(link.client)
+                except Exception as exc:
+                    failure: Exception = exc
+                else:
+                    failure = RuntimeError("the link's client returned")
+                self.link_failures[relay_id] = self.link_failures.get(relay_id, 0) + 1
+                if trio.current_time() - began >= _LINK_STABLE_S:
+                    backoff.reset()
+                delay = backoff.next()
+                if _only(failure, RelayClosedError):
+                    # Another connection with this relay's key took the link over.
+                    log.warning(
+                        "mesh link to %s stopped: %s; reopening in %.2f s",
+                        relay_id,
+                        failure,
+                        delay,
                     )
-                )
-                # Nothing should arrive on a link; drain so a stray packet cannot block it.
-                while True:
-                    await link.client.receive()
+                else:
+                    log.error(
+                        "mesh link to %s failed; reopening in %.2f s",
+                        relay_id,
+                        delay,
+                        exc_info=failure,
+                    )
+                # Packets for it queue (bounded) in the new client while we wait.
+                link.client = self._new_client(link.record)
+                await trio.sleep(delay)
+
+    @staticmethod
+    async def _run_client(client: RelayClient) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: client.run(first_must_succeed=False, task_status=task_status)
+            )
+            # Nothing should arrive on a link; drain so a stray packet cannot block it.
+            while True:
+                await client.receive()
+
+    def _new_client(self, record: RelayRecord) -> RelayClient:
+        return RelayClient(
+            [record.ws_url],
+            self._key,
+            mesh_key=self._mesh_key,
+            server_key=NodeKey.parse(record.public_key),
+            send_queue_packets=self._queue,
+            receive_queue_packets=16,
+        )
 
     def _close(self, relay_id: str, why: str) -> None:
         link = self._links.pop(relay_id, None)
         if link is not None:
             log.info("mesh link to %s closing: %s", relay_id, why)
             link.scope.cancel()
+
+
+def _only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """``exc`` is a ``kind``, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(e, kind) for e in exc.exceptions)
+    return isinstance(exc, kind)

@@ -15,25 +15,39 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .server import RelayServer
+from .server import DropReason, RelayServer
 
 if TYPE_CHECKING:
     from coordinator.state import MeshState
 
+    from .http import HttpStats
     from .mesh import Mesh
+    from .monitor import MeshMonitor
+    from .stun_server import StunStats
+    from .supervisor import Supervisor
 
-__all__ = ["CONTENT_TYPE", "RelayCollector", "relay_registry", "render"]
+__all__ = ["CONTENT_TYPE", "MeshHealthCollector", "RelayCollector", "relay_registry", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class RelayCollector(Collector):
     def __init__(
-        self, server: RelayServer, state: MeshState | None = None, mesh: Mesh | None = None
+        self,
+        server: RelayServer,
+        state: MeshState | None = None,
+        mesh: Mesh | None = None,
+        *,
+        supervisor: Supervisor | None = None,
+        http_stats: HttpStats | None = None,
+        stun_stats: StunStats | None = None,
     ) -> None:
         self._server = server
         self._state = state
         self._mesh = mesh
+        self._supervisor = supervisor
+        self._http = http_stats
+        self._stun = stun_stats
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self._server.statistics()
@@ -109,6 +123,34 @@ class RelayCollector(Collector):
             for link in self._mesh.statistics():
                 links.add_metric([*ident, link.relay_id], 1.0 if link.connected else 0.0)
             yield links
+        if self._supervisor is not None:
+            restarts = CounterMetricFamily(
+                "relaymesh_component_restarts",
+                "Components of the node restarted after a failure, by component.",
+                labels=[*labels, "component"],
+            )
+            sup = self._supervisor.statistics()
+            for name in sorted({*sup.running, *sup.restarts}):
+                restarts.add_metric([*ident, name], sup.restarts.get(name, 0))
+            yield restarts
+        # Failures contained without a restart: one HTTP connection, one STUN datagram,
+        # one presence change (retried), one mesh link (reopened), one forwarded packet.
+        errors = CounterMetricFamily(
+            "relaymesh_component_errors",
+            "Failures contained inside a component (that connection, datagram, change,"
+            " link or packet only), by component.",
+            labels=[*labels, "component"],
+        )
+        errors.add_metric([*ident, "forwarder"], s.drops[DropReason.FORWARD_ERROR.value])
+        if self._http is not None:
+            errors.add_metric([*ident, "http"], self._http.errors)
+        if self._stun is not None:
+            errors.add_metric([*ident, "stun"], self._stun.errors)
+        if self._state is not None:
+            errors.add_metric([*ident, "presence"], self._state.statistics().presence_errors)
+        if self._mesh is not None:
+            errors.add_metric([*ident, "mesh_link"], sum(self._mesh.link_failures.values()))
+        yield errors
         if self._state is not None:
             st = self._state.statistics()
             yield gauge(
@@ -136,11 +178,165 @@ class RelayCollector(Collector):
             )
 
 
+class MeshHealthCollector(Collector):
+    """Every figure of the dashboard, as this relay's monitor last saw the mesh.
+
+    Each relay exports the whole mesh as it sees it (``relay`` names the
+    observer, ``peer``/``src``/``dst`` what is observed), so any one relay
+    scraped is enough; the probe figures are only those of the paths this
+    relay probes itself, so summing over relays never counts a probe twice.
+    """
+
+    def __init__(self, ident: list[str], monitor: MeshMonitor) -> None:
+        self._ident = ident
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        doc = self._monitor.document()
+        ident, labels = self._ident, ["region", "relay"]
+        probe_ok = GaugeMetricFamily(
+            "relaymesh_probe_success",
+            "Last probe over the path from this relay to dst delivered (1) or not (0).",
+            labels=[*labels, "dst"],
+        )
+        probe_rtt = GaugeMetricFamily(
+            "relaymesh_probe_rtt_seconds",
+            "Round trip of the last successful probe from this relay to dst.",
+            labels=[*labels, "dst"],
+        )
+        probe_failures = GaugeMetricFamily(
+            "relaymesh_probe_consecutive_failures",
+            "Probes from this relay to dst that failed in a row.",
+            labels=[*labels, "dst"],
+        )
+        probes_sent = CounterMetricFamily(
+            "relaymesh_probes_sent", "Probes sent from this relay to dst.", labels=[*labels, "dst"]
+        )
+        probes_received = CounterMetricFamily(
+            "relaymesh_probes_answered",
+            "Probes from this relay to dst that came back.",
+            labels=[*labels, "dst"],
+        )
+        for p in self._monitor.prober.results.values():
+            probe_ok.add_metric([*ident, p.dst], 1.0 if p.ok else 0.0)
+            if p.rtt_ms is not None:
+                probe_rtt.add_metric([*ident, p.dst], p.rtt_ms / 1000)
+            probe_failures.add_metric([*ident, p.dst], p.failures)
+            probes_sent.add_metric([*ident, p.dst], p.sent)
+            probes_received.add_metric([*ident, p.dst], p.received)
+        yield from (probe_ok, probe_rtt, probe_failures, probes_sent, probes_received)
+        if doc is None:
+            return
+        obs = [*labels, "peer", "peer_region"]
+        up = GaugeMetricFamily(
+            "relaymesh_mesh_relay_up",
+            "A relay of the mesh is up (1) or not (0; down, stale or draining), as seen here.",
+            labels=obs,
+        )
+        state = GaugeMetricFamily(
+            "relaymesh_mesh_relay_state",
+            "1 for the state each relay is in (up, stale, draining, down), as seen here.",
+            labels=[*obs, "state"],
+        )
+        pps = GaugeMetricFamily(
+            "relaymesh_mesh_relay_packets_per_second",
+            "Packets per second through each relay, by direction, as seen here.",
+            labels=[*obs, "direction"],
+        )
+        drops = GaugeMetricFamily(
+            "relaymesh_mesh_relay_drops_per_second",
+            "Dropped packets per second on each relay, as seen here.",
+            labels=obs,
+        )
+        for r in doc["relays"]:
+            who = [*ident, r["relay_id"], r["region"]]
+            up.add_metric(who, 1.0 if r["state"] == "up" else 0.0)
+            for name in ("up", "stale", "draining", "down"):
+                state.add_metric([*who, name], 1.0 if r["state"] == name else 0.0)
+            if r["pps_in"] is not None:
+                pps.add_metric([*who, "in"], r["pps_in"])
+                pps.add_metric([*who, "out"], r["pps_out"])
+                drops.add_metric(who, r["drops_per_s"])
+        yield from (up, state, pps, drops)
+        link_up = GaugeMetricFamily(
+            "relaymesh_mesh_path_up",
+            "The directed path src → dst works (1) or not (0), as seen here.",
+            labels=[*labels, "src", "dst"],
+        )
+        link_rtt = GaugeMetricFamily(
+            "relaymesh_mesh_path_rtt_seconds",
+            "Round trip of the last probe over src → dst → src, as seen here.",
+            labels=[*labels, "src", "dst"],
+        )
+        for link in doc["links"]:
+            pair = [*ident, link["src"], link["dst"]]
+            link_up.add_metric(pair, 1.0 if link["state"] == "up" else 0.0)
+            if link["rtt_ms"] is not None:
+                link_rtt.add_metric(pair, link["rtt_ms"] / 1000)
+        yield from (link_up, link_rtt)
+        etcd = doc["etcd"]
+        if etcd["reachable"] is not None:
+            g = GaugeMetricFamily(
+                "relaymesh_etcd_reachable", "The shared state answers this relay.", labels=labels
+            )
+            g.add_metric(ident, 1.0 if etcd["reachable"] else 0.0)
+            yield g
+        lag = GaugeMetricFamily(
+            "relaymesh_etcd_revision_lag",
+            "How many revisions each relay's watch is behind the most advanced one, as seen here.",
+            labels=[*labels, "peer"],
+        )
+        for rid, n in etcd["revision_lag"].items():
+            lag.add_metric([*ident, rid], n)
+        yield lag
+        problems = GaugeMetricFamily(
+            "relaymesh_health_problem",
+            "1 for each problem the mesh has now, by code (docs/health.md), as seen here.",
+            labels=[*labels, "code", "severity", "subject"],
+        )
+        for p in doc["problems"]:
+            problems.add_metric([*ident, p["code"], p["severity"], p["subject"]], 1.0)
+        yield problems
+        g = GaugeMetricFamily(
+            "relaymesh_health_healthy",
+            "1 when the mesh has no error-severity problem, as seen here.",
+            labels=labels,
+        )
+        g.add_metric(ident, 1.0 if doc["healthy"] else 0.0)
+        yield g
+        g = GaugeMetricFamily(
+            "relaymesh_health_updated_timestamp_seconds",
+            "When this relay last assembled the mesh's health (Unix time).",
+            labels=labels,
+        )
+        g.add_metric(ident, doc["generated_at"])
+        yield g
+
+
 def relay_registry(
-    server: RelayServer, *, state: MeshState | None = None, mesh: Mesh | None = None
+    server: RelayServer,
+    *,
+    state: MeshState | None = None,
+    mesh: Mesh | None = None,
+    supervisor: Supervisor | None = None,
+    http_stats: HttpStats | None = None,
+    stun_stats: StunStats | None = None,
+    monitor: MeshMonitor | None = None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RelayCollector(server, state, mesh))
+    registry.register(
+        RelayCollector(
+            server,
+            state,
+            mesh,
+            supervisor=supervisor,
+            http_stats=http_stats,
+            stun_stats=stun_stats,
+        )
+    )
+    if monitor is not None:
+        cfg = server.cfg.relay
+        registry.register(MeshHealthCollector([cfg.region, cfg.name], monitor))
     return registry
 
 

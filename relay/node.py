@@ -1,13 +1,28 @@
 """serve_relay_node(cfg): one nursery running everything a relay node runs.
 
-- the WebSocket data plane (relay/server.py);
-- the HTTP API (relay/app.py on hypercorn);
-- with shared state (etcd endpoints in the config, or a store handed in by
-  ``relaymesh up``): registration, the peer-map cache (coordinator/state.py)
-  and, with a mesh key, the mesh links (relay/mesh.py);
-- a small task that tells clients (Health frames) when the node is degraded.
+Components, each under the node's :class:`~relay.supervisor.Supervisor`:
 
-All of it shares the node's lifetime: cancel the node and everything stops.
+- ``websocket``: the WebSocket data plane (relay/server.py);
+- ``http``: the HTTP API (relay/app.py, served by relay/http.py on hypercorn);
+- ``stun``: the STUN server (relay/stun_server.py);
+- with shared state (etcd endpoints in the config, or a store handed in by
+  ``relaymesh up``): ``state``, the registration, the peer-map cache and the
+  presence of local clients (coordinator/state.py), and, with a mesh key,
+  ``mesh``, the mesh links (relay/mesh.py);
+- ``health``: tells clients (Health frames) when the node is degraded.
+
+A component that fails once started is logged, counted and restarted with
+backoff (relay/supervisor.py); listeners come back on the ports they had.
+The node itself ends only if a component cannot start (a port taken, a bad
+configuration: the error is raised as itself, for the operator) or when it
+is cancelled, which stops everything.
+
+The components do not call each other's code in their own tasks. The
+server reports client presence on a coalescing queue that the state drains
+(``server.watch_presence()``); the state announces relay-table changes on a
+one-slot channel the mesh drains (``state.open_relay_updates()``); the only
+direct call is the hot path, the mesh's ``forward`` registered with
+``server.add_forwarder``, and the server contains its exceptions.
 """
 
 from __future__ import annotations
@@ -16,30 +31,35 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from nacl.signing import SigningKey
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
 from coordinator.store import Store
 from region.model import RegionMap, RegionMapError, load_region_map
+from relay.protocol.keys import NodeKey, PrivateKey, load_or_create_key_file
 
 from . import __version__
 from .app import create_app
 from .config import ConfigError, RelayConfig, load_tokens
-from .keys import NodeKey, PrivateKey, load_or_create_key_file
+from .http import HttpStats, serve_app
 from .mesh import Mesh
+from .monitor import MeshMonitor
 from .server import RelayServer
 from .stun_server import StunStats, serve_stun
+from .supervisor import Supervisor
 
 __all__ = ["NodeInfo", "load_node_key", "serve_relay_node"]
 
 log = logging.getLogger(__name__)
+
+#: Pending connections on the HTTP listening socket.
+_HTTP_BACKLOG = 128
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,7 +73,9 @@ class NodeInfo:
     server: RelayServer
     state: MeshState | None
     mesh: Mesh | None
+    supervisor: Supervisor
     stun_port: int = 0
+    monitor: MeshMonitor | None = None
 
 
 def load_node_key(cfg: RelayConfig) -> PrivateKey:
@@ -102,105 +124,162 @@ async def serve_relay_node(
     )
     server = RelayServer(cfg, key, tokens=tokens, mesh_key=mesh_key)
     host = cfg.relay.listen_host
-    hconfig = HypercornConfig()
-    hconfig.bind = [f"{f'[{host}]' if ':' in host else host}:{cfg.relay.http_port}"]
-    hconfig.accesslog = None
-    hconfig.errorlog = logging.getLogger("hypercorn.error")
-    hconfig.graceful_timeout = 1.0
     configured_map, signing_key = _load_region_map_config(cfg)
-    async with trio.open_nursery() as nursery:
-        ws_port = await nursery.start(server.serve, host, cfg.relay.port)
-        stun_stats = StunStats()
-        stun_port = 0
-        if cfg.relay.stun:
-            stun_port = await nursery.start(
-                partial(serve_stun, host, cfg.relay.stun_port, stats=stun_stats)
-            )
-        ahost = cfg.mesh.advertise_host or _url_host(host)
-        ws_url = f"ws://{ahost}:{ws_port}/derp"
-        me = RelayRecord(
-            relay_id=cfg.relay.name,
-            region=cfg.relay.region,
-            name=cfg.relay.name,
-            ws_url=ws_url,
-            http_url="",
-            public_key=str(key.public),
-            started_at=time.time(),
-            version=__version__,
-            stun=f"{ahost}:{stun_port}" if stun_port else None,
-        )
-        state: MeshState | None = None
-        mesh: Mesh | None = None
+    supervisor = Supervisor()
+    started = False
+    try:
+        with await _listen_tcp(host, cfg.relay.http_port) as http_sock:
+            async with trio.open_nursery() as nursery:
 
-        async with _store_from_config(cfg) if store is None else _given(store) as the_store:
-            if the_store is not None:
-                # http_url is filled in below, once hypercorn has bound its port.
-                state = MeshState(
-                    the_store,
-                    me,
-                    prefix=cfg.mesh.prefix,
-                    lease_ttl_s=cfg.mesh.lease_ttl_s,
-                    keepalive_interval_s=cfg.mesh.keepalive_interval_s,
-                    lost_grace_s=cfg.mesh.lost_grace_s,
+                def serve_ws(task_status: trio.TaskStatus[int]) -> Any:
+                    # A restart listens on the port the first run got.
+                    port = server.port if server.port is not None else cfg.relay.port
+                    return server.serve(host, port, task_status=task_status)
+
+                ws_port = await supervisor.start(nursery, "websocket", serve_ws)
+                stun_stats = StunStats()
+                stun_port = 0
+                if cfg.relay.stun:
+                    stun_box = [cfg.relay.stun_port]
+
+                    def run_stun(task_status: trio.TaskStatus[int]) -> Any:
+                        return serve_stun(
+                            host, stun_box[0], stats=stun_stats, task_status=task_status
+                        )
+
+                    stun_port = stun_box[0] = await supervisor.start(nursery, "stun", run_stun)
+                ahost = cfg.mesh.advertise_host or _url_host(host)
+                ws_url = f"ws://{ahost}:{ws_port}/derp"
+                http_url = f"http://{ahost}:{http_sock.getsockname()[1]}"
+                me = RelayRecord(
+                    relay_id=cfg.relay.name,
+                    region=cfg.relay.region,
+                    name=cfg.relay.name,
+                    ws_url=ws_url,
+                    http_url=http_url,
+                    public_key=str(key.public),
+                    started_at=time.time(),
+                    version=__version__,
+                    stun=f"{ahost}:{stun_port}" if stun_port else None,
                 )
-                server.on_connect.append(state.client_connected)
-                server.on_disconnect.append(state.client_disconnected)
-                if mesh_key is not None:
-                    mesh = Mesh(
-                        server,
-                        state,
-                        key,
-                        mesh_key,
-                        link_idle_s=cfg.mesh.link_idle_s,
-                        link_queue_packets=cfg.mesh.link_queue_packets,
+                state: MeshState | None = None
+                mesh: Mesh | None = None
+
+                async with _store_from_config(cfg) if store is None else _given(store) as the_store:
+                    if the_store is not None:
+                        state = MeshState(
+                            the_store,
+                            me,
+                            prefix=cfg.mesh.prefix,
+                            lease_ttl_s=cfg.mesh.lease_ttl_s,
+                            keepalive_interval_s=cfg.mesh.keepalive_interval_s,
+                            lost_grace_s=cfg.mesh.lost_grace_s,
+                            presence=server.watch_presence(),
+                        )
+                        if mesh_key is not None:
+                            mesh = Mesh(
+                                server,
+                                state,
+                                key,
+                                mesh_key,
+                                link_idle_s=cfg.mesh.link_idle_s,
+                                link_queue_packets=cfg.mesh.link_queue_packets,
+                            )
+
+                    def relays() -> list[RelayRecord]:
+                        return list(state.relays.values()) if state is not None else [me]
+
+                    monitor = (
+                        MeshMonitor(
+                            cfg.health,
+                            me=lambda: me,
+                            relays=relays,
+                            regions=[r.code for r in configured_map.regions]
+                            if configured_map is not None
+                            else None,
+                        )
+                        if cfg.health.enabled
+                        else None
                     )
-            me_box = [me]
+                    http_stats = HttpStats()
+                    app = create_app(
+                        cfg,
+                        server,
+                        state=state,
+                        mesh=mesh,
+                        relays=relays,
+                        region_map=configured_map,
+                        signing_key=signing_key,
+                        stun_stats=stun_stats,
+                        http_stats=http_stats,
+                        supervisor=supervisor,
+                        monitor=monitor,
+                    )
+                    await supervisor.start(
+                        nursery, "http", partial(serve_app, app, http_sock, stats=http_stats)
+                    )
+                    if state is not None:
+                        await supervisor.start(nursery, "state", state.run)
+                        if mesh is not None:
+                            await supervisor.start(nursery, "mesh", mesh.run)
+                        await supervisor.start(
+                            nursery, "health", partial(_report_health, server, state)
+                        )
+                    if monitor is not None:
+                        await supervisor.start(nursery, "monitor", monitor.run)
+                    info = NodeInfo(
+                        relay_id=cfg.relay.name,
+                        region=cfg.relay.region,
+                        name=cfg.relay.name,
+                        public_key=key.public,
+                        ws_url=ws_url,
+                        http_url=http_url,
+                        server=server,
+                        state=state,
+                        mesh=mesh,
+                        supervisor=supervisor,
+                        stun_port=stun_port,
+                        monitor=monitor,
+                    )
+                    log.info(
+                        "relay %s/%s up: %s %s key %s",
+                        info.region,
+                        info.name,
+                        info.ws_url,
+                        info.http_url,
+                        info.public_key,
+                    )
+                    started = True
+                    task_status.started(info)
+                    await trio.sleep_forever()
+    except BaseExceptionGroup as group:
+        # A component that cannot start ends the node with its own error, ungrouped,
+        # so that the operator reads one line (a port taken, a bad configuration).
+        if not started:
+            leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+            if len(leaves) == 1 and isinstance(leaves[0], Exception):
+                raise leaves[0] from None
+        raise
 
-            def relays() -> list[RelayRecord]:
-                return list(state.relays.values()) if state is not None else me_box
 
-            app = create_app(
-                cfg,
-                server,
-                state=state,
-                mesh=mesh,
-                relays=relays,
-                region_map=configured_map,
-                signing_key=signing_key,
-                stun_stats=stun_stats,
-            )
-            binds = await nursery.start(hypercorn_serve, app, hconfig)
-            http_port = int(str(binds[0]).rsplit(":", 1)[1])
-            http_url = f"http://{ahost}:{http_port}"
-            me_box[0] = replace(me, http_url=http_url)
-            if state is not None:
-                state.me = me_box[0]
-                await nursery.start(state.run)
-                if mesh is not None:
-                    await nursery.start(mesh.run)
-                nursery.start_soon(_report_health, server, state)
-            info = NodeInfo(
-                relay_id=cfg.relay.name,
-                region=cfg.relay.region,
-                name=cfg.relay.name,
-                public_key=key.public,
-                ws_url=ws_url,
-                http_url=http_url,
-                server=server,
-                state=state,
-                mesh=mesh,
-                stun_port=stun_port,
-            )
-            log.info(
-                "relay %s/%s up: %s %s key %s",
-                info.region,
-                info.name,
-                info.ws_url,
-                info.http_url,
-                info.public_key,
-            )
-            task_status.started(info)
-            await trio.sleep_forever()
+async def _listen_tcp(host: str, port: int) -> trio.socket.SocketType:
+    """A listening TCP socket; OSError (EADDRINUSE...) if the port cannot be had."""
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        await sock.bind((host, port))
+        sock.listen(_HTTP_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def _load_region_map_config(cfg: RelayConfig) -> tuple[RegionMap | None, SigningKey | None]:
@@ -230,8 +309,11 @@ async def _given(store: Store) -> AsyncIterator[Store]:
     yield store
 
 
-async def _report_health(server: RelayServer, state: MeshState) -> None:
+async def _report_health(
+    server: RelayServer, state: MeshState, *, task_status: trio.TaskStatus[None]
+) -> None:
     """Tell clients when this relay is degraded, and when it is well again."""
+    task_status.started()
     await state.wait_registered()
     told = ""
     while True:

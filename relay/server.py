@@ -35,22 +35,40 @@ import hmac
 import logging
 import struct
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 import wsproto.events
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
-from . import wire
-from .config import RelayConfig
-from .handshake import ClientHello, mesh_proof, new_challenge, open_client_info, seal_server_info
-from .keys import NodeKey, PrivateKey
-from .ratelimit import TokenBucket
-from .wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
+from coordinator.presence import Presence, PresenceQueue
+from relay.protocol import wire
+from relay.protocol.handshake import (
+    ClientHello,
+    mesh_proof,
+    new_challenge,
+    open_client_info,
+    seal_server_info,
+)
+from relay.protocol.keys import NodeKey, PrivateKey
+from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
 
-__all__ = ["ClientStats", "DropReason", "RelayServer", "RelayStats", "serve_relay"]
+from . import _wsmask
+from .config import RelayConfig
+from .ratelimit import TokenBucket
+
+_wsmask.install()
+
+__all__ = [
+    "ClientStats",
+    "DropReason",
+    "PacketForwarder",
+    "RelayServer",
+    "RelayStats",
+    "serve_relay",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +81,8 @@ _K = wire.KEY_BYTES
 _CLOSE_TIMEOUT_S = 2.0
 #: Remember at most this many recent senders per client (for PeerGone on disconnect).
 _MAX_SENDERS_TRACKED = 4096
+#: A failing forwarder is logged at most this often (every failure is counted).
+_FORWARD_ERROR_LOG_INTERVAL_S = 10.0
 
 
 class DropReason(enum.Enum):
@@ -80,6 +100,19 @@ class DropReason(enum.Enum):
     MESH_NOT_HERE = "mesh_not_here"
     #: The mesh link towards the destination's relay had a full queue.
     MESH_QUEUE_FULL = "mesh_queue_full"
+    #: The forwarder raised instead of taking or refusing the packet.
+    FORWARD_ERROR = "forward_error"
+
+
+class PacketForwarder(Protocol):
+    """Carries packets for keys not connected here (the mesh); see add_forwarder."""
+
+    def forward(self, src: bytes, dest: bytes, payload: bytes) -> bool:
+        """Send a packet towards the relay that holds ``dest``; False if none is known.
+
+        Called on a reader's hot path: it must not block or await.
+        """
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -307,13 +340,14 @@ class RelayServer:
         #: Connections that have not finished their handshake, oldest first.
         self._preauth: dict[_Conn, None] = {}
         self._c = _Counters()
-        #: Called (synchronously) when a client (not a mesh peer) connects or disconnects.
-        self.on_connect: list[Callable[[NodeKey, ClientHello], None]] = []
-        self.on_disconnect: list[Callable[[NodeKey], None]] = []
         self.port: int | None = None
-        #: For packets to keys not connected here: (src, dest, payload) -> handled?
-        #: The mesh sets this; it must not block.
-        self.forwarder: Callable[[bytes, bytes, bytes], bool] | None = None
+        # Set by watch_presence(): where client (dis)connects are reported.
+        self._presence: PresenceQueue | None = None
+        # Set by add_forwarder(): who carries packets for keys not connected here.
+        self._forwarder: PacketForwarder | None = None
+        self._forward_error_logged_at = -_FORWARD_ERROR_LOG_INTERVAL_S
+        #: Set once drain() has begun: the relay is on its way out.
+        self.draining = False
 
     # ---- public surface -------------------------------------------------
 
@@ -355,6 +389,31 @@ class RelayServer:
         """Count packets dropped outside the server (the mesh) with the server's drops."""
         self._c.drops[reason] += n
 
+    def watch_presence(self) -> PresenceQueue:
+        """The queue where this server reports its clients' (not mesh peers') presence.
+
+        Changes are reported from the first call on (call it before serve());
+        the same queue is returned to every caller. Its consumer owns applying them.
+        """
+        if self._presence is None:
+            self._presence = PresenceQueue()
+        return self._presence
+
+    def add_forwarder(self, forwarder: PacketForwarder) -> None:
+        """Hand packets for keys not connected here to ``forwarder`` (one at a time).
+
+        Its ``forward`` runs synchronously in the sending client's reader; an
+        exception from it drops that packet (``forward_error``) and nothing else.
+        """
+        if self._forwarder is not None and self._forwarder is not forwarder:
+            raise RuntimeError("another packet forwarder is registered")
+        self._forwarder = forwarder
+
+    def remove_forwarder(self, forwarder: PacketForwarder) -> None:
+        """Stop using ``forwarder``; a no-op if another one replaced it meanwhile."""
+        if self._forwarder is forwarder:
+            self._forwarder = None
+
     def client_statistics(self) -> list[ClientStats]:
         return [cl.stats() for cl in self._clients.values()]
 
@@ -376,6 +435,7 @@ class RelayServer:
         self, *, reconnect_in_ms: int = 0, try_for_ms: int = 10_000, grace_s: float = 2.0
     ) -> None:
         """Tell every client we are restarting, give writers ``grace_s`` to flush, close all."""
+        self.draining = True
         frame = wire.encode(wire.Restarting(reconnect_in_ms=reconnect_in_ms, try_for_ms=try_for_ms))
         clients = list(self._clients.values())
         for cl in clients:
@@ -632,9 +692,8 @@ class RelayServer:
                 "client %s replaced (%s → %s)", client.node_key.short(), old.remote, client.remote
             )
         self._clients[client.key] = client
-        if not client.is_mesh:
-            for cb in self.on_connect:
-                cb(client.node_key, client.hello)
+        if not client.is_mesh and self._presence is not None:
+            self._presence.put_nowait(Presence(key=client.node_key, hello=client.hello))
 
     def _unregister(self, client: _Client) -> None:
         client.closing = True
@@ -657,9 +716,8 @@ class RelayServer:
             other = self._clients.get(sender)
             if other is not None:
                 self._enqueue_ctrl(other, gone)
-        if not client.is_mesh:
-            for cb in self.on_disconnect:
-                cb(client.node_key)
+        if not client.is_mesh and self._presence is not None:
+            self._presence.put_nowait(Presence(key=client.node_key, hello=None))
 
     async def _close(
         self,
@@ -748,9 +806,14 @@ class RelayServer:
                 routed += 1
                 routed_bytes += n - _K
                 if dest is None:
-                    forward = self.forwarder
-                    if forward is not None and forward(src_key, dest_key, body[_K:]):
-                        continue
+                    forwarder = self._forwarder
+                    if forwarder is not None:
+                        try:
+                            if forwarder.forward(src_key, dest_key, body[_K:]):
+                                continue
+                        except Exception as exc:
+                            self._forward_failed(exc)
+                            continue
                     drops[DropReason.UNKNOWN_DEST] += 1
                     self._note_gone(client, dest_key)
                     continue
@@ -773,6 +836,19 @@ class RelayServer:
             if decoder.skipped_frames:
                 self._c.skipped_frames += decoder.skipped_frames
                 decoder.skipped_frames = 0
+
+    def _forward_failed(self, exc: Exception) -> None:
+        """The forwarder raised: the packet is dropped; the connection and the node go on."""
+        self._c.drops[DropReason.FORWARD_ERROR] += 1
+        now = trio.current_time()
+        if now - self._forward_error_logged_at >= _FORWARD_ERROR_LOG_INTERVAL_S:
+            self._forward_error_logged_at = now
+            log.error(
+                "packet forwarder failed (%d packets dropped so far): %r",
+                self._c.drops[DropReason.FORWARD_ERROR],
+                exc,
+                exc_info=exc,
+            )
 
     def _deliver_forwarded(self, body: bytes) -> None:
         """A packet another relay forwarded to a client of ours. Never forwarded again."""

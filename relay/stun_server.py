@@ -2,6 +2,12 @@
 
 Kept apart from the codec so that relay/stun.py stays sans-IO (no trio, no
 sockets), like the frame codec.
+
+Each datagram is handled inside its own guard: one that makes the codec
+raise something unexpected is counted (``errors``), logged (the first with
+its traceback, then the 2nd, 4th, 8th...) and dropped; the server goes on. What ends the loop (the
+socket failing) is for the node's supervisor, which restarts it on the same
+port.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .stun import StunError, handle_datagram
+from relay.protocol.stun import StunError, handle_datagram
 
 __all__ = ["StunStats", "serve_stun"]
 
@@ -22,6 +28,8 @@ log = logging.getLogger(__name__)
 class StunStats:
     requests: int = 0
     malformed: int = 0
+    #: Datagrams whose handling raised an unexpected exception (dropped).
+    errors: int = 0
 
 
 async def serve_stun(
@@ -45,6 +53,18 @@ async def serve_stun(
             except StunError as exc:
                 stats.malformed += 1
                 log.debug("ignoring a malformed STUN datagram from %s: %s", addr, exc)
+                continue
+            except Exception as exc:
+                stats.errors += 1
+                n = stats.errors
+                if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood cannot flood the log
+                    log.error(
+                        "STUN datagram from %s not handled (%d so far): %r",
+                        addr,
+                        n,
+                        exc,
+                        exc_info=exc if n == 1 else None,
+                    )
                 continue
             stats.requests += 1
             try:

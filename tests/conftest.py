@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from relay.config import load_config
-from relay.keys import PrivateKey
+from relay.protocol.keys import PrivateKey
 from relay.server import RelayServer
 from tests.etcd_cluster import EtcdCluster, start_cluster
 

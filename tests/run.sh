@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # System packages the tests use: the real etcd binary, docker-compose (validates
 # docker-compose.yml), a third-party STUN client, iproute2 and iptables (the
-# network-namespace lab). Installed when missing and we are root (CI is);
+# network-namespace lab), promtool (alert rules) and chromium (the dashboard,
+# driven by Playwright: no browser download). Installed when missing and we are root (CI is);
 # otherwise the tests that need them skip and say why.
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server etcd-client)
@@ -14,6 +15,8 @@ command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v stun >/dev/null 2>&1 || need+=(stun-client)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # promtool checks deploy/alerts.yml
+command -v chromium >/dev/null 2>&1 || need+=(chromium)    # the dashboard's browser tests
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${need[*]}" >&2

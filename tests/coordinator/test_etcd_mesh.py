@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from relay.client import RelayClient, open_relay_client
-from relay.keys import NodeKey, PrivateKey
+from relay.protocol.keys import NodeKey, PrivateKey
 from tests.conftest import wait_until
 from tests.etcd_cluster import EtcdCluster, start_cluster
 from tests.relay_procs import RelayProc, start_relay_proc

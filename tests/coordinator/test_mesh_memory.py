@@ -8,8 +8,8 @@ from coordinator.peermap import PeerState
 from coordinator.store import open_memory_store
 from relay.client import open_relay_client
 from relay.config import load_config
-from relay.keys import PrivateKey
 from relay.node import NodeInfo, serve_relay_node
+from relay.protocol.keys import PrivateKey
 from tests.conftest import wait_until
 
 MESH_KEY = b"0123456789abcdef0123456789abcdef"
@@ -20,6 +20,8 @@ async def start(nursery: trio.Nursery, store, region: str, name: str, **mesh: ob
         overrides={
             "relay": {"port": 0, "http_port": 0, "stun_port": 0, "region": region, "name": name},
             "mesh": {"lease_ttl_s": 2, "keepalive_interval_s": 0.5, **mesh},
+            # The mesh monitor's probe clients would appear in the peer map.
+            "health": {"enabled": False},
         }
     )
     info: NodeInfo = await nursery.start(
@@ -136,3 +138,49 @@ async def test_wrong_mesh_key_is_refused_and_counted(nursery: trio.Nursery) -> N
         assert "unauthorized" not in closes  # one wrong proof is counted once
         assert good.server.statistics().mesh_peers == 0
         assert intruder.mesh is not None and intruder.mesh.region_links_down() == ["eu-1"]
+
+
+async def test_expired_leases_of_live_relays_cost_no_packets(nursery: trio.Nursery) -> None:
+    """What a store outage longer than the lease TTL does: every lease expires at once,
+    the relays register again and republish. Packets between them keep flowing."""
+    async with open_memory_store() as store:
+        eu = await start(nursery, store, "eu", "eu-1")
+        us = await start(nursery, store, "us", "us-1")
+        assert eu.state is not None and us.state is not None
+        a, b = PrivateKey.generate(), PrivateKey.generate()
+        async with open_relay_client(eu.ws_url, a) as ca, open_relay_client(us.ws_url, b) as cb:
+            with trio.fail_after(5):
+                await wait_until(lambda: eu.state.route(b.public.raw) is not None)
+            received: list[int] = []
+            sent = 0
+
+            async def receive() -> None:
+                while True:
+                    received.append(int((await cb.receive()).payload))
+
+            async def send_for(seconds: float) -> None:
+                nonlocal sent
+                with trio.move_on_after(seconds):
+                    while True:
+                        await ca.send(b.public, b"%d" % sent)
+                        sent += 1
+                        await trio.sleep(0.002)
+
+            nursery.start_soon(receive)
+            await send_for(0.2)
+            await store.revoke(eu.state.lease)
+            await store.revoke(us.state.lease)
+            with trio.fail_after(5):
+                await wait_until(lambda: eu.state.route(b.public.raw) is None)  # b is LOST
+            await send_for(0.2)
+            with trio.fail_after(5):
+                await wait_until(lambda: eu.state.route(b.public.raw) is not None)
+            await send_for(0.2)
+            with trio.move_on_after(5):
+                await wait_until(lambda: len(received) >= sent)
+        assert eu.state.statistics().registrations == 2
+        assert us.state.statistics().registrations == 2
+        missing = sorted(set(range(sent)) - set(received))
+        assert missing == [], f"{len(missing)} of {sent} lost"
+        assert received == list(range(sent))
+        assert eu.server.statistics().drops["unknown_dest"] == 0

@@ -13,7 +13,7 @@ from coordinator.peermap import PeerRecord
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
 from coordinator.store import Store, open_memory_store
-from relay.keys import NodeKey, PrivateKey
+from relay.protocol.keys import NodeKey, PrivateKey
 from tests.conftest import wait_until
 from tests.etcd_cluster import EtcdCluster
 

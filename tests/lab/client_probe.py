@@ -16,10 +16,10 @@ import sys
 
 import trio
 
-from region.client import RegionMapSource, open_home_relay
 from region.netcheck import run_netcheck
 from region.select import HomeSelector
-from relay.keys import PrivateKey
+from relay.protocol.keys import PrivateKey
+from relaymesh.home import RegionMapSource, open_home_relay
 
 
 async def netcheck(map_url: str) -> None:

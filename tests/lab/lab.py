@@ -241,7 +241,7 @@ def start_relay(
     argv = [
         sys.executable,
         "-m",
-        "relay.cli",
+        "relaymesh.cli",
         "relay",
         "--json",
         "--config",

@@ -20,8 +20,8 @@ import time
 import trio
 import trio.lowlevel
 
-from coordinator.peer import open_peer
-from relay.keys import NodeKey, PrivateKey
+from relay.protocol.keys import NodeKey, PrivateKey
+from relaymesh.peer import open_peer
 
 SEQ = struct.Struct(">Q")
 

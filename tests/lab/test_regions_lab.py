@@ -35,7 +35,14 @@ def regions_lab(tmp_path: Path) -> Iterator[tuple[Lab, str]]:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             out = lab.run(
-                "client", sys.executable, "-m", "relay.cli", "regionmap", "--url", map_url, "--json"
+                "client",
+                sys.executable,
+                "-m",
+                "relaymesh.cli",
+                "regionmap",
+                "--url",
+                map_url,
+                "--json",
             )
             if (
                 out.returncode == 0

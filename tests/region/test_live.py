@@ -10,13 +10,13 @@ import pytest
 import trio
 
 from coordinator.store import open_memory_store
-from region.client import MapFetchError, RegionMapSource, open_home_relay
 from region.model import RegionMap
 from region.netcheck import run_netcheck
 from relay.client import open_relay_client
 from relay.config import load_config
-from relay.keys import PrivateKey
 from relay.node import NodeInfo, serve_relay_node
+from relay.protocol.keys import PrivateKey
+from relaymesh.home import MapFetchError, RegionMapSource, open_home_relay
 from tests.conftest import wait_until
 
 MESH_KEY = b"0123456789abcdef0123456789abcdef"

@@ -11,7 +11,7 @@ import pytest
 from coordinator.registry import RelayRecord
 from region.live import etag, live_map, sign, verify
 from region.model import RegionMap, RegionMapError, load_region_map, parse_region_map
-from relay.keys import PrivateKey
+from relay.protocol.keys import PrivateKey
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,9 +13,9 @@ import nacl.public
 import trio
 from trio_websocket import WebSocketConnection
 
-from relay import wire
 from relay.client import open_relay_client
-from relay.keys import PrivateKey
+from relay.protocol import wire
+from relay.protocol.keys import PrivateKey
 from relay.server import RelayServer
 from tests.conftest import wait_until
 

@@ -18,11 +18,11 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from relay import wire
 from relay.client import client_handshake, open_relay_client
-from relay.handshake import seal_client_info
-from relay.keys import PrivateKey
-from relay.wire import CloseReason
+from relay.protocol import wire
+from relay.protocol.handshake import seal_client_info
+from relay.protocol.keys import PrivateKey
+from relay.protocol.wire import CloseReason
 from tests.conftest import start_relay
 
 SEQ = struct.Struct(">I")

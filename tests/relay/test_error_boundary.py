@@ -15,10 +15,10 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from relay import wire
 from relay.client import client_handshake, open_relay_client
 from relay.config import load_config
-from relay.keys import PrivateKey
+from relay.protocol import wire
+from relay.protocol.keys import PrivateKey
 from relay.server import RelayServer
 from tests.conftest import start_relay, wait_until
 from tests.relay.hostile import (

@@ -8,7 +8,6 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from relay import wire
 from relay.client import (
     ConnectError,
     RelayClient,
@@ -16,7 +15,8 @@ from relay.client import (
     client_handshake,
     open_relay_client,
 )
-from relay.keys import NodeKey, PrivateKey
+from relay.protocol import wire
+from relay.protocol.keys import NodeKey, PrivateKey
 from tests.conftest import start_relay, wait_until
 
 SEQ = struct.Struct(">I")

@@ -12,8 +12,14 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay import stun
-from relay.stun import StunError, decode_request, decode_response, encode_request, handle_datagram
+from relay.protocol import stun
+from relay.protocol.stun import (
+    StunError,
+    decode_request,
+    decode_response,
+    encode_request,
+    handle_datagram,
+)
 from relay.stun_server import StunStats, serve_stun
 
 TID = bytes(range(1, 13))

@@ -12,16 +12,18 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
 
-from . import __version__
-from .client import ConnectError, open_relay_client
-from .config import ConfigError, load_config, load_mesh_key
-from .keys import (
+from relay import __version__
+from relay.client import ConnectError, open_relay_client
+from relay.config import ConfigError, load_config, load_mesh_key
+from relay.node import serve_relay_node
+from relay.protocol.keys import (
     KeyFileError,
     NodeKey,
     PrivateKey,
@@ -30,13 +32,10 @@ from .keys import (
     load_key_file,
     write_key_file,
 )
-from .node import serve_relay_node
+
+from .errors import UserError
 
 __all__ = ["main"]
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line."""
 
 
 def _fail(msg: str, code: int = 1) -> NoReturn:
@@ -210,7 +209,7 @@ def _verify_key(text: str | None) -> Any:
 
 
 def cmd_regionmap(args: argparse.Namespace) -> int:
-    from region.client import MapFetchError, RegionMapSource
+    from relaymesh.home import MapFetchError, RegionMapSource
 
     source = RegionMapSource(args.url, verify_key=_verify_key(args.verify_key))
     try:
@@ -234,8 +233,8 @@ def cmd_regionmap(args: argparse.Namespace) -> int:
 
 
 def cmd_netcheck(args: argparse.Namespace) -> int:
-    from region.client import MapFetchError, RegionMapSource
     from region.netcheck import run_netcheck
+    from relaymesh.home import MapFetchError, RegionMapSource
 
     async def run() -> Any:
         source = RegionMapSource(args.url, verify_key=_verify_key(args.verify_key))
@@ -272,8 +271,8 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    from coordinator.peer import PeerNotFound, open_peer
-    from region.client import MapFetchError
+    from relaymesh.home import MapFetchError
+    from relaymesh.peer import PeerNotFound, open_peer
 
     key = _load_key(args.key_file)
     dest: NodeKey = args.node
@@ -353,8 +352,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 def _listen_as_peer(args: argparse.Namespace, key: PrivateKey) -> int:
     """Listen on the closest relay of a mesh, with direct paths (and answering pings)."""
-    from coordinator.peer import open_peer
-    from region.client import MapFetchError
+    from relaymesh.home import MapFetchError
+    from relaymesh.peer import open_peer
 
     async def run() -> None:
         async with open_peer(args.url, key) as peer:
@@ -431,8 +430,36 @@ def cmd_send(args: argparse.Namespace) -> int:
 # ---- parser ----------------------------------------------------------------
 
 
+# ---- status -----------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy, 1 with an error-severity problem (or stale data), 2 unreachable."""
+    from .status import fetch_mesh_status, render_status, status_exit_code
+
+    while True:
+        doc, error = fetch_mesh_status(args.url)
+        if doc is None:
+            print(f"relaymesh: error: {args.url}: {error}", file=sys.stderr)
+            code = 2
+        else:
+            code = status_exit_code(doc)
+            if args.json:
+                print(json.dumps(doc), flush=True)
+            else:
+                if args.watch:
+                    print("\x1b[H\x1b[2J", end="")
+                print(render_status(doc), flush=True)
+        if not args.watch:
+            return code
+        try:
+            time.sleep(doc["interval_s"] if doc else 2.0)
+        except KeyboardInterrupt:
+            return code
+
+
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import cmd_bench
+    from .bench.command import cmd_bench
 
     return cmd_bench(args)
 
@@ -566,6 +593,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each pong")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser(
+        "status",
+        help="the mesh's health, problems first",
+        description="Show the whole mesh's health as a relay sees it (its /api/v1/mesh):"
+        " problems first, then relays, paths and etcd. Exit status: 0 healthy,"
+        " 1 a problem of severity error (or stale data), 2 the relay cannot be reached.",
+    )
+    p.add_argument("--url", required=True, help="a relay's HTTP URL, e.g. http://127.0.0.1:3341")
+    p.add_argument("--json", action="store_true", help="print the status document as JSON")
+    p.add_argument("--watch", action="store_true", help="redraw every few seconds until Ctrl-C")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "bench",

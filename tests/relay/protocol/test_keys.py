@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.keys import (
+from relay.protocol.keys import (
     KeyFileError,
     NodeKey,
     PrivateKey,

@@ -24,9 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from relay.keys import NodeKey
-
-from .disco import Addr, new_txid
+from relay.protocol.disco import Addr, new_txid
+from relay.protocol.keys import NodeKey
 
 __all__ = ["Action", "PathConfig", "PathInfo", "PeerPath"]
 

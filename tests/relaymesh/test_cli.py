@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-RELAYMESH = [sys.executable, "-m", "relay.cli"]
+RELAYMESH = [sys.executable, "-m", "relaymesh.cli"]
 
 
 def run(

@@ -17,13 +17,9 @@ Ctrl-C or SIGTERM: relays tell their clients to move, then exit.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,7 +29,9 @@ from typing import Any
 
 import trio
 
-from .config import load_config
+from relay.config import load_config
+
+from .procs import EtcdCluster, RelayProc, spawn_relay, start_etcd, stop_processes, write_mesh_key
 
 __all__ = ["UpOptions", "run_up"]
 
@@ -116,8 +114,7 @@ def run_up(opts: UpOptions) -> int:
 
 async def _embedded(opts: UpOptions) -> None:
     from coordinator.store import open_memory_store
-
-    from .node import NodeInfo, serve_relay_node
+    from relay.node import NodeInfo, serve_relay_node
 
     mesh_key = secrets.token_bytes(32)
     async with open_memory_store() as store, trio.open_nursery() as nursery:
@@ -158,72 +155,10 @@ def _describe(info: Any) -> dict[str, Any]:
 # ---- one process per relay ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_local_etcd(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("etcd")
-    if binary is None:
-        raise RuntimeError(
-            "--etcd auto needs the etcd binary on PATH (Debian: apt-get install"
-            " etcd-server), or give --etcd URL"
-        )
-    client, peer = _free_port(), _free_port()
-    url = f"http://127.0.0.1:{client}"
-    log = (workdir / "etcd.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--name",
-            "up",
-            "--data-dir",
-            str(workdir / "etcd"),
-            "--listen-client-urls",
-            url,
-            "--advertise-client-urls",
-            url,
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-cluster",
-            f"up=http://127.0.0.1:{peer}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", client)) == 0:
-                return proc, url
-        if proc.poll() is not None:
-            raise RuntimeError(f"etcd exited at start; see {workdir / 'etcd.log'}")
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("etcd did not start listening within 20 s")
-
-
-def stop_processes(procs: list[subprocess.Popen[Any]], timeout_s: float = 10) -> None:
-    """SIGTERM every process still running (they drain), then kill what outlives the wait."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _processes(opts: UpOptions) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-up-"))
-    children: list[subprocess.Popen[str]] = []
-    etcd_proc: subprocess.Popen[bytes] | None = None
+    relays: list[RelayProc] = []
+    etcd: EtcdCluster | None = None
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -234,70 +169,47 @@ def _processes(opts: UpOptions) -> None:
     old_term = signal.signal(signal.SIGTERM, on_signal)
     try:
         if opts.etcd == "auto":
-            etcd_proc, endpoints = _start_local_etcd(workdir)
+            etcd = start_etcd(workdir / "etcd")
+            endpoints = ",".join(etcd.endpoints)
         else:
             endpoints = opts.etcd
-        mesh_key_file = workdir / "mesh.key"
-        fd = os.open(mesh_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
+        mesh_key_file = write_mesh_key(workdir / "mesh.key")
         for spec in _layout(opts):
-            children.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "relay.cli",
-                        "relay",
-                        "--json",
-                        "--region",
-                        spec["region"],
-                        "--name",
-                        spec["name"],
-                        "--port",
-                        str(spec["port"]),
-                        "--http-port",
-                        str(spec["http_port"]),
-                        "--stun-port",
-                        str(spec["stun_port"]),
-                        "--listen-host",
-                        opts.listen_host,
-                        "--etcd",
-                        endpoints,
-                        "--mesh-key-file",
-                        str(mesh_key_file),
-                        "--key-file",
-                        str(workdir / f"{spec['name']}.key"),
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
+            relays.append(
+                spawn_relay(
+                    workdir,
+                    region=spec["region"],
+                    name=spec["name"],
+                    etcd=endpoints,
+                    mesh_key_file=mesh_key_file,
+                    key_file=workdir / f"{spec['name']}.key",
+                    port=spec["port"],
+                    http_port=spec["http_port"],
+                    stun_port=spec["stun_port"],
+                    listen_host=opts.listen_host,
+                    log=None,
                 )
             )
-        relays = []
-        for child in children:
-            assert child.stdout is not None
-            line = child.stdout.readline()
-            if not line:
-                raise RuntimeError(f"a relay exited at start (code {child.wait()})")
-            info = json.loads(line)
-            relays.append(
+        described = []
+        for relay in relays:
+            info = relay.wait_started().info
+            described.append(
                 {
                     "relay_id": info["name"],
                     "region": info["region"],
                     "ws_url": info["ws_url"],
                     "http_url": info["http_url"],
                     "public_key": info["public_key"],
-                    "pid": child.pid,
+                    "pid": relay.pid,
                 }
             )
-        _report(opts, "processes", relays, endpoints.split(","))
-        while not stop and all(c.poll() is None for c in children):
+        _report(opts, "processes", described, endpoints.split(","))
+        while not stop and all(r.proc.poll() is None for r in relays):
             time.sleep(0.2)
     finally:
-        stop_processes(children)
-        if etcd_proc is not None:
-            etcd_proc.terminate()
-            etcd_proc.wait(timeout=10)
+        stop_processes(r.proc for r in relays)
+        if etcd is not None:
+            etcd.stop_all(kill=False)
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(workdir, ignore_errors=True)

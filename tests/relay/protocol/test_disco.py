@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator import disco
-from coordinator.disco import CallMeMaybe, DiscoCodec, DiscoError, Ping, Pong
-from relay.keys import PrivateKey
+from relay.protocol import disco
+from relay.protocol.disco import CallMeMaybe, DiscoCodec, DiscoError, Ping, Pong
+from relay.protocol.keys import PrivateKey
 
 NODE = PrivateKey.generate().public
 TXID = bytes(range(12))

@@ -6,10 +6,10 @@ import struct
 
 import trio
 
-from coordinator.paths import PathConfig
-from coordinator.peer import open_peer
 from coordinator.store import open_memory_store
-from relay.keys import PrivateKey
+from relay.protocol.keys import PrivateKey
+from relaymesh.paths import PathConfig
+from relaymesh.peer import open_peer
 from tests.conftest import wait_until
 from tests.region.test_live import mesh
 
@@ -42,9 +42,11 @@ async def test_two_peers_upgrade_to_direct_and_lose_nothing(nursery: trio.Nurser
                     await trio.sleep(0.005)
                 with trio.fail_after(10):
                     await wait_until(lambda: len(got) == 400)
-            # Every packet exactly once, across the relay-to-direct switch.
+            # Every packet exactly once, across the relay-to-direct switch. The ping above
+            # went through the relay; whether the first packets still do depends on how
+            # fast the disco exchange it started completes, so only the end state is fixed.
             assert sorted(got) == list(range(400))
-            assert vias[0] is False and vias[-1] is True
+            assert vias[-1] is True
             path = a.path(b_key.public)
             assert path.direct and path.addr is not None and path.addr[0] == "127.0.0.1"
             with trio.fail_after(10):

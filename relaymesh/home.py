@@ -25,13 +25,12 @@ import httpx
 import nacl.signing
 import trio
 
+from region.live import SIGNATURE_HEADER, verify
+from region.model import RegionMap, RegionMapError, parse_region_map
+from region.netcheck import NetcheckReport, StunProber, run_netcheck
+from region.select import HomeChoice, HomeSelector
 from relay.client import RelayClient
-from relay.keys import PrivateKey
-
-from .live import SIGNATURE_HEADER, verify
-from .model import RegionMap, RegionMapError, parse_region_map
-from .netcheck import NetcheckReport, StunProber, run_netcheck
-from .select import HomeChoice, HomeSelector
+from relay.protocol.keys import PrivateKey
 
 __all__ = ["HomeRelay", "MapFetchError", "RegionMapSource", "open_home_relay", "relay_order"]
 

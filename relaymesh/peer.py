@@ -27,13 +27,13 @@ import httpx
 import nacl.signing
 import trio
 
-from region.client import HomeRelay, open_home_relay
 from region.netcheck import NetcheckReport, StunProber
 from relay.client import Packet
-from relay.keys import NodeKey, PrivateKey, Sealer, SealError
+from relay.protocol import disco
+from relay.protocol.disco import Addr, CallMeMaybe, DiscoCodec, DiscoError, Ping, Pong
+from relay.protocol.keys import NodeKey, PrivateKey, Sealer, SealError
+from relaymesh.home import HomeRelay, open_home_relay
 
-from . import disco
-from .disco import Addr, CallMeMaybe, DiscoCodec, DiscoError, Ping, Pong
 from .paths import Action, PathConfig, PeerPath
 
 __all__ = ["Peer", "PeerNotFound", "PeerPathInfo", "open_peer"]

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import nacl.exceptions
 import nacl.public
 
-from relay.keys import NodeKey, PrivateKey
+from relay.protocol.keys import NodeKey, PrivateKey
 
 __all__ = [
     "DATA_MAGIC",

@@ -12,7 +12,7 @@ def test_bench_json_has_relay_and_baseline() -> None:
         [
             sys.executable,
             "-m",
-            "relay.cli",
+            "relaymesh.cli",
             "bench",
             "--size",
             "1200",
@@ -40,7 +40,7 @@ def test_bench_json_has_relay_and_baseline() -> None:
 
 def test_bench_rejects_a_size_it_cannot_carry() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "bench", "--size", "4", "--seconds", "0.1"],
+        [sys.executable, "-m", "relaymesh.cli", "bench", "--size", "4", "--seconds", "0.1"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
+import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,9 +30,18 @@ from typing import Any
 
 import trio
 
-from .bench import _percentiles, _stream
-from .client import RelayClient, open_relay_client
-from .keys import PrivateKey
+from relay.client import RelayClient, open_relay_client
+from relay.protocol.keys import PrivateKey
+
+from ..procs import (
+    EtcdCluster,
+    RelayProc,
+    spawn_relay,
+    start_etcd,
+    stop_processes,
+    write_mesh_key,
+)
+from .relay import percentiles, stream
 
 __all__ = ["run_scenario"]
 
@@ -47,57 +54,36 @@ keepalive_interval_s = 1.0
 
 @contextmanager
 def _mesh(specs: list[tuple[str, str]]) -> Iterator[tuple[list[dict[str, Any]], str]]:
-    """Relay processes for (region, name) pairs on a fresh local etcd."""
-    from .up import _start_local_etcd, stop_processes
+    """Relay processes for (region, name) pairs on a fresh local etcd.
 
+    Everything lives in one temporary directory (the mesh key among it), removed at exit.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="relaymesh-bench-"))
-    etcd, endpoint = _start_local_etcd(workdir)
-    (workdir / "mesh.key").write_text(secrets.token_hex(32))
-    os.chmod(workdir / "mesh.key", 0o600)
-    (workdir / "relay.toml").write_text(_TEST_MESH)
-    procs: list[subprocess.Popen[str]] = []
+    relays: list[RelayProc] = []
+    etcd: EtcdCluster | None = None
     try:
-        relays = []
+        etcd = start_etcd(workdir / "etcd")
+        endpoint = etcd.endpoints[0]
+        mesh_key = write_mesh_key(workdir / "mesh.key")
+        (workdir / "relay.toml").write_text(_TEST_MESH)
         for region, name in specs:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "relay.cli",
-                    "relay",
-                    "--json",
-                    "--config",
-                    str(workdir / "relay.toml"),
-                    "--region",
-                    region,
-                    "--name",
-                    name,
-                    "--port",
-                    "0",
-                    "--http-port",
-                    "0",
-                    "--stun-port",
-                    "0",
-                    "--etcd",
-                    endpoint,
-                    "--mesh-key-file",
-                    str(workdir / "mesh.key"),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
+            relays.append(
+                spawn_relay(
+                    workdir,
+                    region=region,
+                    name=name,
+                    etcd=endpoint,
+                    mesh_key_file=mesh_key,
+                    config=workdir / "relay.toml",
+                    log=False,
+                )
             )
-            procs.append(proc)
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"relay {name} did not start")
-            relays.append({**json.loads(line), "pid": proc.pid, "proc": proc})
-        yield relays, endpoint
+        yield [{**r.wait_started().info, "pid": r.pid, "proc": r.proc} for r in relays], endpoint
     finally:
-        stop_processes(procs)
-        etcd.terminate()
-        etcd.wait(timeout=10)
+        stop_processes(r.proc for r in relays)
+        if etcd is not None:
+            etcd.stop_all(kill=False)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _status(http_url: str) -> dict[str, Any]:
@@ -120,10 +106,10 @@ def run_mesh(size: int, seconds: float) -> dict[str, Any]:
     with _mesh([("eu", "eu-1"), ("us", "us-1")]) as (relays, _):
         eu, us = relays
         base = ["--target", "relay", "--size", str(size)]
-        within = _stream(
+        within = stream(
             [*base, "--url", eu["ws_url"]], [*base, "--url", eu["ws_url"]], seconds, 1, [eu["pid"]]
         )
-        across = _stream(
+        across = stream(
             [*base, "--url", eu["ws_url"]],
             [*base, "--url", us["ws_url"]],
             seconds,
@@ -171,7 +157,7 @@ async def _registration(relays: list[dict[str, Any]], n: int) -> dict[str, Any]:
                     for relay in others:
                         nursery.start_soon(poll, relay, str(key.public), seen)
             samples.append(int((max(seen) - t0) * 1e9))
-    return {"clients": n, "visible_everywhere_ms": _percentiles(samples)}
+    return {"clients": n, "visible_everywhere_ms": percentiles(samples)}
 
 
 def run_registration(n: int) -> dict[str, Any]:
@@ -217,7 +203,7 @@ async def _failover(relays: list[dict[str, Any]], n: int) -> dict[str, Any]:
                 await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
     samples = [int(v * 1e9) for v in recovered.values()]
-    return {"clients": n, "recovered": len(recovered), "reachable_again_ms": _percentiles(samples)}
+    return {"clients": n, "recovered": len(recovered), "reachable_again_ms": percentiles(samples)}
 
 
 def run_failover(n: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ clock for all processes on the machine).
 
 Packet payload: phase (u8) | sequence (u64) | send time ns (u64) | padding.
 
-The worker roles are run as ``python -m relay.bench ROLE ...``; they are not
+The worker roles are run as ``python -m relaymesh.bench.relay ROLE ...``; they are not
 part of the user-facing CLI.
 """
 
@@ -37,10 +37,10 @@ from typing import Any
 
 import trio
 
-from . import wire
-from .keys import PrivateKey
+from relay.protocol import wire
+from relay.protocol.keys import PrivateKey
 
-__all__ = ["cmd_bench", "run_bench"]
+__all__ = ["percentiles", "run_bench", "stream"]
 
 _HDR = struct.Struct(">BI")
 _PAY = struct.Struct(">BQQ")
@@ -92,7 +92,7 @@ async def _with_transport(args: argparse.Namespace, key: PrivateKey, role: str, 
     if args.target == "relay":
         from trio_websocket import open_websocket_url
 
-        from .client import client_handshake
+        from relay.client import client_handshake
 
         async with open_websocket_url(
             args.url,
@@ -187,7 +187,7 @@ async def _receiver(args: argparse.Namespace) -> None:
                     }
                     out["cpu_s"] = _own_cpu()
                     if which == "latency":
-                        out["latency_ms"] = _percentiles(lat_ns)
+                        out["latency_ms"] = percentiles(lat_ns)
                         lat_ns.clear()
                     print(json.dumps(out), flush=True)
                     st.reset()
@@ -204,7 +204,7 @@ def _own_cpu() -> float:
     return t.user + t.system
 
 
-def _percentiles(samples_ns: list[int]) -> dict[str, float]:
+def percentiles(samples_ns: list[int]) -> dict[str, float]:
     if not samples_ns:
         return {"p50": float("nan"), "p99": float("nan"), "max": float("nan"), "n": 0}
     xs = sorted(samples_ns)
@@ -269,8 +269,8 @@ async def _sender(args: argparse.Namespace) -> None:
 
 
 async def _relay(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .server import RelayServer
+    from relay.config import load_config
+    from relay.server import RelayServer
 
     cfg = load_config(
         overrides={
@@ -342,7 +342,7 @@ async def _wait_stdin_closed() -> None:
 
 def _spawn(*argv: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "relay.bench", *argv],
+        [sys.executable, "-m", "relaymesh.bench.relay", *argv],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -379,7 +379,7 @@ def _measure(target: str, size: int, seconds: float, pairs: int, queue: int) -> 
             ["--url", f"ws://127.0.0.1:{port}/derp"] if target == "relay" else ["--port", str(port)]
         )
         common = ["--target", target, *where, "--size", str(size)]
-        result = _stream(common, common, seconds, pairs, [server.pid])
+        result = stream(common, common, seconds, pairs, [server.pid])
         assert server.stdin is not None
         server.stdin.close()
         extra = _readjson(server)
@@ -393,7 +393,7 @@ def _measure(target: str, size: int, seconds: float, pairs: int, queue: int) -> 
             server.kill()
 
 
-def _stream(
+def stream(
     send_args: list[str],
     recv_args: list[str],
     seconds: float,
@@ -499,75 +499,8 @@ def run_bench(
     return result
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import UserError
-
-    if args.scenario != "relay":
-        from .bench_mesh import run_scenario
-
-        try:
-            result = run_scenario(args.scenario, size=args.size, seconds=args.seconds)
-        except (ValueError, RuntimeError) as exc:
-            raise UserError(str(exc)) from None
-        print(json.dumps(result) if args.json else _describe_scenario(result))
-        return 0
-    try:
-        result = run_bench(
-            size=args.size, seconds=args.seconds, pairs=args.pairs, baseline=not args.no_baseline
-        )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(
-        f"relaymesh bench: {args.size}-byte packets, {args.seconds:g} s, {args.pairs} pair(s),"
-        f" {result['cpus']} cpus"
-    )
-    print(
-        f"{'target':<22}{'packets/s':>12}{'MB/s':>9}{'loss %':>8}{'cpu %':>7}"
-        f"{'p50 ms':>9}{'p99 ms':>9}  (latency at pps)"
-    )
-    rows = [("relaymesh relay", result["relay"])]
-    if "baseline" in result:
-        rows.append((result["baseline"]["name"], result["baseline"]))
-    for name, r in rows:
-        print(
-            f"{name:<22}{r['pps']:>12,}{r['mbps']:>9.1f}{r['loss_pct']:>8.2f}"
-            f"{r['server_cpu_pct']:>7.0f}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}"
-            f"  ({r['latency_load_pps']:,})"
-        )
-    if "relay_vs_baseline_pct" in result:
-        print(f"relay reaches {result['relay_vs_baseline_pct']}% of the byte-copy baseline")
-    return 0
-
-
-def _describe_scenario(r: dict[str, Any]) -> str:
-    if r["scenario"] == "mesh":
-        w, a = r["within_one_relay"], r["across_mesh_hop"]
-        return "\n".join(
-            [
-                f"relaymesh bench --scenario mesh: {r['size']}-byte packets, {r['seconds']:g} s",
-                f"{'path':<22}{'packets/s':>12}{'MB/s':>9}{'loss %':>8}{'p50 ms':>9}{'p99 ms':>9}",
-                *(
-                    f"{name:<22}{x['pps']:>12,}{x['mbps']:>9.1f}{x['loss_pct']:>8.2f}"
-                    f"{x['p50_ms']:>9.3f}{x['p99_ms']:>9.3f}"
-                    for name, x in (("within one relay", w), ("across one mesh hop", a))
-                ),
-                f"across a mesh hop: {r['mesh_vs_within_pct']}% of within one relay",
-            ]
-        )
-    key = "visible_everywhere_ms" if r["scenario"] == "registration" else "reachable_again_ms"
-    p = r[key]
-    return (
-        f"relaymesh bench --scenario {r['scenario']}: {r['clients']} clients;"
-        f" {key}: p50 {p['p50']:.1f} ms, p99 {p['p99']:.1f} ms, max {p['max']:.1f} ms"
-        f"\n({r['note']})"
-    )
-
-
 def _worker_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m relay.bench")
+    p = argparse.ArgumentParser(prog="python -m relaymesh.bench.relay")
     p.add_argument("role", choices=["relay", "baseline", "receiver", "sender"])
     p.add_argument("--target", choices=["relay", "baseline"], default="relay")
     p.add_argument("--port", type=int, default=0)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-CLI = [sys.executable, "-m", "relay.cli"]
+CLI = [sys.executable, "-m", "relaymesh.cli"]
 
 
 def test_ping_goes_direct_after_the_first_round_trip(tmp_path: Path) -> None:

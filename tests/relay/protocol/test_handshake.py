@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import wire
-from relay.handshake import (
+from relay.protocol import wire
+from relay.protocol.handshake import (
     mesh_proof,
     new_challenge,
     open_client_info,
@@ -18,8 +18,8 @@ from relay.handshake import (
     seal_client_info,
     seal_server_info,
 )
-from relay.keys import PrivateKey
-from relay.wire import CloseReason, RemoteProtocolError
+from relay.protocol.keys import PrivateKey
+from relay.protocol.wire import CloseReason, RemoteProtocolError
 
 RELAY = PrivateKey.generate()
 CLIENT = PrivateKey.generate()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from coordinator.paths import PathConfig, PeerPath
-from relay.keys import PrivateKey
+from relay.protocol.keys import PrivateKey
+from relaymesh.paths import PathConfig, PeerPath
 
 A = ("192.0.2.1", 1000)
 B = ("198.51.100.2", 2000)

@@ -1,0 +1,1 @@
+"""``relaymesh bench``: the relay scenario (relay.py) and the mesh scenarios (mesh.py)."""
