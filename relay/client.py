@@ -527,11 +527,19 @@ class RelayClient:
                         await self._wake.wait()
                     if not data and not ctrl:
                         ctrl.append(keepalive)
-                chunks = list(ctrl)
-                ctrl.clear()
-                size = sum(map(len, chunks))
-                packets = 0
-                while data and size < max_bytes:
+                # Control frames first. A message never exceeds max_bytes, unless its
+                # first frame alone does: then that frame goes alone.
+                if ctrl:
+                    chunks = [ctrl.popleft()]
+                    packets = 0
+                else:
+                    chunks = [data.popleft()]
+                    packets = 1
+                size = len(chunks[0])
+                while ctrl and size + len(ctrl[0]) <= max_bytes:
+                    chunks.append(ctrl.popleft())
+                    size += len(chunks[-1])
+                while data and size + len(data[0]) <= max_bytes:
                     frame = data.popleft()
                     chunks.append(frame)
                     size += len(frame)

@@ -86,7 +86,10 @@ class AdmissionConfig(_Frozen):
 
 
 class LimitsConfig(_Frozen):
+    #: From TCP accept to a valid ClientInfo (the WebSocket upgrade included).
     handshake_timeout_s: float = Field(5.0, gt=0)
+    #: Connections still in their upgrade or handshake. A new one over the cap sheds the oldest.
+    max_preauth_connections: int = Field(1000, ge=1, le=1_000_000)
     #: A client whose socket accepts nothing for this long is dropped.
     write_timeout_s: float = Field(5.0, gt=0)
     keepalive_interval_s: float = Field(30.0, gt=0)
@@ -94,9 +97,10 @@ class LimitsConfig(_Frozen):
     send_queue_packets: int = Field(512, ge=1, le=1_000_000)
     #: Control frames (pong, peer gone, health) queued per client.
     control_queue_frames: int = Field(64, ge=1, le=100_000)
-    #: The writer coalesces queued frames into WebSocket messages of about this size.
+    #: The writer coalesces queued frames into WebSocket messages of at most this size
+    #: (a single frame that is larger goes alone).
     max_message_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
-    #: The largest WebSocket message accepted from a peer.
+    #: The largest WebSocket message accepted from a peer once its handshake is done.
     max_receive_message_bytes: int = Field(1024 * 1024, ge=70 * 1024, le=64 * 1024 * 1024)
     receive_buffer_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
     #: Per-client receive rate; 0 means unlimited. Over it the reader slows, nothing is dropped.

@@ -67,7 +67,9 @@ class RelayCollector(Collector):
 
         yield gauge("relaymesh_clients", "Clients connected now (mesh peers excluded).", s.clients)
         yield gauge("relaymesh_mesh_peers", "Mesh peers connected now.", s.mesh_peers)
-        yield counter("relaymesh_accepts", "WebSocket connections accepted.", s.accepts)
+        yield counter(
+            "relaymesh_accepts", "TCP connections accepted on the WebSocket port.", s.accepts
+        )
         yield counter("relaymesh_handshakes", "Handshakes completed.", s.handshakes_ok)
         yield counter("relaymesh_packets_received", "Packets received from clients.", s.packets_in)
         yield counter(

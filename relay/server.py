@@ -2,11 +2,17 @@
 
 Theory of operation
 -------------------
-Each accepted connection runs :meth:`RelayServer._handle`: a handshake under a
-deadline, then one nursery holding a reader task and a writer task. When one
-of them ends (peer closed, bad frame, write timeout, replaced) it records why
-and cancels the nursery, and the handler closes the WebSocket with that
-reason. The nursery never outlives the handler.
+The relay owns its accept loop (``trio.serve_listeners``). Each accepted TCP
+connection runs :meth:`RelayServer._connection`, an error boundary around its
+whole life: a nursery of the connection's own holds trio-websocket's reader
+task, the upgrade and the handshake (one deadline from accept, at most
+``max_preauth_connections`` at once: the oldest is shed), then a nursery
+holding our reader task and writer task. When one of them ends (peer closed,
+bad frame, write timeout, replaced) it records why and cancels the nursery,
+and the connection closes the WebSocket with that reason. Whatever escapes is
+logged once, counted in ``closes`` and ends that connection only; every
+accepted connection is counted there exactly once. No nursery outlives its
+connection.
 
 Routing is synchronous and never blocks: the reader of client X decodes a
 SendPacket to Y, turns it into a RecvPacket frame (same length: the 32-byte
@@ -33,7 +39,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+import wsproto.events
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
 
 from coordinator.presence import Presence, PresenceQueue
 from relay.protocol import wire
@@ -147,10 +155,79 @@ class RelayStats:
 class _Closing(Exception):
     """Raised inside a connection's tasks to end it with a reason."""
 
-    def __init__(self, reason: CloseReason, detail: str) -> None:
+    def __init__(self, reason: CloseReason, detail: str, *, label: str | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        #: What ``closes`` counts it as, when not the reason's own label.
+        self.label = label
+
+
+#: What ``closes`` counts a connection as when its peer went away, by the stage it was in.
+_GONE = {
+    "upgrade": "closed_before_upgrade",
+    "handshake": "closed_in_handshake",
+    "open": "closed_by_peer",
+}
+
+
+class _Conn:
+    """One accepted TCP connection, from accept to close. Owned by its guard task,
+    except ``shed``, set by whichever accept sheds it (see ``_hold_preauth``)."""
+
+    __slots__ = ("closed_as", "remote", "scope", "shed", "stage")
+
+    def __init__(self, remote: str, preauth_deadline: float) -> None:
+        self.remote = remote
+        #: The pre-auth phase (upgrade and handshake): its deadline, and shedding cancels it.
+        self.scope = trio.CancelScope(deadline=preauth_deadline)
+        self.stage = "upgrade"
+        self.shed = False
+        #: The label it was counted under in ``closes``, once it was.
+        self.closed_as: str | None = None
+
+
+class _ServerWSProto(WSConnection):
+    """wsproto's server side, with the 1009 close (a message over the limit, which
+    trio-websocket sends itself) given a reason text that follows our rule."""
+
+    def __init__(self) -> None:
+        super().__init__(ConnectionType.SERVER)
+
+    def send(self, event: wsproto.events.Event) -> bytes:
+        if (
+            isinstance(event, wsproto.events.CloseConnection)
+            and event.code == CloseReason.MESSAGE_TOO_BIG
+        ):
+            event = wsproto.events.CloseConnection(
+                code=CloseReason.MESSAGE_TOO_BIG,
+                reason="message_too_big: a message was over this connection's limit",
+            )
+        return super().send(event)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    """``ip:port`` of the peer; a peer that is already gone has no name (ENOTCONN)."""
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return "(gone)"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_PEER_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def _peer_went_away(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every exception in a group) only says the peer is gone."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_peer_went_away(e) for e in exc.exceptions)
+    return isinstance(exc, _PEER_GONE)
+
+
+def _too_big(exc: ConnectionClosed) -> bool:
+    return exc.reason is not None and exc.reason.code == CloseReason.MESSAGE_TOO_BIG
 
 
 class _Client:
@@ -262,6 +339,8 @@ class RelayServer:
         self._tokens = tokens
         self._mesh_key = mesh_key
         self._clients: dict[bytes, _Client] = {}
+        #: Connections that have not finished their handshake, oldest first.
+        self._preauth: dict[_Conn, None] = {}
         self._c = _Counters()
         self.port: int | None = None
         # Set by watch_presence(): where client (dis)connects are reported.
@@ -277,25 +356,17 @@ class RelayServer:
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Accept WebSocket clients on ``host:port`` until cancelled; started() with the port."""
-        lim = self._limits
+        """Accept WebSocket clients on ``host:port`` until cancelled; started() with the port.
+
+        Our own accept loop rather than trio-websocket's ``serve_websocket``: see
+        :meth:`_connection` and docs/architecture.md. ``trio.serve_listeners`` keeps
+        accepting after EMFILE/ENFILE (it waits 100 ms and tries again).
+        """
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: serve_websocket(
-                    self._handle,
-                    host,
-                    port,
-                    ssl_context=None,
-                    handler_nursery=nursery,
-                    max_message_size=lim.max_receive_message_bytes,
-                    receive_buffer_size=lim.receive_buffer_bytes,
-                    connect_timeout=lim.handshake_timeout_s,
-                    disconnect_timeout=_CLOSE_TIMEOUT_S,
-                    task_status=task_status,
-                )
-            )
-            self.port = server.port
-            task_status.started(server.port)
+            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            task_status.started(self.port)
 
     def statistics(self) -> RelayStats:
         c = self._c
@@ -400,45 +471,177 @@ class RelayServer:
 
     # ---- connection lifecycle --------------------------------------------
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        """The error boundary around one TCP connection's whole life.
+
+        Everything the connection runs (trio-websocket's reader task included) runs
+        in a nursery of its own, inside this guard. Whatever escapes it is logged
+        once with the peer's address, counted in ``closes`` by reason, and ends this
+        connection only: the server's own cancellation (and KeyboardInterrupt) pass
+        through untouched. Every accepted connection is counted exactly once.
+        """
         self._c.accepts += 1
-        if request.path.split("?", 1)[0] != "/derp":
-            await request.reject(404, body=b"not found: the relay endpoint is /derp\n")
-            self._c.closes["bad_path"] += 1
-            return
-        if wire.SUBPROTOCOL not in request.proposed_subprotocols:
-            await request.reject(400, body=b"the WebSocket subprotocol must be 'derp'\n")
-            self._c.closes["bad_subprotocol"] += 1
-            return
-        ws = await request.accept(subprotocol=wire.SUBPROTOCOL)
-        remote = str(ws.remote.url if hasattr(ws.remote, "url") else ws.remote)
-        decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
+        conn = _Conn(_peer_name(stream), trio.current_time() + self._limits.handshake_timeout_s)
+        self._hold_preauth(conn)
         try:
-            with trio.fail_after(self._limits.handshake_timeout_s):
+            async with trio.open_nursery() as nursery:
+                await self._serve_connection(nursery, stream, conn)
+                nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            self._contain(conn, exc)
+        finally:
+            self._preauth.pop(conn, None)
+            # Only cancellation from outside (the server stopping) leaves it uncounted.
+            self._count_close(conn, "server_stopped")
+            await trio.aclose_forcefully(stream)
+
+    def _contain(self, conn: _Conn, exc: BaseException) -> None:
+        """Count and log what escaped a connection; re-raise only what is not ours to stop."""
+        errors: BaseException | None
+        others: BaseException | None
+        if isinstance(exc, BaseExceptionGroup):
+            errors, others = exc.split(Exception)
+        elif isinstance(exc, Exception):
+            errors, others = exc, None
+        else:
+            errors, others = None, exc
+        if errors is not None:
+            if _peer_went_away(errors):
+                self._count_close(conn, _GONE[conn.stage])
+                log.debug("connection from %s: peer went away during %s", conn.remote, conn.stage)
+            else:
+                self._count_close(conn, "internal_error")
+                log.error(
+                    "connection from %s failed during %s; closed it",
+                    conn.remote,
+                    conn.stage,
+                    exc_info=errors,
+                )
+        if others is not None:
+            raise others
+
+    def _count_close(self, conn: _Conn, label: str) -> None:
+        if conn.closed_as is None:
+            conn.closed_as = label
+            self._c.closes[label] += 1
+
+    def _hold_preauth(self, conn: _Conn) -> None:
+        """Track a connection that has not proved a key yet; over the cap, shed the oldest.
+
+        Shedding the oldest rather than refusing the newest: a flood of connections
+        that never finish their handshake then costs each of them its slot within
+        ``max_preauth_connections`` new connections, while a client that does finish
+        (a few round trips) gets in, instead of waiting for the flood to time out.
+        """
+        cap = self._limits.max_preauth_connections
+        while len(self._preauth) >= cap:
+            oldest = next(iter(self._preauth))
+            del self._preauth[oldest]
+            oldest.shed = True
+            oldest.scope.cancel()
+        self._preauth[conn] = None
+
+    async def _serve_connection(
+        self, nursery: trio.Nursery, stream: trio.SocketStream, conn: _Conn
+    ) -> None:
+        lim = self._limits
+        # Until the handshake is done a message can only carry a ClientInfo: a small
+        # limit keeps what an unauthenticated connection can make us hold small.
+        ws = WebSocketConnection(
+            stream,
+            _ServerWSProto(),
+            max_message_size=wire.MAX_PREAUTH_MESSAGE_BYTES,
+            receive_buffer_size=lim.receive_buffer_bytes,
+        )
+        decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
+        hello: ClientHello | None = None
+        failure: _Closing | None = None
+        with conn.scope:
+            request = await self._upgrade_request(nursery, ws)
+            if request is None:
+                # The reader stopped first: EOF or reset (ws.closed set) or a request
+                # that is not HTTP, which wsproto answered with 400.
+                gone = "bad_http" if ws.closed is None else "closed_before_upgrade"
+                self._count_close(conn, gone)
+                return
+            if request.path.split("?", 1)[0] != "/derp":
+                self._count_close(conn, "bad_path")
+                await request.reject(404, body=b"not found: the relay endpoint is /derp\n")
+                return
+            if wire.SUBPROTOCOL not in request.proposed_subprotocols:
+                self._count_close(conn, "bad_subprotocol")
+                await request.reject(400, body=b"the WebSocket subprotocol must be 'derp'\n")
+                return
+            await request.accept(subprotocol=wire.SUBPROTOCOL)
+            conn.stage = "handshake"
+            try:
                 hello = await self._handshake(ws, decoder)
-        except trio.TooSlowError:
-            await self._close(ws, CloseReason.HANDSHAKE_TIMEOUT, "no ClientInfo in time")
+            except _Closing as exc:
+                failure = exc
+            except ProtocolError as exc:
+                failure = _Closing(exc.reason, str(exc))
+            except ConnectionClosed as exc:
+                if _too_big(exc):
+                    failure = _Closing(CloseReason.MESSAGE_TOO_BIG, "")
+                else:
+                    raise
+        self._preauth.pop(conn, None)
+        if conn.scope.cancelled_caught:
+            if conn.shed:
+                self._count_close(conn, "preauth_shed")
+            elif conn.stage == "handshake":
+                await self._close(conn, ws, CloseReason.HANDSHAKE_TIMEOUT, "no ClientInfo in time")
+            else:
+                self._count_close(conn, "upgrade_timeout")
             return
-        except _Closing as exc:
-            await self._close(ws, exc.reason, exc.detail)
+        if failure is not None:
+            await self._close(conn, ws, failure.reason, failure.detail, label=failure.label)
             return
-        except ProtocolError as exc:
-            await self._close(ws, exc.reason, str(exc))
-            return
-        except ConnectionClosed:
-            self._c.closes["closed_in_handshake"] += 1
-            return
+        assert hello is not None
+        conn.stage = "open"
+        ws._max_message_size = lim.max_receive_message_bytes
+        await self._run_client(ws, hello, decoder, conn)
+
+    async def _upgrade_request(
+        self, nursery: trio.Nursery, ws: WebSocketConnection
+    ) -> WebSocketRequest | None:
+        """Start ``ws``'s reader and wait for the HTTP upgrade request; None if there is none.
+
+        This is trio-websocket's ``wrap_server_stream``, except that the reader runs in
+        this connection's nursery under our guard, and that when the reader stops
+        before a request (EOF, reset, bad HTTP) the wait ends at once instead of at
+        the deadline.
+        """
+        waiting = trio.CancelScope()
+
+        async def read() -> None:
+            try:
+                await ws._reader_task()
+            finally:
+                waiting.cancel()
+
+        nursery.start_soon(read)
+        with waiting:
+            request: WebSocketRequest = await ws._get_request()
+            return request
+        return None
+
+    async def _run_client(
+        self, ws: WebSocketConnection, hello: ClientHello, decoder: wire.FrameDecoder, conn: _Conn
+    ) -> None:
         self._c.handshakes_ok += 1
         is_mesh = hello.mesh_proof is not None
         client = _Client(
             ws,
             hello,
-            remote,
+            conn.remote,
             is_mesh=is_mesh,
             data_cap=self._limits.send_queue_packets,
             ctrl_cap=self._limits.control_queue_frames,
         )
-        decoder.max_body = wire.MAX_FRAME_BODY
+        # A client may not send ForwardPacket, so its largest legal frame is a
+        # SendPacket: anything longer is refused at its header.
+        decoder.max_body = wire.MAX_FRAME_BODY if is_mesh else wire.MAX_CLIENT_FRAME_BODY
         self._register(client)
         try:
             with client.cancel_scope:
@@ -449,7 +652,7 @@ class RelayServer:
             self._unregister(client)
         reason = client.close_reason or CloseReason.CLOSED_BY_PEER
         try:
-            await self._close(ws, reason, client.close_detail)
+            await self._close(conn, ws, reason, client.close_detail)
         finally:
             client.closed.set()
 
@@ -491,8 +694,11 @@ class RelayServer:
                 raise _Closing(CloseReason.UNAUTHORIZED, "this relay is not part of a mesh")
             want = mesh_proof(self._mesh_key, challenge, hello.client_key)
             if not hmac.compare_digest(want, hello.mesh_proof):
-                self._c.closes["bad_mesh_key"] += 1
-                raise _Closing(CloseReason.UNAUTHORIZED, "mesh key proof does not match")
+                # Counted as bad_mesh_key (not unauthorized): a relay of our own mesh
+                # with the wrong key is an operator's problem, not a client's.
+                raise _Closing(
+                    CloseReason.UNAUTHORIZED, "mesh key proof does not match", label="bad_mesh_key"
+                )
             return
         if self.cfg.admission.policy == "token" and (
             hello.token is None or hello.token not in self._tokens
@@ -538,10 +744,18 @@ class RelayServer:
         if not client.is_mesh and self._presence is not None:
             self._presence.put_nowait(Presence(key=client.node_key, hello=None))
 
-    async def _close(self, ws: WebSocketConnection, reason: CloseReason, detail: str) -> None:
-        self._c.closes[reason.label] += 1
+    async def _close(
+        self,
+        conn: _Conn,
+        ws: WebSocketConnection,
+        reason: CloseReason,
+        detail: str,
+        *,
+        label: str | None = None,
+    ) -> None:
+        self._count_close(conn, label or reason.label)
         if reason not in (CloseReason.NORMAL, CloseReason.CLOSED_BY_PEER, CloseReason.GOING_AWAY):
-            log.info("closing connection from %s: %s: %s", ws.remote, reason.label, detail)
+            log.info("closing connection from %s: %s: %s", conn.remote, reason.label, detail)
         text = f"{reason.label}: {detail}" if detail else reason.label
         # A close reason is limited to 123 bytes by RFC 6455.
         text = text.encode()[:123].decode(errors="ignore")
@@ -556,8 +770,11 @@ class RelayServer:
     ) -> None:
         try:
             await self._read_loop(client, decoder)
-        except ConnectionClosed:
-            client.end(CloseReason.CLOSED_BY_PEER, "")
+        except ConnectionClosed as exc:
+            if _too_big(exc):
+                client.end(CloseReason.MESSAGE_TOO_BIG, "")
+            else:
+                client.end(CloseReason.CLOSED_BY_PEER, "")
         except ProtocolError as exc:
             client.end(exc.reason, str(exc))
         except _Closing as exc:
@@ -762,11 +979,19 @@ class RelayServer:
                 client.writer_waiting = False
                 if not data and not ctrl:
                     ctrl.append(keepalive)
-            chunks = list(ctrl)
-            ctrl.clear()
-            size = sum(map(len, chunks))
-            packets = 0
-            while data and size < max_bytes:
+            # Control frames first. A message never exceeds max_bytes, unless its first
+            # frame alone does: then that frame goes alone.
+            if ctrl:
+                chunks = [ctrl.popleft()]
+                packets = 0
+            else:
+                chunks = [data.popleft()]
+                packets = 1
+            size = len(chunks[0])
+            while ctrl and size + len(ctrl[0]) <= max_bytes:
+                chunks.append(ctrl.popleft())
+                size += len(chunks[-1])
+            while data and size + len(data[0]) <= max_bytes:
                 frame = data.popleft()
                 chunks.append(frame)
                 size += len(frame)

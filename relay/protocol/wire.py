@@ -62,8 +62,11 @@ __all__ = [
     "HEADER_BYTES",
     "KEY_BYTES",
     "MAGIC",
+    "MAX_CLIENT_FRAME_BODY",
     "MAX_FRAME_BODY",
+    "MAX_HANDSHAKE_BODY",
     "MAX_PACKET_BYTES",
+    "MAX_PREAUTH_MESSAGE_BYTES",
     "NEED_DATA",
     "PING_BYTES",
     "PROTOCOL_VERSION",
@@ -107,10 +110,18 @@ CHALLENGE_BYTES: Final = 32
 PING_BYTES: Final = 8
 HEADER_BYTES: Final = 5
 MAX_PACKET_BYTES: Final = 64 * 1024
-#: The largest body any frame may have: a ForwardPacket of the largest packet.
+#: The largest body any frame may have: a ForwardPacket of the largest packet (65,600).
+#: A relay allows it only on mesh connections.
 MAX_FRAME_BODY: Final = 2 * KEY_BYTES + MAX_PACKET_BYTES
+#: The largest body on a client connection: a SendPacket of the largest packet (65,568).
+#: Clients may not send ForwardPacket, so a longer frame is refused at its header.
+MAX_CLIENT_FRAME_BODY: Final = KEY_BYTES + MAX_PACKET_BYTES
 #: Handshake frames are small; a peer that claims more is not speaking this protocol.
 MAX_HANDSHAKE_BODY: Final = 4096
+#: The largest WebSocket message a relay accepts before its ServerInfo: a ClientInfo
+#: at its limit (4,101 bytes) with room to spare. Bounds what a connection that has
+#: not proved a key can make the relay hold.
+MAX_PREAUTH_MESSAGE_BYTES: Final = 8192
 
 _HEADER = struct.Struct(">BI")
 _RESTARTING = struct.Struct(">II")
@@ -146,11 +157,14 @@ class CloseReason(enum.IntEnum):
     """Why a relay (or client) closes a connection: the WebSocket close code.
 
     The close message's reason text is the lower-case name, then ``": "`` and
-    a detail. Metrics count closes by the lower-case name.
+    a detail. Metrics count closes by the lower-case name (the relay adds a few
+    labels of its own for connections that never got a close code).
     """
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    #: A WebSocket message over the receiver's limit (RFC 6455's "message too big").
+    MESSAGE_TOO_BIG = 1009
     REPLACED = 4001
     BAD_FRAME = 4002
     FRAME_TOO_LARGE = 4003

@@ -137,7 +137,7 @@ async def test_wrong_mesh_key_is_refused_and_counted(nursery: trio.Nursery) -> N
         with trio.fail_after(10):
             await wait_until(lambda: good.server.statistics().closes.get("bad_mesh_key", 0) >= 1)
         closes = good.server.statistics().closes
-        assert closes["unauthorized"] >= 1
+        assert "unauthorized" not in closes  # one wrong proof is counted once
         assert good.server.statistics().mesh_peers == 0
         assert intruder.mesh is not None and intruder.mesh.region_links_down() == ["eu-1"]
 

@@ -23,7 +23,7 @@ from coordinator.store import MemoryStore, open_memory_store
 from relay.client import RelayClient, open_relay_client
 from relay.config import load_config
 from relay.mesh import Mesh
-from relay.node import NodeInfo, serve_relay_node
+from relay.node import ListenError, NodeInfo, serve_relay_node
 from relay.protocol.keys import PrivateKey
 from relay.protocol.stun import decode_response, encode_request
 from tests.conftest import wait_until
@@ -314,6 +314,7 @@ async def test_a_port_taken_at_start_ends_the_node_with_that_error(
         cfg = load_config(
             overrides={"relay": {"port": 0, "http_port": taken.getsockname()[1], "stun_port": 0}}
         )
-        with trio.fail_after(5), pytest.raises(OSError) as caught:
+        with trio.fail_after(5), pytest.raises(ListenError) as caught:
             await nursery.start(serve_relay_node, cfg)
         assert "in use" in str(caught.value)
+        assert f":{taken.getsockname()[1]} (HTTP)" in str(caught.value)

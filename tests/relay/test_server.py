@@ -231,3 +231,34 @@ async def test_drain_sends_restarting_and_clients_follow(nursery: trio.Nursery) 
         with trio.fail_after(5):
             await wait_until(lambda: a.statistics().connects >= 2)
     assert server.statistics().closes["going_away"] == 1
+
+
+async def test_coalesced_messages_never_exceed_the_limit(nursery: trio.Nursery) -> None:
+    """Both writers (client → relay, relay → client) stop before a frame would cross
+    ``max_message_bytes``; the relay refuses client messages over 70 KiB here."""
+    server, url = await start_relay(
+        nursery, max_receive_message_bytes=70 * 1024, send_queue_packets=10_000
+    )
+    n, size = 300, 30_000
+    b_key = PrivateKey.generate()
+    async with open_websocket_url(url, subprotocols=["derp"]) as b:
+        await client_handshake(b, wire.FrameDecoder(), b_key)
+        async with open_relay_client(url, PrivateKey.generate()) as a:
+            for i in range(n):
+                a.send_nowait(b_key.public, SEQ.pack(i) + bytes(size))
+            decoder = wire.FrameDecoder()
+            got: list[int] = []
+            largest = 0
+            with trio.fail_after(20):
+                while len(got) < n:
+                    msg = await b.get_message()
+                    assert isinstance(msg, bytes)
+                    largest = max(largest, len(msg))
+                    decoder.receive_data(msg)
+                    while (ev := decoder.next_event()) is not wire.NEED_DATA:
+                        if isinstance(ev, wire.RecvPacket):
+                            got.append(SEQ.unpack(ev.payload[:4])[0])
+            assert a.statistics().connects == 1
+    assert got == list(range(n))
+    assert 2 * (size + 41) <= largest <= 64 * 1024  # coalesced, and never over the limit
+    assert server.statistics().closes.get("message_too_big", 0) == 0

@@ -6,6 +6,8 @@ import json
 
 import nacl.public
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.protocol import wire
 from relay.protocol.handshake import (
@@ -71,10 +73,28 @@ def _sealed(obj: object) -> wire.ClientInfo:
     [
         (b"\xff not json", CloseReason.BAD_HANDSHAKE),
         ([1, 2], CloseReason.BAD_HANDSHAKE),
-        ({"version": 2}, CloseReason.BAD_CHALLENGE),
+        ({"version": 2}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 2, "challenge": "00" * 32}, CloseReason.BAD_CHALLENGE),
         ({"version": 1, "challenge": "CH"}, CloseReason.BAD_HANDSHAKE),
         ({"version": "2", "challenge": "CH"}, CloseReason.BAD_HANDSHAKE),
+        ({"version": True, "challenge": "CH"}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 10**4000, "challenge": "CH"}, CloseReason.BAD_HANDSHAKE),
         ({"version": 2, "challenge": "CH", "mesh_proof": "zz"}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 2, "challenge": "CH", "mesh_proof": "AB" * 32}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 2, "challenge": "CH", "mesh_proof": "ab" * 31}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 2, "challenge": "CH", "token": 7}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 2, "challenge": "CH", "token": "t" * 257}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 2, "challenge": "CH", "preferred": "yes"}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 2, "challenge": "CH", "disco_key": "nodekey:" + "AB" * 32}, 4005),
+        ({"version": 2, "challenge": "CH", "endpoints": ["1.2.3.4:5"] * 33}, 4005),
+        ({"version": 2, "challenge": "CH", "endpoints": [["1.2.3.4:5"]]}, 4005),
+        # The two reproductions: a non-ASCII challenge (TypeError from compare_digest)
+        # and 2,000 nested arrays (RecursionError from the JSON parser).
+        ({"version": 2, "challenge": "é" * 64}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 2, "challenge": "\u0660" * 64}, CloseReason.BAD_HANDSHAKE),
+        (b"[" * 2000, CloseReason.BAD_HANDSHAKE),
+        (b'{"version": 2, "x": ' + b"[" * 5 + b"]" * 5 + b"}", CloseReason.BAD_HANDSHAKE),
+        (b"\xff\xfe" + '{"version": 2}'.encode("utf-16-le"), CloseReason.BAD_HANDSHAKE),
     ],
 )
 def test_bad_client_info_contents(payload: object, reason: CloseReason) -> None:
@@ -83,7 +103,7 @@ def test_bad_client_info_contents(payload: object, reason: CloseReason) -> None:
         payload["challenge"] = challenge.hex()
     with pytest.raises(RemoteProtocolError) as info:
         open_client_info(RELAY, challenge, _sealed(payload))
-    assert info.value.reason is reason
+    assert info.value.reason == reason
 
 
 def test_mesh_proof_is_an_hmac_not_the_key() -> None:
@@ -101,3 +121,42 @@ def test_server_info_from_another_relay_does_not_open() -> None:
     reply = seal_server_info(PrivateKey.generate(), CLIENT.public, {})
     with pytest.raises(RemoteProtocolError):
         open_server_info(CLIENT, RELAY.public, reply)
+
+
+def test_challenge_hex_must_be_lower_case() -> None:
+    sk = hello()
+    payload = {"version": 2, "challenge": sk.challenge.hex().upper()}
+    with pytest.raises(RemoteProtocolError, match="lower-case"):
+        open_client_info(RELAY, sk.challenge, _sealed(payload))
+
+
+def test_json_nesting_within_the_limit_is_fine() -> None:
+    sk = hello()
+    payload = {"version": 2, "challenge": sk.challenge.hex(), "x": [[["[{not a bracket"]]]}
+    assert open_client_info(RELAY, sk.challenge, _sealed(payload)).version == 2
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+_FIELDS = ["version", "challenge", "token", "mesh_proof", "preferred", "disco_key", "endpoints"]
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    fields=st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=7),
+    raw=st.binary(max_size=64) | st.none(),
+)
+def test_hostile_client_info_only_ever_raises_remote_protocol_error(
+    fields: dict[str, object], raw: bytes | None
+) -> None:
+    sk = hello()
+    payload: object = raw if raw is not None else {"version": 2, **fields}
+    try:
+        got = open_client_info(RELAY, sk.challenge, _sealed(payload))
+    except RemoteProtocolError as exc:
+        assert exc.reason in (CloseReason.BAD_HANDSHAKE, CloseReason.BAD_CHALLENGE)
+    else:  # pragma: no cover - random fields almost never make a valid challenge
+        assert got.client_key == CLIENT.public

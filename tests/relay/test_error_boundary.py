@@ -1,0 +1,203 @@
+"""Each reproduction that once ended the whole relay now ends one connection, counted.
+
+Every test runs its attack several times (the failures it guards against were
+races that hit in 18-20 of 20 trials), then checks that the close was counted
+under the expected label, that nothing was counted as ``internal_error``, and
+that a normal client pair is still served.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from relay.client import client_handshake, open_relay_client
+from relay.config import load_config
+from relay.protocol import wire
+from relay.protocol.keys import PrivateKey
+from relay.server import RelayServer
+from tests.conftest import start_relay, wait_until
+from tests.relay.hostile import (
+    closes_total,
+    open_raw,
+    pair_still_served,
+    read_server_key,
+    reset,
+    sealed_client_info,
+    upgrade_request,
+    wait_all_counted,
+)
+
+TRIALS = 20
+
+Attack = Callable[[RelayServer], Awaitable[None]]
+
+
+async def upgrade_then_reset(server: RelayServer) -> None:
+    s = await open_raw(server)
+    await s.send_all(upgrade_request())
+    await reset(s)
+
+
+async def other_path_then_reset(server: RelayServer) -> None:
+    s = await open_raw(server)
+    await s.send_all(upgrade_request(path="/nope"))
+    await reset(s)
+
+
+async def bad_subprotocol_then_reset(server: RelayServer) -> None:
+    s = await open_raw(server)
+    await s.send_all(upgrade_request(subprotocol="chat"))
+    await reset(s)
+
+
+async def upgrade_then_close(server: RelayServer) -> None:
+    s = await open_raw(server)
+    await s.send_all(upgrade_request())
+    await s.aclose()
+
+
+async def malformed_http_then_reset(server: RelayServer) -> None:
+    s = await open_raw(server)
+    await s.send_all(b"GET /derp HTTP/1.1\r\nHost: \x00\x01 not a header\r\n\r\n")
+    await reset(s)
+
+
+@pytest.mark.parametrize(
+    ("attack", "labels"),
+    [
+        (upgrade_then_reset, ("closed_before_upgrade", "closed_in_handshake")),
+        (other_path_then_reset, ("bad_path",)),
+        (bad_subprotocol_then_reset, ("bad_subprotocol",)),
+        (upgrade_then_close, ("closed_before_upgrade", "closed_in_handshake")),
+        (malformed_http_then_reset, ("closed_before_upgrade", "bad_http")),
+    ],
+)
+async def test_reset_during_upgrade_ends_only_that_connection(
+    nursery: trio.Nursery, attack: Attack, labels: tuple[str, ...]
+) -> None:
+    server, url = await start_relay(nursery)
+    for _ in range(TRIALS):
+        await attack(server)
+    with trio.fail_after(10):
+        await wait_until(lambda: closes_total(server, *labels) >= TRIALS)
+    await pair_still_served(url)
+    await wait_all_counted(server)
+    assert closes_total(server, *labels) == TRIALS
+    assert server.statistics().closes.get("internal_error", 0) == 0
+
+
+async def _hostile_client_info(url: str, plain: bytes) -> tuple[int, str]:
+    async with open_websocket_url(url, subprotocols=["derp"]) as ws:
+        sk = await read_server_key(ws)
+        await ws.send_message(sealed_client_info(sk, plain))
+        with trio.fail_after(5):
+            try:
+                while True:
+                    await ws.get_message()
+            except ConnectionClosed as exc:
+                assert exc.reason is not None
+                return int(exc.reason.code), str(exc.reason.reason)
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize(
+    ("plain", "detail"),
+    [
+        (json.dumps({"version": 2, "challenge": "é" * 64}).encode(), "lower-case hex"),
+        (json.dumps({"version": 2, "challenge": "é" * 64}, ensure_ascii=False).encode(), "hex"),
+        (b"[" * 2000, "deeper than"),
+        (b'{"version": 2, "challenge": ' + b"[" * 2000, "deeper than"),
+    ],
+    ids=["non_ascii_challenge_escaped", "non_ascii_challenge_utf8", "nested_2000", "nested_in"],
+)
+async def test_hostile_sealed_client_info_is_closed_4005(
+    nursery: trio.Nursery, plain: bytes, detail: str
+) -> None:
+    server, url = await start_relay(nursery)
+    for _ in range(3):
+        code, reason = await _hostile_client_info(url, plain)
+        assert code == wire.CloseReason.BAD_HANDSHAKE
+        assert reason.startswith("bad_handshake: ") and detail in reason
+    await pair_still_served(url)
+    await wait_all_counted(server)
+    assert server.statistics().closes["bad_handshake"] == 3
+    assert server.statistics().closes.get("internal_error", 0) == 0
+
+
+async def test_oversized_packet_is_refused_at_its_header(nursery: trio.Nursery) -> None:
+    """A SendPacket claiming 65,537 bytes of payload is closed before any body arrives."""
+    server, url = await start_relay(nursery)
+    async with open_relay_client(url, PrivateKey.generate()):
+        pass
+    async with open_websocket_url(url, subprotocols=["derp"]) as ws:
+        await client_handshake(ws, wire.FrameDecoder(), PrivateKey.generate())
+        header = wire.frame_header(wire.FrameType.SEND_PACKET, 32 + wire.MAX_PACKET_BYTES + 1)
+        await ws.send_message(header)
+        with trio.fail_after(5), pytest.raises(ConnectionClosed) as info:
+            while True:
+                await ws.get_message()
+    assert info.value.reason.code == wire.CloseReason.FRAME_TOO_LARGE
+    assert "over the limit of 65568" in str(info.value.reason.reason)
+    assert server.statistics().closes["frame_too_large"] == 1
+
+
+@pytest.mark.parametrize("handshaken", [False, True])
+async def test_message_too_big_is_1009_with_a_reason_that_follows_the_rule(
+    nursery: trio.Nursery, handshaken: bool
+) -> None:
+    limit = 70 * 1024
+    server, url = await start_relay(nursery, max_receive_message_bytes=limit)
+    async with open_websocket_url(url, subprotocols=["derp"]) as ws:
+        if handshaken:
+            await client_handshake(ws, wire.FrameDecoder(), PrivateKey.generate())
+            size = limit + 1
+        else:
+            await read_server_key(ws)
+            size = wire.MAX_PREAUTH_MESSAGE_BYTES + 1  # before the handshake, far less
+        await ws.send_message(bytes(size))
+        with trio.fail_after(5), pytest.raises(ConnectionClosed) as info:
+            while True:
+                await ws.get_message()
+    assert info.value.reason.code == 1009
+    assert str(info.value.reason.reason).startswith("message_too_big: ")
+    await wait_all_counted(server)
+    assert server.statistics().closes["message_too_big"] == 1
+
+
+async def test_preauth_cap_sheds_the_oldest_and_lets_a_client_in(nursery: trio.Nursery) -> None:
+    cap = 8
+    server, url = await start_relay(nursery, max_preauth_connections=cap, handshake_timeout_s=60)
+    held = [await open_raw(server) for _ in range(cap)]
+    # Half of them even got as far as the relay's ServerKey.
+    for s in held[cap // 2 :]:
+        await s.send_all(upgrade_request())
+    with trio.fail_after(5):
+        await wait_until(lambda: server.statistics().accepts == cap)
+    with trio.fail_after(5):
+        await pair_still_served(url)
+    # The first client of the pair took the oldest one's place; once it was in, there
+    # was room for the second.
+    with trio.fail_after(5):
+        assert await held[0].receive_some(1024) == b""  # closed by the relay
+    assert server.statistics().closes["preauth_shed"] == 1
+    for s in held:
+        await s.aclose()
+    await wait_all_counted(server)
+    assert server.statistics().closes.get("internal_error", 0) == 0
+
+
+async def test_mesh_proof_mismatch_is_counted_once(nursery: trio.Nursery) -> None:
+    server = RelayServer(load_config(), PrivateKey.generate(), mesh_key=b"the-real-mesh-key")
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{port}/derp"
+    with pytest.raises(Exception, match="unauthorized"):
+        async with open_relay_client(url, PrivateKey.generate(), mesh_key=b"a-wrong-mesh-key!"):
+            pass
+    await wait_all_counted(server)
+    closes = server.statistics().closes
+    assert closes == {"bad_mesh_key": 1}
