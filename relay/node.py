@@ -211,6 +211,7 @@ async def serve_relay_node(
                                 mesh_key,
                                 link_idle_s=cfg.mesh.link_idle_s,
                                 link_queue_packets=cfg.mesh.link_queue_packets,
+                                link_queue_bytes=cfg.mesh.link_queue_bytes,
                             )
 
                     def relays() -> list[RelayRecord]:
