@@ -113,6 +113,10 @@ class LimitsConfig(_Frozen):
     rate_burst_bytes: int = Field(0, ge=0)
     #: Against the rate, a frame counts as at least this many bytes (tiny frames cost work).
     rate_frame_min_bytes: int = Field(64, ge=0, le=65_536)
+    #: Frames that deliver nothing (KeepAlive, Ping, unknown types, packets for keys not
+    #: here) a client may send per second, a second's worth at once; over it its reader
+    #: pauses like for rate_bytes_per_s. 0 means unlimited. Mesh peers are not limited.
+    noop_frames_per_s: int = Field(1000, ge=0)
     #: A reader handles at most this many frames (and max_message_bytes) of a message
     #: before it lets the other connections run.
     frames_per_turn: int = Field(64, ge=1, le=1_000_000)

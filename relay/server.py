@@ -194,7 +194,7 @@ class _Conn:
     """One accepted TCP connection, from accept to close. Owned by its guard task,
     except ``shed``, set by whichever accept sheds it (see ``_hold_preauth``)."""
 
-    __slots__ = ("closed_as", "remote", "scope", "shed", "stage")
+    __slots__ = ("closed_as", "over_budget", "remote", "scope", "shed", "stage")
 
     def __init__(self, remote: str, preauth_deadline: float) -> None:
         self.remote = remote
@@ -202,6 +202,8 @@ class _Conn:
         self.scope = trio.CancelScope(deadline=preauth_deadline)
         self.stage = "upgrade"
         self.shed = False
+        #: It sent more than it may before its ClientInfo: no longer read.
+        self.over_budget = False
         #: The label it was counted under in ``closes``, once it was.
         self.closed_as: str | None = None
 
@@ -597,7 +599,7 @@ class RelayServer:
             await request.accept(subprotocol=wire.SUBPROTOCOL)
             conn.stage = "handshake"
             try:
-                hello = await self._handshake(ws, decoder)
+                hello = await self._handshake(ws, decoder, conn)
             except _Closing as exc:
                 failure = exc
             except ProtocolError as exc:
@@ -611,6 +613,9 @@ class RelayServer:
         if conn.scope.cancelled_caught:
             if conn.shed:
                 self._count_close(conn, "preauth_shed")
+            elif conn.over_budget:
+                detail = f"no ClientInfo in the first {wire.MAX_PREAUTH_MESSAGE_BYTES} bytes"
+                await self._close(conn, ws, CloseReason.BAD_HANDSHAKE, detail)
             elif conn.stage == "handshake":
                 await self._close(conn, ws, CloseReason.HANDSHAKE_TIMEOUT, "no ClientInfo in time")
             else:
@@ -621,7 +626,6 @@ class RelayServer:
             return
         assert hello is not None
         conn.stage = "open"
-        ws._max_message_size = lim.max_receive_message_bytes
         await self._run_client(ws, hello, decoder, conn)
 
     async def _upgrade_request(
@@ -681,14 +685,18 @@ class RelayServer:
         finally:
             client.closed.set()
 
-    async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> ClientHello:
+    async def _handshake(
+        self, ws: WebSocketConnection, decoder: wire.FrameDecoder, conn: _Conn
+    ) -> ClientHello:
         challenge = new_challenge()
         await ws.send_message(
             wire.encode(wire.ServerKey(public_key=self.key.public.raw, challenge=challenge))
         )
         # Until its ClientInfo a connection has proved nothing: it may send at most this
         # much (a ClientInfo is at most 4,101 bytes), so skipping frames of unknown type
-        # costs at most this much work per connection.
+        # costs at most this much work per connection. Past it, nothing more is read
+        # (TCP pushes back) until the deadline closes it: closing at once would only
+        # invite a flood of reconnects, each costing more than a read.
         budget = wire.MAX_PREAUTH_MESSAGE_BYTES
         received = 0
         while True:
@@ -702,9 +710,8 @@ class RelayServer:
             event = decoder.next_event()
             if event is wire.NEED_DATA:
                 if received > budget:
-                    raise RemoteProtocolError(
-                        f"no ClientInfo in the first {budget} bytes", CloseReason.BAD_HANDSHAKE
-                    )
+                    conn.over_budget = True
+                    await trio.sleep_forever()
                 continue
             if not isinstance(event, wire.ClientInfo):
                 raise RemoteProtocolError(
@@ -719,6 +726,9 @@ class RelayServer:
                 "keepalive_s": lim.keepalive_interval_s,
                 "max_packet_bytes": wire.MAX_PACKET_BYTES,
             }
+            # The client may send its first packets as soon as it has ServerInfo, and
+            # the WebSocket reader may take them while ServerInfo is still being sent.
+            ws._max_message_size = lim.max_receive_message_bytes
             await ws.send_message(wire.encode(seal_server_info(self.key, hello.client_key, info)))
             return hello
 
@@ -824,6 +834,14 @@ class RelayServer:
             else None
         )
         frame_cost = lim.rate_frame_min_bytes
+        # Frames that deliver nothing (KeepAlive, Ping, unknown types, packets for keys
+        # not here) cost work all the same: a client may send only so many. Relays of
+        # our own mesh are trusted not to flood.
+        noop_bucket = (
+            TokenBucket(lim.noop_frames_per_s, lim.noop_frames_per_s, trio.current_time())
+            if lim.noop_frames_per_s and not client.is_mesh
+            else None
+        )
         turn_frames = lim.frames_per_turn
         turn_bytes = lim.max_message_bytes
         get_message = client.ws.get_message
@@ -849,18 +867,18 @@ class RelayServer:
                 frames = decoder.split(turn_frames, turn_bytes)
                 if not frames:
                     break
+                pause = 0.0
                 if bucket is not None:
                     # A frame costs work whatever its size: tiny ones count as frame_cost.
                     cost = max(before - decoder.buffered, len(frames) * frame_cost)
                     pause = bucket.take(cost, trio.current_time())
-                    if pause:
-                        self._c.rate_limited_s += pause
-                        await trio.sleep(pause)
-                    elif not first:
-                        await trio.lowlevel.checkpoint()
+                if pause:
+                    self._c.rate_limited_s += pause
+                    await trio.sleep(pause)
                 elif not first:
                     await trio.lowlevel.checkpoint()
                 first = False
+                noop = 0
                 # The routing hot path, written out: one pass over every frame of the turn.
                 # Consecutive packets usually go to the same destination, so it is looked
                 # up once (per turn: a destination may leave while we yield).
@@ -873,6 +891,7 @@ class RelayServer:
                             self._deliver_forwarded(body)
                         else:
                             self._control(client, ftype, body)
+                            noop += 1
                         continue
                     n = len(body)
                     if n < _K or n > max_body:
@@ -896,6 +915,7 @@ class RelayServer:
                                 continue
                         drops[DropReason.UNKNOWN_DEST] += 1
                         self._note_gone(client, dest_key)
+                        noop += 1
                         continue
                     # _enqueue_data, inlined: this runs for every packet.
                     if dest.closing:
@@ -906,6 +926,11 @@ class RelayServer:
                         out.poke()
                 client.packets_in += routed
                 client.bytes_in += routed_bytes
+                if noop and noop_bucket is not None:
+                    pause = noop_bucket.take(noop, trio.current_time())
+                    if pause:
+                        self._c.rate_limited_s += pause
+                        await trio.sleep(pause)
             if decoder.error is not None:
                 raise decoder.error
             if decoder.skipped_frames:

@@ -733,10 +733,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenario",
         default="relay",
-        choices=["relay", "mesh", "registration", "failover"],
+        choices=["relay", "mesh", "registration", "failover", "fairness"],
         help="relay: one relay vs the baseline (default); mesh: across a mesh hop vs"
         " within one relay; registration: peer visible in every relay's cache;"
-        " failover: relay killed until its clients are reachable again."
+        " failover: relay killed until its clients are reachable again;"
+        " fairness: a client pair alone and while one connection floods the relay."
         " The mesh scenarios need the etcd binary.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 from ..errors import UserError
+from .fairness import describe as describe_fairness
+from .fairness import run_fairness
 from .mesh import run_scenario
 from .relay import run_bench
 
@@ -14,6 +16,13 @@ __all__ = ["cmd_bench"]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.scenario == "fairness":
+        try:
+            result = run_fairness(size=args.size, seconds=args.seconds)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(str(exc)) from None
+        print(json.dumps(result) if args.json else describe_fairness(result))
+        return 0
     if args.scenario != "relay":
         try:
             result = run_scenario(args.scenario, size=args.size, seconds=args.seconds)
