@@ -19,6 +19,7 @@ pauses the flooder). Ratios of throughput belong to ``relaymesh bench
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -28,6 +29,7 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from relay.client import RelayClient, client_handshake, open_relay_client
+from relay.metrics import relay_registry, render
 from relay.protocol import wire
 from relay.protocol.keys import PrivateKey
 from tests.conftest import start_relay, wait_until
@@ -252,3 +254,11 @@ async def test_slow_receivers_cannot_make_queued_bytes_exceed_the_bounds(
                     await sender.send(key, payload)
                 await sender.wait_sent()
     assert highest > total - len(payload) - 64
+    # The same figures reach /metrics: the gauge, and the drops by reason.
+    text = render(relay_registry(server)).decode()
+    queued = re.search(r"^relaymesh_queued_bytes\{[^}]*\} (\S+)$", text, re.M)
+    assert queued is not None and float(queued.group(1)) <= total
+    for reason in ("queue_bytes_full", "relay_queue_full"):
+        line = rf'^relaymesh_packets_dropped_total\{{[^}}]*reason="{reason}"[^}}]*\}} (\S+)$'
+        found = re.search(line, text, re.M)
+        assert found is not None and float(found.group(1)) > 0
