@@ -81,12 +81,15 @@ class ProbeResult:
 class _Echo:
     """The echo probe client on one target relay: answers the sender's pings, nothing else."""
 
-    def __init__(self, record: RelayRecord, sender: NodeKey, timeout_s: float) -> None:
+    def __init__(
+        self, record: RelayRecord, sender: NodeKey, timeout_s: float, token: str | None = None
+    ) -> None:
         self.record = record
         self.key = PrivateKey.generate()
         self.client = RelayClient(
             [record.ws_url],
             self.key,
+            token=token,
             send_queue_packets=64,
             receive_queue_packets=64,
             connect_timeout_s=timeout_s,
@@ -124,8 +127,12 @@ class _Echo:
 class Prober:
     """Probes the paths from this relay to each target relay, one ping per path per round."""
 
-    def __init__(self, me: Callable[[], RelayRecord], cfg: HealthConfig) -> None:
+    def __init__(
+        self, me: Callable[[], RelayRecord], cfg: HealthConfig, token: str | None = None
+    ) -> None:
         self._me = me
+        #: Presented by the probe clients where admission asks for a token.
+        self._token = token
         self._timeout = cfg.probe_timeout_s
         self._max_targets = cfg.max_probe_targets
         self.key = PrivateKey.generate()
@@ -143,6 +150,7 @@ class Prober:
         self._sender = RelayClient(
             [me.ws_url],
             self.key,
+            token=self._token,
             send_queue_packets=self._max_targets + 16,
             receive_queue_packets=self._max_targets + 16,
             connect_timeout_s=self._timeout,
@@ -194,7 +202,7 @@ class Prober:
         if self._nursery is not None and self._sender is not None:
             for rid, record in wanted.items():
                 if rid not in self._echoes:
-                    echo = _Echo(record, self._sender.public_key, self._timeout)
+                    echo = _Echo(record, self._sender.public_key, self._timeout, self._token)
                     self._echoes[rid] = echo
                     self._nursery.start_soon(echo.run)
         return targets
@@ -275,7 +283,9 @@ class MeshMonitor:
         me: Callable[[], RelayRecord],
         relays: Callable[[], list[RelayRecord]],
         regions: list[str] | None = None,
+        token: str | None = None,
     ) -> None:
+        """``token``: an admission token for the probes (relays under policy "token")."""
         self.cfg = cfg
         self._me = me
         self._relays = relays
@@ -287,7 +297,7 @@ class MeshMonitor:
             drops_high_per_s=cfg.drops_high_per_s,
             forget_after_s=cfg.forget_after_s,
         )
-        self.prober = Prober(me, cfg)
+        self.prober = Prober(me, cfg, token)
         self.health = MeshHealth(me().relay_id, self.thresholds, regions=regions or [])
         self.rounds = 0
         self._round_done = trio.Event()
