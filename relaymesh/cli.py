@@ -381,7 +381,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         answered = 0
-        async with open_peer(url, key) as peer:
+        async with open_peer(url, key, token=args.token) as peer:
             for seq in range(args.count):
                 if seq:
                     await trio.sleep(args.interval)
@@ -459,7 +459,7 @@ def _listen_as_peer(args: argparse.Namespace, key: PrivateKey) -> int:
     from relaymesh.peer import open_peer
 
     async def run() -> None:
-        async with open_peer(args.url, key) as peer:
+        async with open_peer(args.url, key, token=args.token) as peer:
             assert peer.home is not None
             where = f"{peer.home.home.region}/{peer.home.home.relay}"
             if args.json:
@@ -716,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", required=True, help="a relay's HTTP URL (its region map)")
     p.add_argument("--key-file", type=Path, required=True, help="your private key file")
     p.add_argument("node", type=_parse_nodekey, metavar="NODEKEY", help="the peer to ping")
+    p.add_argument("--token", help="admission token, if the relays ask for one")
     p.add_argument("--count", type=int, default=5, help="pings to send (default 5)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between pings")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each pong")
