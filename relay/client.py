@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import ssl
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -48,6 +49,7 @@ from relay.protocol.keys import NodeKey, PrivateKey
 from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
 
 from . import _wsmask
+from .tls import describe_tls_error
 
 _wsmask.install()
 
@@ -126,6 +128,7 @@ class RelayClient:
         endpoints: Sequence[str] = (),
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one relay URL is needed")
@@ -142,6 +145,8 @@ class RelayClient:
         self._connect_timeout = connect_timeout_s
         self._backoff_initial = backoff_initial_s
         self._backoff_max = backoff_max_s
+        #: What wss:// relays are verified with (None: the system's trust store).
+        self._ssl_context = ssl_context
         # Written by send()/ping() (any task); drained by the connection's writer.
         self._data: deque[bytes] = deque()
         self._ctrl: deque[bytes] = deque()
@@ -385,6 +390,8 @@ class RelayClient:
                 receive_buffer_size=64 * 1024,
                 connect_timeout=self._connect_timeout,
                 disconnect_timeout=1.0,
+                # trio-websocket refuses a context for a ws:// URL.
+                ssl_context=self._ssl_context if url.startswith("wss:") else None,
             ) as ws:
                 decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
                 try:
@@ -627,6 +634,9 @@ async def client_handshake(
 def _os_reason(exc: BaseException) -> str:
     """The operating system's reason behind a failed connect ("Connection refused"), which
     trio-websocket wraps in a HandshakeError without text and trio in an exception group."""
+    tls = describe_tls_error(exc)
+    if tls is not None:
+        return tls
     seen: list[BaseException] = [exc]
     for err in seen:
         if isinstance(err, OSError) and err.errno is not None and err.strerror:
