@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import nacl.utils
 import trio
@@ -430,7 +431,10 @@ class RelayClient:
                         wait.done.set()
                 raise result[0] if result else _Disconnect("closed")
         except (OSError, HandshakeError, ConnectionRejected) as exc:
-            raise ConnectError(f"{url}: cannot connect: {_os_reason(exc)}") from None
+            reason = _os_reason(exc)
+            if isinstance(exc, HandshakeError) and url.startswith("wss:"):
+                reason = await _tls_problem(url, self._ssl_context, self._connect_timeout) or reason
+            raise ConnectError(f"{url}: cannot connect: {reason}") from None
 
     async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> None:
         self.server_key, self.server_info = await client_handshake(
@@ -647,6 +651,32 @@ def _os_reason(exc: BaseException) -> str:
             if nxt is not None and nxt not in seen:
                 seen.append(nxt)
     return next((str(e) for e in seen if str(e)), type(exc).__name__)
+
+
+async def _tls_problem(url: str, ctx: ssl.SSLContext | None, timeout_s: float) -> str | None:
+    """Why a TLS handshake with ``url``'s relay fails (unknown CA, wrong name...), if it does.
+
+    trio-websocket drops the TLS error of a failed handshake and waits out its connect
+    timeout instead; a failed connect to a wss:// URL asks again, to tell the user why.
+    """
+    parts = urlsplit(url)
+    with trio.move_on_after(timeout_s):
+        try:
+            stream = await trio.open_ssl_over_tcp_stream(
+                parts.hostname or "",
+                parts.port or 443,
+                ssl_context=ctx if ctx is not None else ssl.create_default_context(),
+                https_compatible=True,
+            )
+        except OSError:
+            return None
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            return describe_tls_error(exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+    return None
 
 
 def _why(exc: ConnectionClosed) -> str:
