@@ -284,6 +284,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 state_file=args.state_file,
                 json=args.json,
                 listen_host=args.listen_host,
+                tls=args.tls,
             )
         )
     except ConfigError as exc:
@@ -669,6 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
         " relay; URL: use that etcd, one process per relay",
     )
     p.add_argument("--listen-host", default="127.0.0.1")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve wss:// and https:// with a CA made for this run (its file is printed)",
+    )
     p.add_argument("--state-file", type=Path, help="also write the relays' URLs here as JSON")
     p.add_argument("--json", action="store_true", help="print the relays' URLs as JSON")
     p.set_defaults(func=cmd_up, default_log="warning")

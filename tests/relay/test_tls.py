@@ -5,6 +5,7 @@ and what a plain or garbage connection to the TLS port costs (one counted close)
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import ssl
@@ -26,6 +27,7 @@ from relay.protocol.keys import PrivateKey
 from relay.tls import client_context
 from relaymesh.home import RegionMapSource
 from relaymesh.procs import RELAYMESH, free_port
+from relaymesh.urls import relay_urls
 from tests.conftest import wait_until
 
 MESH_KEY = b"0123456789abcdef0123456789abcdef"
@@ -295,3 +297,43 @@ def test_cli_without_the_ca_fails_in_one_line(certs: Certs, tmp_path: Path) -> N
     finally:
         relay.terminate()
         relay.communicate(timeout=20)
+
+
+def test_up_tls_serves_wss_with_a_ca_it_prints(tmp_path: Path) -> None:
+    """`relaymesh up --tls`: every URL is wss/https, and a client given the CA file gets through
+    the region map of one relay to a listener on another."""
+    argv = [*RELAYMESH, "up", "--tls", "--json", "--regions", "eu,us"]
+    argv += ["--relays-per-region", "1", "--base-port", "0"]
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert up.stdout is not None
+        doc = json.loads(up.stdout.readline())
+        ca_file = doc["ca_file"]
+        assert Path(ca_file).is_file()
+        urls = [u for r in doc["relays"] for u in (r["ws_url"], r["http_url"])]
+        assert all(u.startswith(("wss://", "https://")) for u in urls), urls
+        trust = client_context(Path(ca_file))
+        eu, us = doc["relays"]
+
+        async def check() -> None:
+            a, b = PrivateKey.generate(), PrivateKey.generate()
+            async with (
+                open_relay_client(
+                    await relay_urls(eu["http_url"], ssl_context=trust), a, ssl_context=trust
+                ) as ca,
+                open_relay_client(us["ws_url"], b, ssl_context=trust) as cb,
+            ):
+                # The peer map reaches eu's relay through the shared state: retry until routed.
+                with trio.fail_after(10):
+                    while True:
+                        await ca.send(b.public, b"through up --tls")
+                        with trio.move_on_after(0.2):
+                            assert (await cb.receive()).payload == b"through up --tls"
+                            return
+
+        trio.run(check)
+    finally:
+        up.send_signal(signal.SIGINT)
+        _, err = up.communicate(timeout=30)
+    assert "Traceback" not in err
+    assert not Path(ca_file).exists()  # the run's CA goes with it
