@@ -40,6 +40,7 @@ and the other links and the node go on.
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 
 import trio
@@ -97,8 +98,11 @@ class Mesh:
         *,
         link_idle_s: float = 60.0,
         link_queue_packets: int = 4096,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._server = server
+        #: What wss:// relays are verified with ([mesh] ca_file; None: the system's store).
+        self._ssl_context = ssl_context
         self._state = state
         self._key = key
         self._mesh_key = mesh_key
@@ -297,6 +301,7 @@ class Mesh:
             server_key=NodeKey.parse(record.public_key),
             send_queue_packets=self._queue,
             receive_queue_packets=16,
+            ssl_context=self._ssl_context,
         )
 
     def _close(self, relay_id: str, why: str) -> None:

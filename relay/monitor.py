@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -81,7 +82,13 @@ class ProbeResult:
 class _Echo:
     """The echo probe client on one target relay: answers the sender's pings, nothing else."""
 
-    def __init__(self, record: RelayRecord, sender: NodeKey, timeout_s: float) -> None:
+    def __init__(
+        self,
+        record: RelayRecord,
+        sender: NodeKey,
+        timeout_s: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.record = record
         self.key = PrivateKey.generate()
         self.client = RelayClient(
@@ -91,6 +98,7 @@ class _Echo:
             receive_queue_packets=64,
             connect_timeout_s=timeout_s,
             backoff_max_s=1.0,
+            ssl_context=ssl_context,
         )
         self._sender = sender
         self._sealer = Sealer(self.key)
@@ -124,8 +132,14 @@ class _Echo:
 class Prober:
     """Probes the paths from this relay to each target relay, one ping per path per round."""
 
-    def __init__(self, me: Callable[[], RelayRecord], cfg: HealthConfig) -> None:
+    def __init__(
+        self,
+        me: Callable[[], RelayRecord],
+        cfg: HealthConfig,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._me = me
+        self._ssl_context = ssl_context
         self._timeout = cfg.probe_timeout_s
         self._max_targets = cfg.max_probe_targets
         self.key = PrivateKey.generate()
@@ -147,6 +161,7 @@ class Prober:
             receive_queue_packets=self._max_targets + 16,
             connect_timeout_s=self._timeout,
             backoff_max_s=1.0,
+            ssl_context=self._ssl_context,
         )
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -194,7 +209,7 @@ class Prober:
         if self._nursery is not None and self._sender is not None:
             for rid, record in wanted.items():
                 if rid not in self._echoes:
-                    echo = _Echo(record, self._sender.public_key, self._timeout)
+                    echo = _Echo(record, self._sender.public_key, self._timeout, self._ssl_context)
                     self._echoes[rid] = echo
                     self._nursery.start_soon(echo.run)
         return targets
@@ -275,8 +290,11 @@ class MeshMonitor:
         me: Callable[[], RelayRecord],
         relays: Callable[[], list[RelayRecord]],
         regions: list[str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.cfg = cfg
+        #: What wss:// and https:// relays are verified with (None: the system's store).
+        self._ssl_context = ssl_context
         self._me = me
         self._relays = relays
         interval = cfg.interval_s
@@ -287,7 +305,7 @@ class MeshMonitor:
             drops_high_per_s=cfg.drops_high_per_s,
             forget_after_s=cfg.forget_after_s,
         )
-        self.prober = Prober(me, cfg)
+        self.prober = Prober(me, cfg, ssl_context)
         self.health = MeshHealth(me().relay_id, self.thresholds, regions=regions or [])
         self.rounds = 0
         self._round_done = trio.Event()
@@ -305,7 +323,9 @@ class MeshMonitor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.health.served_by = self._me().relay_id
         async with (
-            httpx.AsyncClient(timeout=self.cfg.probe_timeout_s) as http,
+            httpx.AsyncClient(
+                timeout=self.cfg.probe_timeout_s, verify=self._ssl_context or True
+            ) as http,
             trio.open_nursery() as nursery,
         ):
             await nursery.start(self.prober.run)

@@ -28,6 +28,7 @@ direct call is the hot path, the mesh's ``forward`` registered with
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -53,6 +54,7 @@ from .monitor import MeshMonitor
 from .server import RelayServer
 from .stun_server import StunStats, serve_stun
 from .supervisor import Supervisor
+from .tls import ServerTLS, TLSError, client_context
 
 __all__ = ["ListenError", "NodeInfo", "load_node_key", "serve_relay_node", "shut_down_node"]
 
@@ -76,6 +78,8 @@ class NodeInfo:
     supervisor: Supervisor
     stun_port: int = 0
     monitor: MeshMonitor | None = None
+    #: The certificate both ports serve ([tls]); reload() it on SIGHUP.
+    tls: ServerTLS | None = None
 
 
 class ListenError(Exception):
@@ -122,8 +126,33 @@ async def _store_from_config(cfg: RelayConfig) -> AsyncIterator[Store | None]:
         return
     from coordinator.etcd import open_etcd_store
 
-    async with open_etcd_store(cfg.mesh.etcd_endpoints) as store:
+    async with open_etcd_store(cfg.mesh.etcd_endpoints, **_etcd_options(cfg)) as store:
         yield store
+
+
+def _etcd_options(cfg: RelayConfig) -> dict[str, Any]:
+    """TLS and authentication for etcd ([etcd]); the password is read here, never logged."""
+    e = cfg.etcd
+    if any(ep.startswith("https://") for ep in cfg.mesh.etcd_endpoints) and e.ca_file is None:
+        raise ConfigError("[mesh] etcd_endpoints use https://: set [etcd] ca_file")
+    options: dict[str, Any] = {
+        name: str(path)
+        for name, path in (
+            ("ca_file", e.ca_file),
+            ("cert_file", e.cert_file),
+            ("key_file", e.key_file),
+        )
+        if path is not None
+    }
+    if e.user is not None and e.password_file is not None:
+        try:
+            password = e.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{e.password_file}: cannot read the etcd password: {exc.strerror}"
+            ) from None
+        options.update(user=e.user, password=password)
+    return options
 
 
 async def serve_relay_node(
@@ -145,7 +174,8 @@ async def serve_relay_node(
         if cfg.admission.policy == "token" and cfg.admission.tokens_file is not None
         else frozenset()
     )
-    server = RelayServer(cfg, key, tokens=tokens, mesh_key=mesh_key)
+    tls, relay_trust = _load_tls(cfg)
+    server = RelayServer(cfg, key, tokens=tokens, mesh_key=mesh_key, tls=tls)
     host = cfg.relay.listen_host
     configured_map, signing_key = _load_region_map_config(cfg)
     supervisor = Supervisor()
@@ -176,8 +206,9 @@ async def serve_relay_node(
                     async with _binding("STUN, UDP", host, cfg.relay.stun_port):
                         stun_port = stun_box[0] = await supervisor.start(nursery, "stun", run_stun)
                 ahost = cfg.mesh.advertise_host or _url_host(host)
-                ws_url = f"ws://{ahost}:{ws_port}/derp"
-                http_url = f"http://{ahost}:{http_sock.getsockname()[1]}"
+                s = "s" if tls is not None else ""
+                ws_url = f"ws{s}://{ahost}:{ws_port}/derp"
+                http_url = f"http{s}://{ahost}:{http_sock.getsockname()[1]}"
                 me = RelayRecord(
                     relay_id=cfg.relay.name,
                     region=cfg.relay.region,
@@ -211,6 +242,7 @@ async def serve_relay_node(
                                 mesh_key,
                                 link_idle_s=cfg.mesh.link_idle_s,
                                 link_queue_packets=cfg.mesh.link_queue_packets,
+                                ssl_context=relay_trust,
                             )
 
                     def relays() -> list[RelayRecord]:
@@ -224,6 +256,7 @@ async def serve_relay_node(
                             regions=[r.code for r in configured_map.regions]
                             if configured_map is not None
                             else None,
+                            ssl_context=relay_trust,
                         )
                         if cfg.health.enabled
                         else None
@@ -244,8 +277,21 @@ async def serve_relay_node(
                         mesh_key=mesh_key,
                     )
                     await supervisor.start(
-                        nursery, "http", partial(serve_app, app, http_sock, stats=http_stats)
+                        nursery,
+                        "http",
+                        partial(
+                            serve_app,
+                            app,
+                            http_sock,
+                            stats=http_stats,
+                            tls=tls,
+                            tls_handshake_timeout_s=cfg.tls.handshake_timeout_s,
+                        ),
                     )
+                    if tls is not None and cfg.tls.reload_check_interval_s > 0:
+                        await supervisor.start(
+                            nursery, "tls", partial(tls.watch, cfg.tls.reload_check_interval_s)
+                        )
                     if state is not None:
                         await supervisor.start(nursery, "state", state.run)
                         if mesh is not None:
@@ -268,6 +314,7 @@ async def serve_relay_node(
                         supervisor=supervisor,
                         stun_port=stun_port,
                         monitor=monitor,
+                        tls=tls,
                     )
                     log.info(
                         "relay %s/%s up: %s %s key %s",
@@ -334,6 +381,17 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
     return [exc]
+
+
+def _load_tls(cfg: RelayConfig) -> tuple[ServerTLS | None, ssl.SSLContext]:
+    """The certificate to serve ([tls]) and what other relays are verified with ([mesh])."""
+    try:
+        tls = None
+        if cfg.tls.cert_file is not None and cfg.tls.key_file is not None:
+            tls = ServerTLS(cfg.tls.cert_file, cfg.tls.key_file)
+        return tls, client_context(cfg.mesh.ca_file)
+    except TLSError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _load_region_map_config(cfg: RelayConfig) -> tuple[RegionMap | None, SigningKey | None]:

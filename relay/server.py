@@ -36,7 +36,7 @@ import logging
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 import wsproto.events
@@ -58,6 +58,7 @@ from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemotePro
 from . import _wsmask
 from .config import RelayConfig
 from .ratelimit import TokenBucket
+from .tls import ServerTLS, describe_tls_error
 
 _wsmask.install()
 
@@ -165,6 +166,7 @@ class _Closing(Exception):
 
 #: What ``closes`` counts a connection as when its peer went away, by the stage it was in.
 _GONE = {
+    "tls": "tls_handshake_failed",
     "upgrade": "closed_before_upgrade",
     "handshake": "closed_in_handshake",
     "open": "closed_by_peer",
@@ -332,9 +334,12 @@ class RelayServer:
         *,
         tokens: frozenset[str] = frozenset(),
         mesh_key: bytes | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.cfg = cfg
         self.key = key
+        #: With a certificate, every connection speaks TLS (wss://) from its first byte.
+        self.tls = tls
         self._limits = cfg.limits
         self._tokens = tokens
         self._mesh_key = mesh_key
@@ -541,22 +546,59 @@ class RelayServer:
             oldest.scope.cancel()
         self._preauth[conn] = None
 
+    async def _tls_handshake(
+        self, tcp: trio.SocketStream, conn: _Conn
+    ) -> trio.SSLStream[Any] | None:
+        """Wrap ``tcp`` in TLS with the certificate current now; None if the handshake fails.
+
+        Runs inside the pre-auth deadline, and under its own bound. A failure
+        (plain HTTP or garbage on the TLS port, an unknown CA on the client's
+        side, a reset) is counted as ``tls_handshake_failed``, a timeout as
+        ``tls_handshake_timeout``, and ends this connection only.
+        """
+        assert self.tls is not None
+        conn.stage = "tls"
+        stream = trio.SSLStream(tcp, self.tls.context, server_side=True, https_compatible=True)
+        with trio.move_on_after(self.cfg.tls.handshake_timeout_s) as bound:
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                self._count_close(conn, "tls_handshake_failed")
+                log.debug(
+                    "connection from %s: %s",
+                    conn.remote,
+                    describe_tls_error(exc) or "TLS handshake failed: connection closed",
+                )
+                return None
+        if bound.cancelled_caught:
+            self._count_close(conn, "tls_handshake_timeout")
+            return None
+        conn.stage = "upgrade"
+        return stream
+
     async def _serve_connection(
-        self, nursery: trio.Nursery, stream: trio.SocketStream, conn: _Conn
+        self, nursery: trio.Nursery, tcp: trio.SocketStream, conn: _Conn
     ) -> None:
         lim = self._limits
-        # Until the handshake is done a message can only carry a ClientInfo: a small
-        # limit keeps what an unauthenticated connection can make us hold small.
-        ws = WebSocketConnection(
-            stream,
-            _ServerWSProto(),
-            max_message_size=wire.MAX_PREAUTH_MESSAGE_BYTES,
-            receive_buffer_size=lim.receive_buffer_bytes,
-        )
         decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
         hello: ClientHello | None = None
         failure: _Closing | None = None
+        ws: WebSocketConnection | None = None
         with conn.scope:
+            stream: trio.abc.Stream = tcp
+            if self.tls is not None:
+                tls_stream = await self._tls_handshake(tcp, conn)
+                if tls_stream is None:
+                    return
+                stream = tls_stream
+            # Until the handshake is done a message can only carry a ClientInfo: a small
+            # limit keeps what an unauthenticated connection can make us hold small.
+            ws = WebSocketConnection(
+                stream,
+                _ServerWSProto(),
+                max_message_size=wire.MAX_PREAUTH_MESSAGE_BYTES,
+                receive_buffer_size=lim.receive_buffer_bytes,
+            )
             request = await self._upgrade_request(nursery, ws)
             if request is None:
                 # The reader stopped first: EOF or reset (ws.closed set) or a request
@@ -590,10 +632,14 @@ class RelayServer:
             if conn.shed:
                 self._count_close(conn, "preauth_shed")
             elif conn.stage == "handshake":
+                assert ws is not None
                 await self._close(conn, ws, CloseReason.HANDSHAKE_TIMEOUT, "no ClientInfo in time")
+            elif conn.stage == "tls":
+                self._count_close(conn, "tls_handshake_timeout")
             else:
                 self._count_close(conn, "upgrade_timeout")
             return
+        assert ws is not None
         if failure is not None:
             await self._close(conn, ws, failure.reason, failure.detail, label=failure.label)
             return

@@ -6,10 +6,13 @@ reads it, decides the exit status and lays it out, problems first.
 
 from __future__ import annotations
 
+import ssl
 import time
 from typing import Any
 
 import httpx
+
+from relay.tls import describe_tls_error
 
 __all__ = ["fetch_mesh_status", "render_status", "status_exit_code"]
 
@@ -17,7 +20,9 @@ __all__ = ["fetch_mesh_status", "render_status", "status_exit_code"]
 _KNOWN_VERSIONS = {1}
 
 
-def fetch_mesh_status(url: str, *, timeout_s: float = 5.0) -> tuple[dict[str, Any] | None, str]:
+def fetch_mesh_status(
+    url: str, *, timeout_s: float = 5.0, ssl_context: ssl.SSLContext | None = None
+) -> tuple[dict[str, Any] | None, str]:
     """The document, or None and a one-line reason (the relay is unreachable for us)."""
     base = url.rstrip("/")
     if not base.startswith(("http://", "https://")):
@@ -25,11 +30,12 @@ def fetch_mesh_status(url: str, *, timeout_s: float = 5.0) -> tuple[dict[str, An
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            resp = httpx.get(base + "/api/v1/mesh", timeout=timeout_s)
+            resp = httpx.get(base + "/api/v1/mesh", timeout=timeout_s, verify=ssl_context or True)
         except httpx.TimeoutException:
             return None, f"no answer within {timeout_s:g} s"
         except httpx.HTTPError as exc:
-            return None, f"cannot reach the relay ({type(exc).__name__})"
+            tls = describe_tls_error(exc)
+            return None, tls or f"cannot reach the relay ({type(exc).__name__})"
         if resp.status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.5)  # the relay's monitor has not finished its first round yet
             continue
