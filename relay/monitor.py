@@ -15,8 +15,9 @@ Every ``interval_s`` a relay's :class:`MeshMonitor`
 - reads ``/api/v1/status`` of every relay in the registry (itself included,
   over HTTP like the rest, so its own figures take the same path), at most
   ``_FETCH_CONCURRENCY`` at a time, each under the probe timeout;
-- folds the round into :class:`relay.health.MeshHealth`, whose document is
-  what ``/api/v1/mesh`` serves.
+- folds the round, with the peer map's client homes (for failover events),
+  into :class:`relay.health.MeshHealth`, whose document is what
+  ``/api/v1/mesh`` serves.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,10 +276,13 @@ class MeshMonitor:
         me: Callable[[], RelayRecord],
         relays: Callable[[], list[RelayRecord]],
         regions: list[str] | None = None,
+        homes: Callable[[], Iterable[tuple[bytes, str]]] | None = None,
     ) -> None:
+        """``homes``: the peer map's client keys and their relays (see MeshHealth.update)."""
         self.cfg = cfg
         self._me = me
         self._relays = relays
+        self._homes = homes
         interval = cfg.interval_s
         self.thresholds = HealthThresholds(
             interval_s=interval,
@@ -338,7 +342,9 @@ class MeshMonitor:
         async with trio.open_nursery() as nursery:
             for record in registry:
                 nursery.start_soon(fetch, record)
-        self.health.update(time.time(), registry, fetches)
+        self.health.update(
+            time.time(), registry, fetches, self._homes() if self._homes is not None else None
+        )
 
 
 async def _fetch_status(http: httpx.AsyncClient, record: RelayRecord) -> Fetch:

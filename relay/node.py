@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -216,6 +216,11 @@ async def serve_relay_node(
                     def relays() -> list[RelayRecord]:
                         return list(state.relays.values()) if state is not None else [me]
 
+                    def homes() -> Iterable[tuple[bytes, str]]:
+                        # Lost peers keep their last relay: coming back elsewhere is a move.
+                        assert state is not None
+                        return ((k, e.record.relay_id) for k, e in state.peers.items())
+
                     monitor = (
                         MeshMonitor(
                             cfg.health,
@@ -224,6 +229,7 @@ async def serve_relay_node(
                             regions=[r.code for r in configured_map.regions]
                             if configured_map is not None
                             else None,
+                            homes=homes if state is not None else None,
                         )
                         if cfg.health.enabled
                         else None
