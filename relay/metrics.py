@@ -65,8 +65,17 @@ class RelayCollector(Collector):
             c.add_metric(ident, value)
             return c
 
-        yield gauge("relaymesh_clients", "Clients connected now (mesh peers excluded).", s.clients)
+        yield gauge(
+            "relaymesh_clients",
+            "Clients connected now (mesh peers and probe clients excluded).",
+            s.clients,
+        )
         yield gauge("relaymesh_mesh_peers", "Mesh peers connected now.", s.mesh_peers)
+        yield gauge(
+            "relaymesh_probe_clients",
+            "The mesh health monitors' probe clients connected now (not in relaymesh_clients).",
+            s.probe_clients,
+        )
         yield counter(
             "relaymesh_accepts", "TCP connections accepted on the WebSocket port.", s.accepts
         )

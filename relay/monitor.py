@@ -9,7 +9,9 @@ Every ``interval_s`` a relay's :class:`MeshMonitor`
   this relay itself (sender and echo client both here) proves local delivery.
   One ping per path per round, at most ``max_probe_targets`` paths: the cost
   is one echo connection per probed relay and two small packets per path and
-  round. Each relay probes only its own row of the matrix; the full matrix
+  round. The probe clients prove the mesh key with a probe flag in their
+  handshake (relay/protocol/handshake.py), so relays leave them out of their
+  client counts. Each relay probes only its own row of the matrix; the full matrix
   is assembled from every relay's status, so the mesh as a whole sends each
   probe once, whoever serves the dashboard.
 - reads ``/api/v1/status`` of every relay in the registry (itself included,
@@ -82,12 +84,16 @@ class ProbeResult:
 class _Echo:
     """The echo probe client on one target relay: answers the sender's pings, nothing else."""
 
-    def __init__(self, record: RelayRecord, sender: NodeKey, timeout_s: float) -> None:
+    def __init__(
+        self, record: RelayRecord, sender: NodeKey, timeout_s: float, probe_key: bytes | None
+    ) -> None:
         self.record = record
         self.key = PrivateKey.generate()
         self.client = RelayClient(
             [record.ws_url],
             self.key,
+            mesh_key=probe_key,
+            probe=probe_key is not None,
             send_queue_packets=64,
             receive_queue_packets=64,
             connect_timeout_s=timeout_s,
@@ -125,8 +131,13 @@ class _Echo:
 class Prober:
     """Probes the paths from this relay to each target relay, one ping per path per round."""
 
-    def __init__(self, me: Callable[[], RelayRecord], cfg: HealthConfig) -> None:
+    def __init__(
+        self, me: Callable[[], RelayRecord], cfg: HealthConfig, probe_key: bytes | None = None
+    ) -> None:
+        """``probe_key``: the mesh key (or the lone relay's probe secret) that marks the
+        probe clients as such; without it they count as ordinary clients."""
         self._me = me
+        self._probe_key = probe_key
         self._timeout = cfg.probe_timeout_s
         self._max_targets = cfg.max_probe_targets
         self.key = PrivateKey.generate()
@@ -144,6 +155,8 @@ class Prober:
         self._sender = RelayClient(
             [me.ws_url],
             self.key,
+            mesh_key=self._probe_key,
+            probe=self._probe_key is not None,
             send_queue_packets=self._max_targets + 16,
             receive_queue_packets=self._max_targets + 16,
             connect_timeout_s=self._timeout,
@@ -195,7 +208,7 @@ class Prober:
         if self._nursery is not None and self._sender is not None:
             for rid, record in wanted.items():
                 if rid not in self._echoes:
-                    echo = _Echo(record, self._sender.public_key, self._timeout)
+                    echo = _Echo(record, self._sender.public_key, self._timeout, self._probe_key)
                     self._echoes[rid] = echo
                     self._nursery.start_soon(echo.run)
         return targets
@@ -277,8 +290,10 @@ class MeshMonitor:
         relays: Callable[[], list[RelayRecord]],
         regions: list[str] | None = None,
         homes: Callable[[], Iterable[tuple[bytes, str]]] | None = None,
+        probe_key: bytes | None = None,
     ) -> None:
-        """``homes``: the peer map's client keys and their relays (see MeshHealth.update)."""
+        """``homes``: the peer map's client keys and their relays (see MeshHealth.update);
+        ``probe_key``: see :class:`Prober`."""
         self.cfg = cfg
         self._me = me
         self._relays = relays
@@ -291,7 +306,7 @@ class MeshMonitor:
             drops_high_per_s=cfg.drops_high_per_s,
             forget_after_s=cfg.forget_after_s,
         )
-        self.prober = Prober(me, cfg)
+        self.prober = Prober(me, cfg, probe_key)
         self.health = MeshHealth(me().relay_id, self.thresholds, regions=regions or [])
         self.rounds = 0
         self._round_done = trio.Event()

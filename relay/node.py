@@ -230,6 +230,7 @@ async def serve_relay_node(
                             if configured_map is not None
                             else None,
                             homes=homes if state is not None else None,
+                            probe_key=server.probe_key,
                         )
                         if cfg.health.enabled
                         else None

@@ -249,6 +249,12 @@ def test_a_draining_relay_shows_draining_and_its_clients_failover(
         until(at_home)
         seen_at = time.time()
         until(lambda: get_json(eu.http_url + "/api/v1/mesh")["generated_at"] > seen_at + 0.1)
+        # Every relay has probe clients (four on us-1); only the test's two are clients.
+        counted = {
+            r["relay_id"]: r["clients"] for r in get_json(eu.http_url + "/api/v1/mesh")["relays"]
+        }
+        assert counted == {"eu-1": 0, "us-1": 2, "us-2": 0}, counted
+        until(lambda: us1.status()["stats"]["probe_clients"] == 4)
 
         us1.proc.send_signal(signal.SIGTERM)
         page.wait_for_selector(
