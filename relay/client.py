@@ -119,6 +119,7 @@ class RelayClient:
         *,
         token: str | None = None,
         mesh_key: bytes | None = None,
+        probe: bool = False,
         server_key: NodeKey | None = None,
         preferred: bool = False,
         send_queue_packets: int = 1024,
@@ -137,6 +138,8 @@ class RelayClient:
         self.key = key
         self._token = token
         self._mesh_key = mesh_key
+        # With mesh_key: a probe client of the mesh's own health monitor, not a relay.
+        self._probe = probe
         self._pinned_server_key = server_key
         self.disco_key = disco_key
         self.endpoints: tuple[str, ...] = tuple(endpoints)
@@ -443,6 +446,7 @@ class RelayClient:
             self.key,
             token=self._token,
             mesh_key=self._mesh_key,
+            probe=self._probe,
             server_key=self._pinned_server_key,
             preferred=self._preferred,
             disco_key=self.disco_key,
@@ -596,6 +600,7 @@ async def client_handshake(
     *,
     token: str | None = None,
     mesh_key: bytes | None = None,
+    probe: bool = False,
     server_key: NodeKey | None = None,
     preferred: bool = False,
     disco_key: NodeKey | None = None,
@@ -622,6 +627,7 @@ async def client_handshake(
         hello,
         token=token,
         mesh_key=mesh_key,
+        probe=probe,
         preferred=preferred,
         disco_key=disco_key,
         endpoints=endpoints,

@@ -77,6 +77,9 @@ class LinkStats:
     eager: bool
     #: Times this relay's link failed and was reopened since the node started.
     failures: int
+    #: Packets for this relay lost on this link: refused by its full queue, lost in
+    #: flight when a connection broke, or queued in a client that had to be replaced.
+    drops: int
 
 
 @dataclass
@@ -86,6 +89,8 @@ class _Link:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     last_used: float = 0.0
     eager: bool = False
+    # Written by forward() (queue full) and by the link's task (clients replaced).
+    drops: int = 0
 
 
 class Mesh:
@@ -133,6 +138,7 @@ class Mesh:
         if link.client.forward_nowait(src, dest, payload):
             self.forwarded_out += 1
         else:
+            link.drops += 1
             self._server.count_drop(DropReason.MESH_QUEUE_FULL)
         return True
 
@@ -146,6 +152,7 @@ class Mesh:
         if link.client.forward_nowait(src, dest, payload):
             self.forwarded_out += 1
         else:
+            link.drops += 1
             self._server.count_drop(DropReason.MESH_QUEUE_FULL)
         return True
 
@@ -166,6 +173,7 @@ class Mesh:
                     queued=st.send_queued,
                     eager=link.eager,
                     failures=self.link_failures.get(link.record.relay_id, 0),
+                    drops=link.drops + st.lost_in_flight,
                 )
             )
         return out
@@ -279,7 +287,10 @@ class Mesh:
                         delay,
                         exc_info=failure,
                     )
-                # Packets for it queue (bounded) in the new client while we wait.
+                # Packets for it queue (bounded) in the new client while we wait;
+                # what the old one still held, or lost in flight, is lost.
+                old = link.client.statistics()
+                link.drops += old.lost_in_flight + old.send_queued
                 link.client = self._new_client(link.record)
                 await trio.sleep(delay)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -248,6 +248,11 @@ async def serve_relay_node(
                     def relays() -> list[RelayRecord]:
                         return list(state.relays.values()) if state is not None else [me]
 
+                    def homes() -> Iterable[tuple[bytes, str]]:
+                        # Lost peers keep their last relay: coming back elsewhere is a move.
+                        assert state is not None
+                        return ((k, e.record.relay_id) for k, e in state.peers.items())
+
                     monitor = (
                         MeshMonitor(
                             cfg.health,
@@ -256,6 +261,8 @@ async def serve_relay_node(
                             regions=[r.code for r in configured_map.regions]
                             if configured_map is not None
                             else None,
+                            homes=homes if state is not None else None,
+                            probe_key=server.probe_key,
                             ssl_context=relay_trust,
                         )
                         if cfg.health.enabled

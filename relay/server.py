@@ -33,6 +33,7 @@ from __future__ import annotations
 import enum
 import hmac
 import logging
+import secrets
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ class ClientStats:
     key: str
     remote: str
     is_mesh: bool
+    is_probe: bool
     preferred: bool
     connected_at: float
     data_queued: int
@@ -135,8 +137,11 @@ class ClientStats:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RelayStats:
+    #: Clients connected now: neither mesh peers nor the mesh's own probe clients.
     clients: int
     mesh_peers: int
+    #: The health monitors' probe clients connected now (docs/health.md).
+    probe_clients: int
     accepts: int
     handshakes_ok: int
     packets_in: int
@@ -251,6 +256,7 @@ class _Client:
         self.node_key = hello.client_key
         self.remote = remote
         self.is_mesh = is_mesh
+        self.is_probe = hello.probe
         self.data_cap = data_cap
         self.ctrl_cap = ctrl_cap
         self.connected_at = trio.current_time()
@@ -295,6 +301,7 @@ class _Client:
             key=str(self.node_key),
             remote=self.remote,
             is_mesh=self.is_mesh,
+            is_probe=self.is_probe,
             preferred=self.preferred,
             connected_at=self.connected_at,
             data_queued=len(self.data),
@@ -343,6 +350,9 @@ class RelayServer:
         self._limits = cfg.limits
         self._tokens = tokens
         self._mesh_key = mesh_key
+        #: What the mesh's probe clients prove themselves with: the mesh key, or
+        #: without one a secret of this process (only its own monitor probes it then).
+        self.probe_key = mesh_key if mesh_key is not None else secrets.token_bytes(32)
         self._clients: dict[bytes, _Client] = {}
         #: Connections that have not finished their handshake, oldest first.
         self._preauth: dict[_Conn, None] = {}
@@ -376,8 +386,9 @@ class RelayServer:
     def statistics(self) -> RelayStats:
         c = self._c
         return RelayStats(
-            clients=sum(1 for cl in self._clients.values() if not cl.is_mesh),
+            clients=sum(1 for cl in self._clients.values() if not cl.is_mesh and not cl.is_probe),
             mesh_peers=sum(1 for cl in self._clients.values() if cl.is_mesh),
+            probe_clients=sum(1 for cl in self._clients.values() if cl.is_probe),
             accepts=c.accepts,
             handshakes_ok=c.handshakes_ok,
             packets_in=c.packets_in + sum(cl.packets_in for cl in self._clients.values()),
@@ -676,7 +687,7 @@ class RelayServer:
         self, ws: WebSocketConnection, hello: ClientHello, decoder: wire.FrameDecoder, conn: _Conn
     ) -> None:
         self._c.handshakes_ok += 1
-        is_mesh = hello.mesh_proof is not None
+        is_mesh = hello.mesh_proof is not None and not hello.probe
         client = _Client(
             ws,
             hello,
@@ -735,10 +746,12 @@ class RelayServer:
 
     def _admit(self, hello: ClientHello, challenge: bytes) -> None:
         if hello.mesh_proof is not None:
-            # Mesh peers are judged by the mesh key alone, never by client policy.
-            if self._mesh_key is None:
+            # Mesh peers and probe clients are judged by the mesh key alone, never by
+            # client policy.
+            secret = self.probe_key if hello.probe else self._mesh_key
+            if secret is None:
                 raise _Closing(CloseReason.UNAUTHORIZED, "this relay is not part of a mesh")
-            want = mesh_proof(self._mesh_key, challenge, hello.client_key)
+            want = mesh_proof(secret, challenge, hello.client_key)
             if not hmac.compare_digest(want, hello.mesh_proof):
                 # Counted as bad_mesh_key (not unauthorized): a relay of our own mesh
                 # with the wrong key is an operator's problem, not a client's.

@@ -587,10 +587,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(render_status(doc), flush=True)
         if not args.watch:
             return code
-        try:
-            time.sleep(doc["interval_s"] if doc else 2.0)
-        except KeyboardInterrupt:
-            return code
+        # Ctrl-C here, or in the fetch, ends the watch with 130 (main).
+        time.sleep(doc["interval_s"] if doc else 2.0)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -763,7 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", required=True, help="a relay's HTTP URL, e.g. http://127.0.0.1:3341")
     p.add_argument("--json", action="store_true", help="print the status document as JSON")
-    p.add_argument("--watch", action="store_true", help="redraw every few seconds until Ctrl-C")
+    p.add_argument(
+        "--watch", action="store_true", help="redraw every interval until Ctrl-C (exit status 130)"
+    )
     _ca_file_option(p)
     p.set_defaults(func=cmd_status)
 

@@ -109,15 +109,21 @@ def render_status(doc: dict[str, Any]) -> str:
             f"{_n(r['clients']):>9}{_n(r['pps_in']):>10}{_n(r['pps_out']):>8}"
             f"{_n(r['drops_per_s'], 1):>9}{rtt:>10}"
         )
-    down = [link for link in doc["links"] if link["state"] != "up"]
+    # Paths that are not up, or that lose packets on their mesh link.
+    down = [
+        link for link in doc["links"] if link["state"] != "up" or (link.get("drops_per_s") or 0) > 0
+    ]
     rtts = sorted(link["rtt_ms"] for link in doc["links"] if link["rtt_ms"] is not None)
     median = f", median round trip {rtts[len(rtts) // 2]:.1f} ms" if rtts else ""
     lines.append("")
     lines.append(f"PATHS  {s['links_up']}/{s['links']} up{median}")
+    if down:
+        lines.append(f"  {'PATH':<30}{'STATE':<9}{'SINCE':>7}{'PKT/S':>9}{'DROPS/S':>9}")
     for link in down:
         lines.append(
             f"  {link['src'] + ' → ' + link['dst']:<30}{link['state']:<9}"
-            f"{_ago(doc, link['since']):>7}  {link['probe_error'] or ''}"
+            f"{_ago(doc, link['since']):>7}{_n(link.get('pps')):>9}"
+            f"{_n(link.get('drops_per_s'), 1):>9}  {link['probe_error'] or ''}"
         )
     e = doc["etcd"]
     lag = {k: v for k, v in e["revision_lag"].items() if v}
