@@ -7,6 +7,8 @@
   is listed at that address while it is up: the relay knows where it is
   published (docker-compose.yml sets one host for all with
   ``RELAYMESH_PUBLIC_HOST``); the file's address stands for the others.
+- ``tls`` (the wss:// and https:// schemes) is the configured value, or true
+  when the node's registry record has a ``wss://`` URL.
 - Without one, the map is built from the registry alone: one region per
   region code seen (ids in code order, so they are stable), one node per
   relay, at its public address, else its mesh address. This is what
@@ -62,6 +64,10 @@ def live_map(configured: RegionMap | None, relays: Iterable[RelayRecord]) -> Reg
                         update={
                             "up": rec is not None,
                             "public_key": rec.public_key if rec is not None else None,
+                            # A relay that serves TLS says so in its record: never hand
+                            # clients a ws:// URL for a port that only speaks TLS.
+                            "tls": node.tls
+                            or (rec is not None and rec.ws_url.startswith("wss://")),
                         }
                     )
                 )

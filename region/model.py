@@ -77,6 +77,8 @@ class RelayNode(_Frozen):
     public_key: str | None = None
     #: Whether the registry has this node now (served maps only; configs leave it true).
     up: bool = True
+    #: The node serves TLS: clients use wss:// and https:// (and verify its certificate).
+    tls: bool = False
 
     @field_validator("public_key")
     @classmethod
@@ -89,11 +91,11 @@ class RelayNode(_Frozen):
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self._url_host()}:{self.ws_port}/derp"
+        return f"ws{'s' if self.tls else ''}://{self._url_host()}:{self.ws_port}/derp"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._url_host()}:{self.http_port}"
+        return f"http{'s' if self.tls else ''}://{self._url_host()}:{self.http_port}"
 
     def stun_address(self) -> tuple[str, int] | None:
         if not self.stun_port:
@@ -113,11 +115,14 @@ class RelayNode(_Frozen):
         ws = urlsplit(ws_url)
         http = urlsplit(http_url) if http_url else ws
         host = ws.hostname or self.host
+        tls = ws.scheme == "wss"
         update: dict[str, Any] = {
             "host": host,
-            "ws_port": ws.port or 80,
-            "http_port": http.port or 80,
+            "ws_port": ws.port or (443 if tls else 80),
+            "http_port": http.port or (443 if tls else 80),
             "stun_port": int(stun.rsplit(":", 1)[1]) if stun else 0,
+            # A relay that serves TLS says so in its URLs; a map that says TLS keeps it.
+            "tls": self.tls or tls,
         }
         if host != self.host:
             update.update(ipv4=None, ipv6=None)

@@ -43,9 +43,13 @@ def _url_host(host: str) -> str:
 
 
 def relay_addresses(
-    cfg: RelayConfig, *, ws_port: int, http_port: int, stun_port: int
+    cfg: RelayConfig, *, ws_port: int, http_port: int, stun_port: int, tls: bool = False
 ) -> RelayAddresses:
-    """Both addresses, from the config and the ports actually bound (``stun_port`` 0: off)."""
+    """Both addresses, from the config and the ports actually bound (``stun_port`` 0: off).
+
+    ``tls``: the ports serve TLS ([tls]), so both addresses are wss:// and https://.
+    """
+    s = "s" if tls else ""
     mesh_host = _url_host(cfg.mesh.advertise_host or cfg.relay.listen_host)
     pub = cfg.public
     host = _url_host(pub.host) if pub.host is not None else mesh_host
@@ -53,11 +57,11 @@ def relay_addresses(
     public_http = pub.http_port or http_port
     public_stun = pub.stun_port or stun_port
     return RelayAddresses(
-        ws_url=f"ws://{mesh_host}:{ws_port}/derp",
-        http_url=f"http://{mesh_host}:{http_port}",
+        ws_url=f"ws{s}://{mesh_host}:{ws_port}/derp",
+        http_url=f"http{s}://{mesh_host}:{http_port}",
         stun=f"{mesh_host}:{stun_port}" if stun_port else None,
-        client_ws_url=f"ws://{host}:{public_ws}/derp",
-        client_http_url=f"http://{host}:{public_http}",
+        client_ws_url=f"ws{s}://{host}:{public_ws}/derp",
+        client_http_url=f"http{s}://{host}:{public_http}",
         client_stun=f"{host}:{public_stun}" if stun_port else None,
         public=pub.configured,
     )

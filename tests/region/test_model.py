@@ -210,7 +210,10 @@ def test_with_public_host_drops_stale_address_hints() -> None:
         443,
         0,
     )
-    assert moved.ipv4 is None and moved.ipv6 is None
+    assert moved.ipv4 is None and moved.ipv6 is None and not moved.tls
+    secure = n.with_public_host("wss://relay.example/derp", "https://relay.example", None)
+    assert (secure.ws_port, secure.http_port, secure.tls) == (443, 443, True)
+    assert secure.ws_url == "wss://relay.example:443/derp"
     same = n.with_public_host(f"ws://[{n.host}]:1/derp", f"http://[{n.host}]:2", "x:3")
     assert (same.ws_port, same.http_port, same.stun_port) == (1, 2, 3)
     assert same.ipv6 == n.ipv6

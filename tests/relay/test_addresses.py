@@ -44,3 +44,13 @@ def test_stun_off_and_ipv6_hosts() -> None:
     a = relay_addresses(cfg, ws_port=1, http_port=2, stun_port=0)
     assert a.stun is None and a.client_stun is None
     assert a.client_ws_url == "ws://[2001:db8::1]:1/derp"
+
+
+def test_tls_makes_both_addresses_wss_and_https() -> None:
+    cfg = load_config(overrides={"public": {"host": "relay.example.com", "ws_port": 443}})
+    a = relay_addresses(cfg, ws_port=3340, http_port=3341, stun_port=3478, tls=True)
+    assert (a.ws_url, a.http_url) == ("wss://127.0.0.1:3340/derp", "https://127.0.0.1:3341")
+    assert (a.client_ws_url, a.client_http_url) == (
+        "wss://relay.example.com:443/derp",
+        "https://relay.example.com:3341",
+    )
