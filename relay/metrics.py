@@ -65,8 +65,17 @@ class RelayCollector(Collector):
             c.add_metric(ident, value)
             return c
 
-        yield gauge("relaymesh_clients", "Clients connected now (mesh peers excluded).", s.clients)
+        yield gauge(
+            "relaymesh_clients",
+            "Clients connected now (mesh peers and probe clients excluded).",
+            s.clients,
+        )
         yield gauge("relaymesh_mesh_peers", "Mesh peers connected now.", s.mesh_peers)
+        yield gauge(
+            "relaymesh_probe_clients",
+            "The mesh health monitors' probe clients connected now (not in relaymesh_clients).",
+            s.probe_clients,
+        )
         yield counter(
             "relaymesh_accepts", "TCP connections accepted on the WebSocket port.", s.accepts
         )
@@ -126,9 +135,17 @@ class RelayCollector(Collector):
                 "Mesh link connected (1) or not.",
                 labels=[*labels, "peer"],
             )
+            link_drops = CounterMetricFamily(
+                "relaymesh_mesh_link_drops",
+                "Packets for another relay lost on the mesh link to it (queue full, lost in"
+                " flight, or queued when the link had to be reopened).",
+                labels=[*labels, "peer"],
+            )
             for link in self._mesh.statistics():
                 links.add_metric([*ident, link.relay_id], 1.0 if link.connected else 0.0)
+                link_drops.add_metric([*ident, link.relay_id], link.drops)
             yield links
+            yield link_drops
         if self._supervisor is not None:
             restarts = CounterMetricFamily(
                 "relaymesh_component_restarts",
@@ -274,12 +291,26 @@ class MeshHealthCollector(Collector):
             "Round trip of the last probe over src → dst → src, as seen here.",
             labels=[*labels, "src", "dst"],
         )
+        link_pps = GaugeMetricFamily(
+            "relaymesh_mesh_path_packets_per_second",
+            "Packets per second src forwards to dst over its mesh link, as seen here.",
+            labels=[*labels, "src", "dst"],
+        )
+        link_drops = GaugeMetricFamily(
+            "relaymesh_mesh_path_drops_per_second",
+            "Packets per second src loses on its mesh link to dst, as seen here.",
+            labels=[*labels, "src", "dst"],
+        )
         for link in doc["links"]:
             pair = [*ident, link["src"], link["dst"]]
             link_up.add_metric(pair, 1.0 if link["state"] == "up" else 0.0)
             if link["rtt_ms"] is not None:
                 link_rtt.add_metric(pair, link["rtt_ms"] / 1000)
-        yield from (link_up, link_rtt)
+            if link["pps"] is not None:
+                link_pps.add_metric(pair, link["pps"])
+            if link["drops_per_s"] is not None:
+                link_drops.add_metric(pair, link["drops_per_s"])
+        yield from (link_up, link_rtt, link_pps, link_drops)
         etcd = doc["etcd"]
         if etcd["reachable"] is not None:
             g = GaugeMetricFamily(

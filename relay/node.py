@@ -28,8 +28,9 @@ direct call is the hot path, the mesh's ``forward`` registered with
 from __future__ import annotations
 
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -45,6 +46,7 @@ from region.model import RegionMap, RegionMapError, load_region_map
 from relay.protocol.keys import NodeKey, PrivateKey, load_or_create_key_file
 
 from . import __version__
+from .addresses import RelayAddresses, relay_addresses
 from .app import create_app
 from .config import ConfigError, RelayConfig, load_tokens
 from .http import HttpStats, serve_app
@@ -53,6 +55,7 @@ from .monitor import MeshMonitor
 from .server import RelayServer
 from .stun_server import StunStats, serve_stun
 from .supervisor import Supervisor
+from .tls import ServerTLS, TLSError, client_context
 
 __all__ = ["ListenError", "NodeInfo", "load_node_key", "serve_relay_node", "shut_down_node"]
 
@@ -76,6 +79,10 @@ class NodeInfo:
     supervisor: Supervisor
     stun_port: int = 0
     monitor: MeshMonitor | None = None
+    #: Where relays and where clients reach this node (relay/addresses.py).
+    addresses: RelayAddresses | None = None
+    #: The certificate both ports serve ([tls]); reload() it on SIGHUP.
+    tls: ServerTLS | None = None
 
 
 class ListenError(Exception):
@@ -107,14 +114,6 @@ def load_node_key(cfg: RelayConfig) -> PrivateKey:
     return load_or_create_key_file(cfg.relay.key_file)
 
 
-def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
 @asynccontextmanager
 async def _store_from_config(cfg: RelayConfig) -> AsyncIterator[Store | None]:
     if not cfg.mesh.etcd_endpoints:
@@ -122,8 +121,33 @@ async def _store_from_config(cfg: RelayConfig) -> AsyncIterator[Store | None]:
         return
     from coordinator.etcd import open_etcd_store
 
-    async with open_etcd_store(cfg.mesh.etcd_endpoints) as store:
+    async with open_etcd_store(cfg.mesh.etcd_endpoints, **_etcd_options(cfg)) as store:
         yield store
+
+
+def _etcd_options(cfg: RelayConfig) -> dict[str, Any]:
+    """TLS and authentication for etcd ([etcd]); the password is read here, never logged."""
+    e = cfg.etcd
+    if any(ep.startswith("https://") for ep in cfg.mesh.etcd_endpoints) and e.ca_file is None:
+        raise ConfigError("[mesh] etcd_endpoints use https://: set [etcd] ca_file")
+    options: dict[str, Any] = {
+        name: str(path)
+        for name, path in (
+            ("ca_file", e.ca_file),
+            ("cert_file", e.cert_file),
+            ("key_file", e.key_file),
+        )
+        if path is not None
+    }
+    if e.user is not None and e.password_file is not None:
+        try:
+            password = e.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{e.password_file}: cannot read the etcd password: {exc.strerror}"
+            ) from None
+        options.update(user=e.user, password=password)
+    return options
 
 
 async def serve_relay_node(
@@ -145,7 +169,8 @@ async def serve_relay_node(
         if cfg.admission.policy == "token" and cfg.admission.tokens_file is not None
         else frozenset()
     )
-    server = RelayServer(cfg, key, tokens=tokens, mesh_key=mesh_key)
+    tls, relay_trust = _load_tls(cfg)
+    server = RelayServer(cfg, key, tokens=tokens, mesh_key=mesh_key, tls=tls)
     host = cfg.relay.listen_host
     configured_map, signing_key = _load_region_map_config(cfg)
     supervisor = Supervisor()
@@ -175,9 +200,14 @@ async def serve_relay_node(
 
                     async with _binding("STUN, UDP", host, cfg.relay.stun_port):
                         stun_port = stun_box[0] = await supervisor.start(nursery, "stun", run_stun)
-                ahost = cfg.mesh.advertise_host or _url_host(host)
-                ws_url = f"ws://{ahost}:{ws_port}/derp"
-                http_url = f"http://{ahost}:{http_sock.getsockname()[1]}"
+                addr = relay_addresses(
+                    cfg,
+                    ws_port=ws_port,
+                    http_port=http_sock.getsockname()[1],
+                    stun_port=stun_port,
+                    tls=tls is not None,
+                )
+                ws_url, http_url = addr.ws_url, addr.http_url
                 me = RelayRecord(
                     relay_id=cfg.relay.name,
                     region=cfg.relay.region,
@@ -187,7 +217,10 @@ async def serve_relay_node(
                     public_key=str(key.public),
                     started_at=time.time(),
                     version=__version__,
-                    stun=f"{ahost}:{stun_port}" if stun_port else None,
+                    stun=addr.stun,
+                    public_ws_url=addr.client_ws_url if addr.public else None,
+                    public_http_url=addr.client_http_url if addr.public else None,
+                    public_stun=addr.client_stun if addr.public else None,
                 )
                 state: MeshState | None = None
                 mesh: Mesh | None = None
@@ -212,10 +245,16 @@ async def serve_relay_node(
                                 link_idle_s=cfg.mesh.link_idle_s,
                                 link_queue_packets=cfg.mesh.link_queue_packets,
                                 link_queue_bytes=cfg.mesh.link_queue_bytes,
+                                ssl_context=relay_trust,
                             )
 
                     def relays() -> list[RelayRecord]:
                         return list(state.relays.values()) if state is not None else [me]
+
+                    def homes() -> Iterable[tuple[bytes, str]]:
+                        # Lost peers keep their last relay: coming back elsewhere is a move.
+                        assert state is not None
+                        return ((k, e.record.relay_id) for k, e in state.peers.items())
 
                     monitor = (
                         MeshMonitor(
@@ -225,6 +264,9 @@ async def serve_relay_node(
                             regions=[r.code for r in configured_map.regions]
                             if configured_map is not None
                             else None,
+                            homes=homes if state is not None else None,
+                            probe_key=server.probe_key,
+                            ssl_context=relay_trust,
                         )
                         if cfg.health.enabled
                         else None
@@ -245,8 +287,21 @@ async def serve_relay_node(
                         mesh_key=mesh_key,
                     )
                     await supervisor.start(
-                        nursery, "http", partial(serve_app, app, http_sock, stats=http_stats)
+                        nursery,
+                        "http",
+                        partial(
+                            serve_app,
+                            app,
+                            http_sock,
+                            stats=http_stats,
+                            tls=tls,
+                            tls_handshake_timeout_s=cfg.tls.handshake_timeout_s,
+                        ),
                     )
+                    if tls is not None and cfg.tls.reload_check_interval_s > 0:
+                        await supervisor.start(
+                            nursery, "tls", partial(tls.watch, cfg.tls.reload_check_interval_s)
+                        )
                     if state is not None:
                         await supervisor.start(nursery, "state", state.run)
                         if mesh is not None:
@@ -269,6 +324,8 @@ async def serve_relay_node(
                         supervisor=supervisor,
                         stun_port=stun_port,
                         monitor=monitor,
+                        addresses=addr,
+                        tls=tls,
                     )
                     log.info(
                         "relay %s/%s up: %s %s key %s",
@@ -335,6 +392,17 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
     return [exc]
+
+
+def _load_tls(cfg: RelayConfig) -> tuple[ServerTLS | None, ssl.SSLContext]:
+    """The certificate to serve ([tls]) and what other relays are verified with ([mesh])."""
+    try:
+        tls = None
+        if cfg.tls.cert_file is not None and cfg.tls.key_file is not None:
+            tls = ServerTLS(cfg.tls.cert_file, cfg.tls.key_file)
+        return tls, client_context(cfg.mesh.ca_file)
+    except TLSError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _load_region_map_config(cfg: RelayConfig) -> tuple[RegionMap | None, SigningKey | None]:
