@@ -14,7 +14,8 @@ alone, then under each kind of flood, in the same relay:
 The flooder reads what comes back (so the relay never closes it for a full
 socket) and sends as fast as the relay takes. Reported per flood: the
 victim's packets/s and latency p50, and its packets/s as a ratio of the same
-run's unflooded figure; the median of ``runs`` runs.
+run's unflooded figure (the mean of the victim alone at the start and at the
+end of the run, as the machine's load drifts); the median of ``runs`` runs.
 
 The flooder role is run as ``python -m relaymesh.bench.fairness flood ...``;
 it is not part of the user-facing CLI.
@@ -151,7 +152,8 @@ def _one_run(size: int, seconds: float, floods: tuple[str, ...]) -> dict[str, di
     relay = _spawn("relaymesh.bench.relay", "relay", "--queue", "4096")
     try:
         url = f"ws://127.0.0.1:{_readjson(relay)['port']}/derp"
-        out = {"none": _victim(url, size, seconds, relay.pid)}
+        first = _victim(url, size, seconds, relay.pid)
+        out: dict[str, dict[str, Any]] = {}
         for kind in floods:
             flooder = _spawn("relaymesh.bench.fairness", "flood", "--kind", kind, "--url", url)
             try:
@@ -160,6 +162,12 @@ def _one_run(size: int, seconds: float, floods: tuple[str, ...]) -> dict[str, di
             finally:
                 flood = _stop(flooder)
             out[kind] = {**result, "flood": flood}
+        # Alone again at the end: the machine's load drifts during a run, and each flood
+        # is compared with the mean of the two.
+        last = _victim(url, size, seconds, relay.pid)
+        out["none"] = {
+            k: (first[k] + last[k]) / 2 for k in ("pps", "p50_ms", "p99_ms", "server_cpu_pct")
+        }
         return out
     finally:
         _stop(relay)
