@@ -231,6 +231,8 @@ def create_app(
                 "closes": stats.closes,
                 "forwarded_in": stats.forwarded_in,
                 "rate_limited_s": round(stats.rate_limited_s, 3),
+                "flow_waited_s": round(stats.flow_waited_s, 3),
+                "flow_gave_up": stats.flow_gave_up,
             },
             "draining": server.draining,
             "queues": {"data_queued": sum(queued), "data_queued_max": max(queued, default=0)},

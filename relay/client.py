@@ -95,6 +95,8 @@ class ClientStatistics:
     send_queued_bytes: int
     lost_in_flight: int
     last_close: str | None
+    #: Packets of ours the relay reported it dropped (PacketsDropped frames), all reasons.
+    dropped_by_relay: int
 
 
 class RelayClosedError(Exception):
@@ -137,6 +139,7 @@ class RelayClient:
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
         ssl_context: ssl.SSLContext | None = None,
+        flow_marks: tuple[float, float] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one relay URL is needed")
@@ -161,6 +164,9 @@ class RelayClient:
             FrameQueue(send_queue_packets, send_queue_bytes),
             FrameQueue(_CONTROL_QUEUE_FRAMES, max_message_bytes),
         )
+        if flow_marks is not None:
+            # A mesh link: the relay's readers wait on this queue (Outbox.pressed).
+            self._out.set_flow(*flow_marks)
         # Senders waiting for room in the data queue; wait_sent() callers waiting for the writer.
         self._space = trio.lowlevel.ParkingLot()
         self._progress = trio.lowlevel.ParkingLot()
@@ -183,6 +189,9 @@ class RelayClient:
         # Written by the reader.
         self.health = ""
         self.peer_gone: dict[NodeKey, wire.PeerGoneReason] = {}
+        #: Packets of ours the relay reported dropped (PacketsDropped), by reason.
+        self.dropped_by_relay: dict[wire.DropCode, int] = {}
+        self.on_packets_dropped: list[Callable[[wire.DropCode, int], None]] = []
         self.on_peer_gone: list[Callable[[NodeKey, wire.PeerGoneReason], None]] = []
         self._packets_sent = 0
         self._packets_received = 0
@@ -195,6 +204,11 @@ class RelayClient:
     @property
     def public_key(self) -> NodeKey:
         return self.key.public
+
+    @property
+    def outbox(self) -> Outbox:
+        """The send queue (a relay's mesh forwarding waits on it for flow control)."""
+        return self._out
 
     def send_nowait(self, dest: NodeKey, payload: bytes) -> bool:
         """Queue a packet; False if the send queue is full (nothing queued)."""
@@ -310,6 +324,7 @@ class RelayClient:
             send_queued_bytes=self._out.data.bytes,
             lost_in_flight=self._lost_in_flight,
             last_close=self._last_close,
+            dropped_by_relay=sum(self.dropped_by_relay.values()),
         )
 
     # ---- supervisor ------------------------------------------------------
@@ -343,6 +358,7 @@ class RelayClient:
         self._connected_event.set()
         self._space.unpark_all()
         self._progress.unpark_all()
+        self._out.release()
         for wait in self._pings.values():
             wait.done.set()
 
@@ -523,6 +539,10 @@ class RelayClient:
                     cb(key, reason)
             case wire.Health(problem=problem):
                 self.health = problem
+            case wire.PacketsDropped(reason=reason, count=count):
+                self.dropped_by_relay[reason] = self.dropped_by_relay.get(reason, 0) + count
+                for drop_cb in self.on_packets_dropped:
+                    drop_cb(reason, count)
             case wire.Restarting(reconnect_in_ms=ms):
                 if len(self.urls) > 1 and self.url in self.urls:
                     # A planned restart: move to the next relay now instead of waiting

@@ -125,6 +125,22 @@ class LimitsConfig(_Frozen):
     frames_per_turn: int = Field(64, ge=1, le=1_000_000)
     #: A sender is told a destination is gone at most this often per destination.
     peer_gone_interval_s: float = Field(1.0, ge=0)
+    #: Flow control: a reader that fed a queue (a client's, or a mesh link's) now at or
+    #: over flow_high_water of its bounds stops reading until it is down to
+    #: flow_low_water, for at most this long per wait; a queue whose writer took nothing
+    #: during a whole wait is not waited on again until it does (its packets are dropped,
+    #: counted). 0 turns flow control off (full queues only drop).
+    flow_wait_s: float = Field(0.25, ge=0, le=60)
+    flow_high_water: float = Field(0.5, gt=0, le=1)
+    flow_low_water: float = Field(0.25, gt=0, le=1)
+    #: A sender is told about its packets dropped here (PacketsDropped) at most this often.
+    drop_report_interval_s: float = Field(1.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _flow_marks(self) -> LimitsConfig:
+        if self.flow_low_water > self.flow_high_water:
+            raise ValueError("flow_low_water must not be above flow_high_water")
+        return self
 
 
 class MeshConfig(_Frozen):

@@ -14,7 +14,11 @@ link each way.
 - A link that drops reconnects with jittered backoff (RelayClient's). Packets
   queued for it meanwhile wait, bounded in packets and bytes
   (``link_queue_packets``, ``link_queue_bytes``); beyond the bound new ones are
-  dropped and counted (``mesh_queue_full``).
+  dropped and counted (``mesh_queue_full``). Before that, flow control: the
+  relay's readers that feed a link whose queue is over its high-water mark
+  ([limits] flow_high_water) wait for it to drain (:meth:`Mesh.gate`), and
+  the far relay's reader of the link waits on the clients it delivers to, so
+  a slow receiver slows the sender across the hop through TCP.
 - A forwarded packet is never forwarded again: the receiving relay delivers
   it to a local client or drops it (``mesh_not_here``).
 - A relay whose lease expired (its record left the registry, its peers are
@@ -51,6 +55,7 @@ from coordinator.state import MeshState
 from relay.protocol.keys import NodeKey, PrivateKey
 
 from .client import RelayClient, RelayClosedError
+from .queue import Outbox
 from .server import DropReason, RelayServer
 from .supervisor import Backoff
 
@@ -116,6 +121,8 @@ class Mesh:
         self._idle_s = link_idle_s
         self._queue = link_queue_packets
         self._queue_bytes = link_queue_bytes
+        limits = server.cfg.limits
+        self._flow_high, self._flow_low = limits.flow_high_water, limits.flow_low_water
         self._me = state.me
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None
@@ -142,8 +149,15 @@ class Mesh:
             self.forwarded_out += 1
         else:
             link.drops += 1
-            self._server.count_drop(DropReason.MESH_QUEUE_FULL)
+            self._server.count_drop(DropReason.MESH_QUEUE_FULL, src=src)
         return True
+
+    def gate(self, dest: bytes) -> Outbox | None:
+        """The link queue packets for ``dest`` wait in, if a link carries them (flow control)."""
+        record = self._state.route(dest)
+        relay_id = record.relay_id if record is not None else self._state.last_relay(dest)
+        link = self._links.get(relay_id) if relay_id is not None else None
+        return link.client.outbox if link is not None else None
 
     def _forward_to_lost(self, src: bytes, dest: bytes, payload: bytes) -> bool:
         """A LOST peer's packet goes to its last relay while our link there is up."""
@@ -156,7 +170,7 @@ class Mesh:
             self.forwarded_out += 1
         else:
             link.drops += 1
-            self._server.count_drop(DropReason.MESH_QUEUE_FULL)
+            self._server.count_drop(DropReason.MESH_QUEUE_FULL, src=src)
         return True
 
     # ---- links ----------------------------------------------------------------
@@ -317,6 +331,7 @@ class Mesh:
             send_queue_bytes=self._queue_bytes,
             receive_queue_packets=16,
             ssl_context=self._ssl_context,
+            flow_marks=(self._flow_high, self._flow_low),
         )
 
     def _close(self, relay_id: str, why: str) -> None:

@@ -98,6 +98,18 @@ class RelayCollector(Collector):
             s.rate_limited_s,
         )
         yield counter(
+            "relaymesh_flow_wait_seconds",
+            "Seconds client and mesh readers waited for the queues they fed to drain (flow"
+            " control).",
+            s.flow_waited_s,
+        )
+        yield counter(
+            "relaymesh_flow_gave_up",
+            "Flow-control waits given up because the queue's writer took nothing (a receiver"
+            " that reads nothing); its packets are dropped instead.",
+            s.flow_gave_up,
+        )
+        yield counter(
             "relaymesh_frames_skipped", "Frames of unknown type skipped.", s.skipped_frames
         )
         yield gauge(

@@ -21,7 +21,18 @@ relay's total). A producer picks what a full queue does:
   whose callers wait for room; a mesh link's queue; a relay's control queue),
   and the caller counts or waits.
 
-Nothing here blocks or awaits except :meth:`Outbox.wait`.
+Nothing here blocks or awaits except :meth:`Outbox.wait` (the writer) and
+:meth:`Outbox.wait_drained` (producers, for flow control).
+
+Flow control: an outbox given a high- and a low-water mark (:meth:`Outbox.set_flow`)
+tells producers when to stop: :meth:`Outbox.pressed` is true while its data
+queue is at or over the high mark (in frames or in bytes), and a producer
+that sees it waits in :meth:`Outbox.wait_drained` until the writer has taken
+the queue down to the low mark, for a bounded time. The writer counts every
+message it takes (``taken``): a wait that ends with no message taken means
+the writer is stuck (its socket accepts nothing), and the outbox is marked
+:meth:`stuck` until the writer takes another message, so that producers stop
+waiting on it and fall back to the queue's counted drops.
 
 :meth:`Outbox.next_message` takes what one message carries: control frames
 first, then data, never more than ``max_bytes`` unless a single frame is larger
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -83,10 +95,11 @@ class FrameQueue:
     A single frame larger than ``max_bytes`` is still taken into an empty queue:
     the bound is on what waits, and a frame cannot be split. Frames that
     :meth:`push` drops are counted in ``drops`` (a Counter that several queues
-    may share).
+    may share), and each is handed to ``on_drop`` if one is set (to tell whose
+    frame it was).
     """
 
-    __slots__ = ("_frames", "budget", "bytes", "drops", "max_bytes", "max_frames")
+    __slots__ = ("_frames", "budget", "bytes", "drops", "max_bytes", "max_frames", "on_drop")
 
     def __init__(
         self,
@@ -103,6 +116,8 @@ class FrameQueue:
         self.max_bytes = max_bytes
         self.budget = budget
         self.drops: Counter[Drop] = drops if drops is not None else Counter()
+        #: Called with each frame push() drops and why (only on drops: off the hot path).
+        self.on_drop: Callable[[bytes, Drop], None] | None = None
         #: Bytes queued now.
         self.bytes = 0
 
@@ -132,19 +147,26 @@ class FrameQueue:
         """
         n = len(frame)
         q = self._frames
+        on_drop = self.on_drop
         if len(q) >= self.max_frames:
-            self.popleft()
+            old = self.popleft()
             self.drops[Drop.OLDEST_FOR_FRAMES] += 1
+            if on_drop is not None:
+                on_drop(old, Drop.OLDEST_FOR_FRAMES)
         if self.bytes + n > self.max_bytes:
             dropped = 0
             while q and self.bytes + n > self.max_bytes:
-                self.popleft()
+                old = self.popleft()
                 dropped += 1
+                if on_drop is not None:
+                    on_drop(old, Drop.OLDEST_FOR_BYTES)
             self.drops[Drop.OLDEST_FOR_BYTES] += dropped
         budget = self.budget
         if budget is not None:
             if budget.used + n > budget.limit:
                 self.drops[Drop.NEW_FOR_BUDGET] += 1
+                if on_drop is not None:
+                    on_drop(frame, Drop.NEW_FOR_BUDGET)
                 return False
             budget.used += n
         q.append(frame)
@@ -206,13 +228,82 @@ class Outbox:
     :meth:`next_message`.
     """
 
-    __slots__ = ("_waiting", "_wake", "control", "data")
+    __slots__ = (
+        "_drained",
+        "_stuck_at",
+        "_waiting",
+        "_wake",
+        "control",
+        "data",
+        "high_bytes",
+        "high_frames",
+        "low_bytes",
+        "low_frames",
+        "taken",
+    )
 
     def __init__(self, data: FrameQueue, control: FrameQueue) -> None:
         self.data = data
         self.control = control
         self._wake = trio.Event()
         self._waiting = False
+        # Flow control (see set_flow): off until set, the marks above any queue's bounds.
+        self.high_frames = self.low_frames = data.max_frames + 1
+        self.high_bytes = self.low_bytes = data.max_bytes + 1
+        #: Messages the writer has taken so far (its progress).
+        self.taken = 0
+        self._stuck_at = -1
+        #: Set when the data queue is down to the low mark (or cleared); producers wait on it.
+        self._drained: trio.Event | None = None
+
+    def set_flow(self, high: float, low: float) -> None:
+        """Flow-control marks as fractions of the data queue's bounds (0 < low <= high <= 1)."""
+        if not 0 < low <= high <= 1:
+            raise ValueError("flow marks must satisfy 0 < low <= high <= 1")
+        data = self.data
+        self.high_frames = max(1, int(data.max_frames * high))
+        self.high_bytes = max(1, int(data.max_bytes * high))
+        self.low_frames = max(0, int(data.max_frames * low))
+        self.low_bytes = max(0, int(data.max_bytes * low))
+
+    def pressed(self) -> bool:
+        """Whether the data queue is at or over the high mark, in frames or in bytes."""
+        data = self.data
+        return len(data) >= self.high_frames or data.bytes >= self.high_bytes
+
+    def stuck(self) -> bool:
+        """A producer's wait saw the writer take nothing, and it has taken nothing since."""
+        return self.taken == self._stuck_at
+
+    def _below_low(self) -> bool:
+        data = self.data
+        return len(data) <= self.low_frames and data.bytes <= self.low_bytes
+
+    def release(self) -> None:
+        """Wake every producer waiting in :meth:`wait_drained` (the queue was cleared)."""
+        drained = self._drained
+        if drained is not None:
+            self._drained = None
+            drained.set()
+
+    async def wait_drained(self, timeout_s: float) -> bool:
+        """Until the writer took the data queue down to the low mark, at most ``timeout_s``.
+
+        True if it did (or the wait was released). False if it did not: then, if
+        the writer took no message at all meanwhile, the outbox is marked stuck.
+        """
+        if self._below_low():
+            return True
+        if self._drained is None:
+            self._drained = trio.Event()
+        drained = self._drained
+        taken = self.taken
+        with trio.move_on_after(timeout_s):
+            await drained.wait()
+            return True
+        if self.taken == taken:
+            self._stuck_at = taken
+        return False
 
     def __bool__(self) -> bool:
         return bool(self.data) or bool(self.control)
@@ -257,6 +348,9 @@ class Outbox:
             chunks.append(frame)
             size += len(frame)
             packets += 1
+        self.taken += 1
+        if self._drained is not None and self._below_low():
+            self.release()
         return b"".join(chunks), packets
 
     def statistics(self) -> OutboxStatistics:

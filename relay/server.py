@@ -14,15 +14,27 @@ logged once, counted in ``closes`` and ends that connection only; every
 accepted connection is counted there exactly once. No nursery outlives its
 connection.
 
-Routing is synchronous and never blocks: the reader of client X decodes a
-SendPacket to Y, turns it into a RecvPacket frame (same length: the 32-byte
-destination key is swapped for X's key) and appends it to Y's bounded data
-queue. If Y's queue is full the oldest queued packet is dropped; if Y is
+Routing itself is synchronous: the reader of client X decodes a SendPacket
+to Y, turns it into a RecvPacket frame (same length: the 32-byte destination
+key is swapped for X's key) and appends it to Y's bounded data queue. Y's
+writer wakes, takes everything queued (control frames first, then data up to
+``max_message_bytes``) and sends it as one WebSocket message. Coalescing is
+what makes small packets cheap: the per-message cost of the WebSocket layer is
+paid once per batch, not once per packet.
+
+Flow control: after each turn (at most ``frames_per_turn`` frames) the reader
+looks at the queues it fed: Y's, or the mesh link's towards Y's relay
+(``PacketForwarder.gate``), or, on a mesh link, the local clients it
+delivered to. While one of them is at or over its high-water mark the reader
+reads nothing more (TCP slows X) until Y's writer has taken it down to the
+low-water mark, each wait bounded by ``flow_wait_s``. A queue whose writer
+took nothing during a whole wait (Y reads nothing) is marked stuck and not
+waited on again until its writer moves: its packets fall back to the drops.
+If Y's queue is full anyway the oldest queued packet is dropped; if Y is
 already closing the new one is. Every drop is counted under a
-:class:`DropReason`. Y's writer wakes, takes everything queued (control frames
-first, then data up to ``max_message_bytes``) and sends it as one WebSocket
-message. Coalescing is what makes small packets cheap: the per-message cost of
-the WebSocket layer is paid once per batch, not once per packet.
+:class:`DropReason`, and the sender, if it is a client of this relay, is told
+in a PacketsDropped frame (at most one per reason per
+``drop_report_interval_s``).
 
 A per-client token bucket (``rate_bytes_per_s``) slows the *reader* of a
 client that sends too fast, which pushes back through TCP instead of dropping.
@@ -54,7 +66,13 @@ from relay.protocol.handshake import (
     seal_server_info,
 )
 from relay.protocol.keys import NodeKey, PrivateKey
-from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
+from relay.protocol.wire import (
+    CloseReason,
+    DropCode,
+    FrameType,
+    ProtocolError,
+    RemoteProtocolError,
+)
 
 from . import _wsmask
 from .config import RelayConfig
@@ -118,6 +136,17 @@ _QUEUE_DROPS = {
     Drop.OLDEST_FOR_BYTES: DropReason.QUEUE_BYTES_FULL,
     Drop.NEW_FOR_BUDGET: DropReason.RELAY_QUEUE_FULL,
 }
+#: How a drop is reported to the packet's sender (PacketsDropped).
+_DROP_CODES = {
+    Drop.OLDEST_FOR_FRAMES: DropCode.QUEUE_FULL,
+    Drop.OLDEST_FOR_BYTES: DropCode.QUEUE_FULL,
+    Drop.NEW_FOR_BUDGET: DropCode.RELAY_QUEUE_FULL,
+    DropReason.QUEUE_FULL: DropCode.QUEUE_FULL,
+    DropReason.QUEUE_BYTES_FULL: DropCode.QUEUE_FULL,
+    DropReason.RELAY_QUEUE_FULL: DropCode.RELAY_QUEUE_FULL,
+    DropReason.DEST_CLOSING: DropCode.DEST_CLOSING,
+    DropReason.MESH_QUEUE_FULL: DropCode.MESH_QUEUE_FULL,
+}
 
 
 class PacketForwarder(Protocol):
@@ -127,6 +156,13 @@ class PacketForwarder(Protocol):
         """Send a packet towards the relay that holds ``dest``; False if none is known.
 
         Called on a reader's hot path: it must not block or await.
+        """
+        ...
+
+    def gate(self, dest: bytes) -> Outbox | None:
+        """The queue packets for ``dest`` wait in (a mesh link's), for flow control.
+
+        Called once per run of packets to ``dest``; None if there is none.
         """
         ...
 
@@ -175,6 +211,10 @@ class RelayStats:
     rate_limited_s: float
     #: Packets other relays forwarded to clients here.
     forwarded_in: int
+    #: Seconds readers spent waiting for the queues they fed to drain (flow control).
+    flow_waited_s: float
+    #: Waits given up because the queue's writer took nothing (a receiver that reads nothing).
+    flow_gave_up: int
 
 
 class _Closing(Exception):
@@ -283,6 +323,8 @@ class _Client:
         self.out = out
         self.closing = False
         self.senders: set[bytes] = set()
+        #: Its packets dropped here since it was last told, by reason (see _report_drop).
+        self.drops_unreported: Counter[DropCode] = Counter()
         # Owned by this client's reader task.
         self.preferred = hello.preferred
         self.hello = hello
@@ -340,6 +382,8 @@ class _Counters:
     skipped_frames: int = 0
     forwarded_in: int = 0
     rate_limited_s: float = 0.0
+    flow_waited_s: float = 0.0
+    flow_gave_up: int = 0
     drops: Counter[DropReason] = field(default_factory=Counter)
     closes: Counter[str] = field(default_factory=Counter)
 
@@ -379,6 +423,9 @@ class RelayServer:
         # Set by add_forwarder(): who carries packets for keys not connected here.
         self._forwarder: PacketForwarder | None = None
         self._forward_error_logged_at = -_FORWARD_ERROR_LOG_INTERVAL_S
+        #: Clients with drops to be told about, and the event that wakes the reporter.
+        self._drops_unreported: dict[_Client, None] = {}
+        self._drops_to_report = trio.Event()
         #: Set once drain() has begun: the relay is on its way out.
         self.draining = False
 
@@ -396,6 +443,7 @@ class RelayServer:
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report_drops)
             await nursery.start(trio.serve_listeners, self._connection, listeners)
             task_status.started(self.port)
 
@@ -419,6 +467,8 @@ class RelayServer:
             skipped_frames=c.skipped_frames,
             rate_limited_s=c.rate_limited_s,
             forwarded_in=c.forwarded_in,
+            flow_waited_s=c.flow_waited_s,
+            flow_gave_up=c.flow_gave_up,
         )
 
     def _drops(self) -> dict[str, int]:
@@ -427,9 +477,45 @@ class RelayServer:
             drops[reason.value] += self._queue_drops[why]
         return drops
 
-    def count_drop(self, reason: DropReason, n: int = 1) -> None:
-        """Count packets dropped outside the server (the mesh) with the server's drops."""
+    def count_drop(self, reason: DropReason, n: int = 1, *, src: bytes | None = None) -> None:
+        """Count packets dropped outside the server (the mesh) with the server's drops;
+        with ``src``, the key of their sender, who is told if it is a client here."""
         self._c.drops[reason] += n
+        if src is not None:
+            sender = self._clients.get(src)
+            if sender is not None:
+                self._report_drop(sender, reason, n)
+
+    def _report_drop(self, sender: _Client, why: Drop | DropReason, n: int = 1) -> None:
+        """Tell ``sender`` (soon, rate-limited) that ``n`` of its packets were dropped."""
+        code = _DROP_CODES.get(why)
+        if code is None or sender.is_mesh:
+            return
+        sender.drops_unreported[code] += n
+        if sender not in self._drops_unreported:
+            self._drops_unreported[sender] = None
+            self._drops_to_report.set()
+
+    def _on_queue_drop(self, frame: bytes, why: Drop) -> None:
+        """A data queue dropped ``frame``: its sender (a RecvPacket's source) is told."""
+        if frame[0] == _RECV:
+            sender = self._clients.get(frame[5 : 5 + _K])
+            if sender is not None:
+                self._report_drop(sender, why)
+
+    async def _report_drops(self) -> None:
+        """Send PacketsDropped to the senders that lost packets, one report per interval."""
+        interval = self._limits.drop_report_interval_s
+        while True:
+            await self._drops_to_report.wait()
+            self._drops_to_report = trio.Event()
+            senders, self._drops_unreported = self._drops_unreported, {}
+            for sender in senders:
+                for code, n in sender.drops_unreported.items():
+                    frame = wire.PacketsDropped(reason=code, count=min(n, 2**32 - 1))
+                    self._enqueue_ctrl(sender, wire.encode(frame))
+                sender.drops_unreported.clear()
+            await trio.sleep(interval)
 
     def watch_presence(self) -> PresenceQueue:
         """The queue where this server reports its clients' (not mesh peers') presence.
@@ -725,6 +811,8 @@ class RelayServer:
             ),
             FrameQueue(lim.control_queue_frames, lim.max_message_bytes),
         )
+        out.set_flow(lim.flow_high_water, lim.flow_low_water)
+        out.data.on_drop = self._on_queue_drop
         client = _Client(ws, hello, conn.remote, is_mesh=is_mesh, out=out)
         # A client may not send ForwardPacket, so its largest legal frame is a
         # SendPacket: anything longer is refused at its header.
@@ -837,6 +925,9 @@ class RelayServer:
         client.bytes_out = client.messages_out = 0
         c.drops[DropReason.DISCONNECTED] += client.out.data.clear()
         client.out.control.clear()
+        # Readers waiting for its queue to drain stop waiting.
+        client.out.release()
+        self._drops_unreported.pop(client, None)
         if self._clients.get(client.key) is not client:
             return  # replaced: the newer connection owns the key now
         del self._clients[client.key]
@@ -910,6 +1001,7 @@ class RelayServer:
         src_key = client.key
         pack = _HDR.pack
         max_body = _K + wire.MAX_PACKET_BYTES
+        flow_wait = lim.flow_wait_s
         while True:
             msg = await get_message()
             if isinstance(msg, str):
@@ -945,10 +1037,17 @@ class RelayServer:
                 routed = routed_bytes = 0
                 last_key = None
                 dest: _Client | None = None
+                forwarder = self._forwarder
+                # The queues this turn fed, for flow control (once per run of packets).
+                gates: list[Outbox] = []
+                gate: Outbox | None = None
                 for ftype, body in frames:
                     if ftype != _SEND:
                         if ftype == _FWD and client.is_mesh:
-                            self._deliver_forwarded(body)
+                            fed = self._deliver_forwarded(body)
+                            if fed is not gate and fed is not None:
+                                gate = fed
+                                gates.append(fed)
                         else:
                             self._control(client, ftype, body)
                             noop += 1
@@ -960,12 +1059,21 @@ class RelayServer:
                     if dest_key != last_key:
                         last_key = dest_key
                         dest = clients.get(dest_key)
-                        if dest is not None and len(dest.senders) < _MAX_SENDERS_TRACKED:
-                            dest.senders.add(src_key)
+                        if dest is not None:
+                            if len(dest.senders) < _MAX_SENDERS_TRACKED:
+                                dest.senders.add(src_key)
+                            gates.append(dest.out)
+                        elif forwarder is not None:
+                            try:
+                                fed = forwarder.gate(dest_key)
+                            except Exception as exc:
+                                self._forward_failed(exc)
+                                fed = None
+                            if fed is not None:
+                                gates.append(fed)
                     routed += 1
                     routed_bytes += n - _K
                     if dest is None:
-                        forwarder = self._forwarder
                         if forwarder is not None:
                             try:
                                 if forwarder.forward(src_key, dest_key, body[_K:]):
@@ -980,6 +1088,7 @@ class RelayServer:
                     # _enqueue_data, inlined: this runs for every packet.
                     if dest.closing:
                         drops[DropReason.DEST_CLOSING] += 1
+                        self._report_drop(client, DropReason.DEST_CLOSING)
                         continue
                     out = dest.out
                     if out.data.push(pack(_RECV, n) + src_key + body[_K:]):
@@ -991,11 +1100,27 @@ class RelayServer:
                     if pause:
                         self._c.rate_limited_s += pause
                         await trio.sleep(pause)
+                if flow_wait:
+                    for fed in gates:
+                        await self._hold_for(fed, flow_wait)
             if decoder.error is not None:
                 raise decoder.error
             if decoder.skipped_frames:
                 self._c.skipped_frames += decoder.skipped_frames
                 decoder.skipped_frames = 0
+
+    async def _hold_for(self, gate: Outbox, wait_s: float) -> None:
+        """Flow control: while ``gate`` is over its high mark, read nothing more (TCP
+        slows the sender) until its writer took it down to the low mark; give up on it
+        once a whole wait of ``wait_s`` passed with its writer taking nothing."""
+        while gate.pressed() and not gate.stuck():
+            began = trio.current_time()
+            drained = await gate.wait_drained(wait_s)
+            self._c.flow_waited_s += trio.current_time() - began
+            if drained:
+                return
+            if gate.stuck():
+                self._c.flow_gave_up += 1
 
     def _forward_failed(self, exc: Exception) -> None:
         """The forwarder raised: the packet is dropped; the connection and the node go on."""
@@ -1010,8 +1135,11 @@ class RelayServer:
                 exc_info=exc,
             )
 
-    def _deliver_forwarded(self, body: bytes) -> None:
-        """A packet another relay forwarded to a client of ours. Never forwarded again."""
+    def _deliver_forwarded(self, body: bytes) -> Outbox | None:
+        """A packet another relay forwarded to a client of ours. Never forwarded again.
+
+        Returns the queue it went to (for flow control), None if it was dropped.
+        """
         n = len(body)
         if n < 2 * _K or n > 2 * _K + wire.MAX_PACKET_BYTES:
             self._bad_packet(n - _K)
@@ -1019,8 +1147,9 @@ class RelayServer:
         dest = self._clients.get(body[_K : 2 * _K])
         if dest is None or dest.is_mesh:
             self._c.drops[DropReason.MESH_NOT_HERE] += 1
-            return
+            return None
         self._enqueue_data(dest, _HDR.pack(_RECV, n - _K) + body[:_K] + body[2 * _K :])
+        return dest.out
 
     def _enqueue_data(self, dest: _Client, frame: bytes) -> None:
         """Queue a data frame for ``dest``: drop it if dest is closing, else drop the oldest

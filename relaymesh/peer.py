@@ -354,6 +354,12 @@ class Peer:
                 if self.direct_enabled:
                     await self._act(path, path.due(now))
 
+    @property
+    def dropped_by_relay(self) -> dict[str, int]:
+        """Packets of ours the relay said it dropped (PacketsDropped), by reason."""
+        assert self.home is not None
+        return {code.name.lower(): n for code, n in self.home.client.dropped_by_relay.items()}
+
     def statistics(self) -> dict[str, Any]:
         return {
             str(node): {

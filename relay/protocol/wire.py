@@ -39,6 +39,7 @@ type   name            body
 0x13   Pong            the 8 bytes of the Ping it answers
 0x14   Health          UTF-8 text; empty means healthy again
 0x15   Restarting      reconnect in (u32 ms) | try for (u32 ms)
+0x16   PacketsDropped  reason (1 B, :class:`DropCode`) | count (u32)
 =====  ==============  ======================================================
 
 A decoder skips frames of a type it does not know (so new frame types can be
@@ -74,6 +75,7 @@ __all__ = [
     "ClientInfo",
     "ClosePeer",
     "CloseReason",
+    "DropCode",
     "Event",
     "ForwardPacket",
     "FrameDecoder",
@@ -83,6 +85,7 @@ __all__ = [
     "LocalProtocolError",
     "NeedData",
     "NotePreferred",
+    "PacketsDropped",
     "PeerGone",
     "PeerGoneReason",
     "PeerPresent",
@@ -125,6 +128,7 @@ MAX_PREAUTH_MESSAGE_BYTES: Final = 8192
 
 _HEADER = struct.Struct(">BI")
 _RESTARTING = struct.Struct(">II")
+_DROPPED = struct.Struct(">BI")
 
 
 class FrameType(enum.IntEnum):
@@ -144,6 +148,22 @@ class FrameType(enum.IntEnum):
     PONG = 0x13
     HEALTH = 0x14
     RESTARTING = 0x15
+    PACKETS_DROPPED = 0x16
+
+
+class DropCode(enum.IntEnum):
+    """Why a relay dropped packets a client sent (a PacketsDropped frame)."""
+
+    #: A reason this version does not know (a newer relay's).
+    OTHER = 0x00
+    #: The destination's queue at the relay was full (in packets or in bytes).
+    QUEUE_FULL = 0x01
+    #: All queues of the relay together were full.
+    RELAY_QUEUE_FULL = 0x02
+    #: The destination was disconnecting.
+    DEST_CLOSING = 0x03
+    #: The queue of the mesh link towards the destination's relay was full.
+    MESH_QUEUE_FULL = 0x04
 
 
 class PeerGoneReason(enum.IntEnum):
@@ -303,6 +323,12 @@ class Restarting:
     try_for_ms: int
 
 
+@dataclass(**_EV)
+class PacketsDropped:
+    reason: DropCode
+    count: int
+
+
 Event = (
     ServerKey
     | ClientInfo
@@ -320,6 +346,7 @@ Event = (
     | Pong
     | Health
     | Restarting
+    | PacketsDropped
 )
 
 
@@ -395,6 +422,10 @@ def _body(event: Event) -> tuple[FrameType, bytes]:
             if not (0 <= reconnect < 2**32 and 0 <= try_for < 2**32):
                 raise LocalProtocolError("restart times must fit in 32 bits")
             return FrameType.RESTARTING, _RESTARTING.pack(reconnect, try_for)
+        case PacketsDropped(reason=reason, count=count):
+            if not 0 <= count < 2**32:
+                raise LocalProtocolError("a drop count must fit in 32 bits")
+            return FrameType.PACKETS_DROPPED, _DROPPED.pack(reason, count)
     raise LocalProtocolError(f"not a frame event: {event!r}")
 
 
@@ -482,6 +513,15 @@ def decode_body(frame_type: int, body: bytes) -> Event | None:
             _need(ft, body, exact=_RESTARTING.size)
             reconnect, try_for = _RESTARTING.unpack(body)
             return Restarting(reconnect_in_ms=reconnect, try_for_ms=try_for)
+        case FrameType.PACKETS_DROPPED:
+            # Longer bodies: a newer relay's additions, ignored.
+            _need(ft, body, least=_DROPPED.size)
+            code, count = _DROPPED.unpack_from(body)
+            try:
+                drop = DropCode(code)
+            except ValueError:
+                drop = DropCode.OTHER
+            return PacketsDropped(reason=drop, count=count)
     raise AssertionError(ft)  # pragma: no cover - every FrameType has an arm
 
 

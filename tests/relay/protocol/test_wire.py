@@ -52,6 +52,10 @@ TABLE: list[tuple[wire.Event, bytes]] = [
         wire.Restarting(reconnect_in_ms=1500, try_for_ms=60000),
         hdr(0x15, 8) + struct.pack(">II", 1500, 60000),
     ),
+    (
+        wire.PacketsDropped(reason=wire.DropCode.MESH_QUEUE_FULL, count=300),
+        hdr(0x16, 5) + b"\x04" + struct.pack(">I", 300),
+    ),
 ]
 
 
@@ -172,6 +176,7 @@ def test_split_in_slices_gives_the_same_frames_within_the_bounds(
         (FrameType.PONG, b"123456789", CloseReason.BAD_FRAME),
         (FrameType.HEALTH, b"\xff\xfe", CloseReason.BAD_FRAME),
         (FrameType.RESTARTING, b"1234", CloseReason.BAD_FRAME),
+        (FrameType.PACKETS_DROPPED, b"\x01123", CloseReason.BAD_FRAME),
     ],
 )
 def test_malformed_bodies_are_remote_errors(
@@ -201,6 +206,7 @@ def test_malformed_bodies_are_remote_errors(
         wire.Ping(data=b"1"),
         wire.Restarting(reconnect_in_ms=-1, try_for_ms=0),
         wire.Restarting(reconnect_in_ms=0, try_for_ms=2**32),
+        wire.PacketsDropped(reason=wire.DropCode.QUEUE_FULL, count=2**32),
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -252,6 +258,7 @@ events = st.one_of(
     st.builds(wire.Pong, data=ping_data),
     st.builds(wire.Health, problem=st.text(max_size=100)),
     st.builds(wire.Restarting, reconnect_in_ms=u32, try_for_ms=u32),
+    st.builds(wire.PacketsDropped, reason=st.sampled_from(wire.DropCode), count=u32),
 )
 
 
@@ -294,3 +301,11 @@ def test_fuzz_split_never_crashes_otherwise(data: bytes, step: int) -> None:
                 assert len(body) <= 1024
     except RemoteProtocolError as exc:
         assert exc.reason is CloseReason.FRAME_TOO_LARGE
+
+
+def test_packets_dropped_reason_from_a_newer_relay_reads_as_other() -> None:
+    """An unknown reason is OTHER (the count still counts); bytes past the count are ignored."""
+    body = b"\x7f" + struct.pack(">I", 9) + b"later"
+    assert wire.decode_body(FrameType.PACKETS_DROPPED, body) == wire.PacketsDropped(
+        reason=wire.DropCode.OTHER, count=9
+    )

@@ -1,0 +1,152 @@
+"""Flow control: a fast sender is slowed, not dropped; what is still dropped is reported.
+
+Counted, not timed. A sender blasts numbered packets as fast as its client
+queues them to a receiver that reads slowly but steadily (it stops for a
+moment every few dozen packets): every packet must arrive, in order, within
+one relay and across a mesh hop. Without flow control the same run drops
+(the receiver's queue at the relay holds 2 MiB; the run sends many times
+that faster than it is read). A receiver that reads nothing at all must not
+stop the same sender's packets to a healthy receiver; its own drops reach
+the sender in PacketsDropped frames, counted by the SDK.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import trio
+from trio_websocket import open_websocket_url
+
+from coordinator.store import open_memory_store
+from relay.client import RelayClient, client_handshake, open_relay_client
+from relay.config import load_config
+from relay.node import NodeInfo, serve_relay_node
+from relay.protocol import wire
+from relay.protocol.keys import NodeKey, PrivateKey
+from tests.conftest import start_relay, wait_until
+
+SEQ = struct.Struct(">I")
+SIZE = 16 * 1024
+#: 48 MiB: far more than the receiver's queue at the relay and the sockets' buffers hold.
+PACKETS = 3000
+MESH_KEY = b"0123456789abcdef0123456789abcdef"
+
+
+async def blast(sender: RelayClient, dests: list[NodeKey], n: int) -> None:
+    """``n`` numbered packets to each of ``dests`` in turn, as fast as the client queues them."""
+    pad = bytes(SIZE - SEQ.size)
+    for i in range(n):
+        payload = SEQ.pack(i) + pad
+        for dest in dests:
+            await sender.send(dest, payload)
+    await sender.wait_sent()
+
+
+async def drain_slowly(receiver: RelayClient, n: int) -> list[int]:
+    """Sequence numbers received until the last one (``n - 1``), pausing every 32 packets."""
+    got: list[int] = []
+    while not got or got[-1] != n - 1:
+        packet = await receiver.receive()
+        got.append(SEQ.unpack_from(packet.payload)[0])
+        if len(got) % 32 == 0:
+            await trio.sleep(0.002)
+    return got
+
+
+async def test_fast_sender_to_a_slow_receiver_loses_nothing(nursery: trio.Nursery) -> None:
+    server, url = await start_relay(nursery)
+    a, b = PrivateKey.generate(), PrivateKey.generate()
+    async with (
+        open_relay_client(url, a) as sender,
+        open_relay_client(url, b, receive_queue_packets=16) as receiver,
+        trio.open_nursery() as inner,
+    ):
+        inner.start_soon(blast, sender, [b.public], PACKETS)
+        with trio.fail_after(120):
+            got = await drain_slowly(receiver, PACKETS)
+    assert got == list(range(PACKETS))
+    st = server.statistics()
+    assert sum(st.drops.values()) == 0
+    # The receiver was slower: the sender's reader did wait.
+    assert st.flow_waited_s > 0
+    assert sender.statistics().dropped_by_relay == 0
+
+
+async def start_node(nursery: trio.Nursery, store, region: str, name: str) -> NodeInfo:  # type: ignore[no-untyped-def]
+    cfg = load_config(
+        overrides={
+            "relay": {"port": 0, "http_port": 0, "stun_port": 0, "region": region, "name": name},
+            "mesh": {"lease_ttl_s": 2, "keepalive_interval_s": 0.5},
+            "health": {"enabled": False},
+        }
+    )
+    info: NodeInfo = await nursery.start(
+        lambda task_status: serve_relay_node(
+            cfg, store=store, mesh_key=MESH_KEY, task_status=task_status
+        )
+    )
+    return info
+
+
+async def test_fast_sender_to_a_slow_receiver_across_a_mesh_hop_loses_nothing(
+    nursery: trio.Nursery,
+) -> None:
+    async with open_memory_store() as store:
+        eu = await start_node(nursery, store, "eu", "eu-1")
+        us = await start_node(nursery, store, "us", "us-1")
+        assert eu.state is not None and us.state is not None
+        a, b = PrivateKey.generate(), PrivateKey.generate()
+        async with (
+            open_relay_client(eu.ws_url, a) as sender,
+            open_relay_client(us.ws_url, b, receive_queue_packets=16) as receiver,
+        ):
+            with trio.fail_after(10):
+                await wait_until(lambda: eu.state.route(b.public.raw) is not None)
+            async with trio.open_nursery() as inner:
+                inner.start_soon(blast, sender, [b.public], PACKETS)
+                with trio.fail_after(120):
+                    got = await drain_slowly(receiver, PACKETS)
+        assert got == list(range(PACKETS))
+        assert us.server.statistics().forwarded_in == PACKETS
+        for node in (eu, us):
+            assert sum(node.server.statistics().drops.values()) == 0
+        assert eu.mesh is not None
+        assert all(link.drops == 0 for link in eu.mesh.statistics())
+        # Back-pressure crossed the link: the far relay's reader of it waited.
+        assert us.server.statistics().flow_waited_s > 0
+
+
+async def test_a_receiver_that_reads_nothing_does_not_stop_the_senders_other_flows(
+    nursery: trio.Nursery,
+) -> None:
+    server, url = await start_relay(nursery, write_timeout_s=120, drop_report_interval_s=0.05)
+    a, healthy = PrivateKey.generate(), PrivateKey.generate()
+    stuck = PrivateKey.generate()
+    async with (
+        open_relay_client(url, a) as sender,
+        open_relay_client(url, healthy) as receiver,
+        # A connection that completes its handshake and then reads nothing.
+        open_websocket_url(url, subprotocols=["derp"], disconnect_timeout=0.1) as ws,
+    ):
+        await client_handshake(ws, wire.FrameDecoder(), stuck)
+        reported: list[tuple[wire.DropCode, int]] = []
+        sender.on_packets_dropped.append(lambda code, n: reported.append((code, n)))
+        async with trio.open_nursery() as inner:
+            inner.start_soon(blast, sender, [stuck.public, receiver.public_key], PACKETS)
+            with trio.fail_after(120):
+                got = await drain_slowly(receiver, PACKETS)
+        assert got == list(range(PACKETS))
+
+        def dropped() -> int:
+            drops = server.statistics().drops
+            return drops["queue_full"] + drops["queue_bytes_full"]
+
+        # The stuck receiver's packets were dropped, each one reported to their sender.
+        assert dropped() > 0
+        with trio.fail_after(10):
+            await wait_until(lambda: sender.statistics().dropped_by_relay == dropped())
+        assert {code for code, _ in reported} == {wire.DropCode.QUEUE_FULL}
+        assert sum(n for _, n in reported) == dropped()
+        st = server.statistics()
+        assert st.flow_gave_up >= 1
+        assert sum(st.drops.values()) == dropped()
