@@ -116,3 +116,98 @@ async def test_wait_returns_when_something_is_queued(
         nursery.start_soon(producer)
         with trio.fail_after(2.0):
             assert await out.wait(30.0)
+
+
+def flow_outbox() -> Outbox:
+    """Room for 8 frames of 10 bytes; high mark 4 frames, low mark 2; messages of 2 frames."""
+    out = Outbox(FrameQueue(8, 1000), FrameQueue(4, 1000))
+    out.set_flow(0.5, 0.25)
+    return out
+
+
+def test_pressed_from_the_high_mark_in_frames_or_bytes() -> None:
+    out = flow_outbox()
+    for _ in range(3):
+        out.data.push(bytes(10))
+    assert not out.pressed()
+    out.data.push(bytes(10))
+    assert out.pressed()
+    big = Outbox(FrameQueue(100, 100), FrameQueue(4, 1000))
+    big.set_flow(0.5, 0.25)
+    big.data.push(bytes(50))
+    assert big.pressed()
+
+
+async def test_wait_drained_returns_once_the_writer_took_the_queue_to_the_low_mark(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    out = flow_outbox()
+    for _ in range(5):
+        out.data.push(bytes(10))
+    results: list[bool] = []
+
+    async def producer() -> None:
+        results.append(await out.wait_drained(3600))
+
+    nursery.start_soon(producer)
+    await trio.testing.wait_all_tasks_blocked()
+    out.next_message(20)  # 5 -> 3: still over the low mark
+    await trio.testing.wait_all_tasks_blocked()
+    assert results == []
+    out.next_message(20)  # 3 -> 1
+    await trio.testing.wait_all_tasks_blocked()
+    assert results == [True]
+    assert not out.stuck()
+
+
+async def test_a_wait_with_no_message_taken_marks_the_outbox_stuck_until_the_writer_moves(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    out = flow_outbox()
+    for _ in range(6):
+        out.data.push(bytes(10))
+    assert not await out.wait_drained(1.0)
+    assert out.stuck()
+    out.next_message(20)
+    assert not out.stuck()
+    # The writer took a message during this wait but not enough: not stuck.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(out.wait_drained, 1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        out.next_message(10)
+    assert not out.stuck()
+
+
+async def test_release_wakes_the_waiting_producers(nursery: trio.Nursery) -> None:
+    out = flow_outbox()
+    for _ in range(6):
+        out.data.push(bytes(10))
+    woke: list[bool] = []
+
+    async def producer() -> None:
+        woke.append(await out.wait_drained(3600))
+
+    for _ in range(3):
+        nursery.start_soon(producer)
+    await trio.testing.wait_all_tasks_blocked()
+    out.data.clear()
+    out.release()
+    await trio.testing.wait_all_tasks_blocked()
+    assert woke == [True, True, True]
+
+
+def test_on_drop_sees_every_frame_push_drops() -> None:
+    seen: list[tuple[bytes, Drop]] = []
+    q = FrameQueue(2, 30, budget=ByteBudget(35))
+    q.on_drop = lambda frame, why: seen.append((frame, why))
+    for f in (b"a" * 10, b"b" * 10, b"c" * 10, b"d" * 25):
+        q.push(f)
+    assert seen == [
+        (b"a" * 10, Drop.OLDEST_FOR_FRAMES),
+        (b"b" * 10, Drop.OLDEST_FOR_FRAMES),
+        (b"c" * 10, Drop.OLDEST_FOR_BYTES),
+    ]
+    other = FrameQueue(2, 30, budget=q.budget)
+    other.on_drop = lambda frame, why: seen.append((frame, why))
+    assert not other.push(b"e" * 20)
+    assert seen[-1] == (b"e" * 20, Drop.NEW_FOR_BUDGET)
