@@ -68,6 +68,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _HDR = struct.Struct(">BI")
+_LEN = struct.Struct(">I")
 _K = wire.KEY_BYTES
 _PONG_HEADER = wire.frame_header(FrameType.PONG, wire.PING_BYTES)
 #: Pongs (answers to the relay's Pings) queued at most; beyond, a Ping goes unanswered.
@@ -242,6 +243,54 @@ class RelayClient:
             return False
         self._out.poke()
         return True
+
+    def forward_run_nowait(self, src: bytes, dest: bytes, payloads: Sequence[bytes]) -> int:
+        """Queue a run of packets from ``src`` to ``dest`` (mesh links only); how many fit.
+
+        When the relay takes ForwardPackets (its ServerInfo says ``forward_batch``)
+        the run goes in as few of them as the frame limit allows, else as one
+        ForwardPacket each. The packets that did not fit the queue are the last
+        ones of the run. Never blocks: a relay's reader calls this on its hot path.
+        """
+        if self.closed_reason is not None:
+            return 0
+        total = len(payloads)
+        if total == 1 or self.server_info.get("forward_batch") is not True:
+            queued = 0
+            while queued < total and self.forward_nowait(src, dest, payloads[queued]):
+                queued += 1
+            return queued
+        data = self._out.data
+        pack = _LEN.pack
+        limit = wire.MAX_FRAME_BODY
+        queued = 0
+        while queued < total:
+            first = payloads[queued]
+            size = 2 * _K + _LEN.size + len(first)
+            parts = [b"", src, dest, pack(len(first)), first]
+            end = queued + 1
+            while end < total:
+                payload = payloads[end]
+                grown = size + _LEN.size + len(payload)
+                if grown > limit:
+                    break
+                parts += (pack(len(payload)), payload)
+                size = grown
+                end += 1
+            if end == queued + 1:
+                # One packet alone (or one too large for a ForwardPackets of its own).
+                frame = (
+                    _HDR.pack(FrameType.FORWARD_PACKET, 2 * _K + len(first)) + src + dest + first
+                )
+            else:
+                parts[0] = _HDR.pack(FrameType.FORWARD_PACKETS, size)
+                frame = b"".join(parts)
+            if not data.offer(frame):
+                break
+            queued = end
+        if queued:
+            self._out.poke()
+        return queued
 
     def _queue(self, dest: NodeKey, payload: bytes) -> None:
         if self.closed_reason is not None:

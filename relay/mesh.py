@@ -5,8 +5,10 @@ client, proving the shared mesh key with an HMAC over the dialled relay's
 challenge (the key never crosses the wire, and is never logged), and pinning
 the dialled relay's public key from the registry. A link carries
 ForwardPacket frames one way, from dialler to dialled, coalesced like client
-traffic; each relay dials its own links, so a pair of busy relays has one
-link each way.
+traffic; a run of consecutive packets from one sender to one destination goes
+as one ForwardPackets frame (bounded by the frame limit) when the dialled
+relay says in its ServerInfo that it takes them (``forward_batch``); each
+relay dials its own links, so a pair of busy relays has one link each way.
 
 - Links to relays of the same region are kept up all the time (failover
   between them must be instant); links to other regions are opened on first
@@ -78,7 +80,10 @@ class LinkStats:
     url: str
     connected: bool
     connects: int
+    #: Packets handed to this link (each ForwardPacket, and each packet in a ForwardPackets).
     packets_sent: int
+    #: Frames its current connection's writer sent (a ForwardPackets carries a run).
+    frames_sent: int
     queued: int
     eager: bool
     #: Times this relay's link failed and was reopened since the node started.
@@ -97,6 +102,8 @@ class _Link:
     eager: bool = False
     # Written by forward() (queue full) and by the link's task (clients replaced).
     drops: int = 0
+    # Written by forward(): packets queued to this link.
+    packets: int = 0
 
 
 class Mesh:
@@ -134,9 +141,15 @@ class Mesh:
 
     def forward(self, src: bytes, dest: bytes, payload: bytes) -> bool:
         """Send a packet towards the relay that holds ``dest``; False if none is known."""
+        return self.forward_run(src, dest, [payload])
+
+    def forward_run(self, src: bytes, dest: bytes, payloads: list[bytes]) -> bool:
+        """Send consecutive packets from ``src`` to ``dest`` towards the relay that holds
+        ``dest`` (in ForwardPackets frames where the link takes them); False if none is known.
+        """
         record = self._state.route(dest)
         if record is None:
-            return self._forward_to_lost(src, dest, payload)
+            return self._forward_to_lost(src, dest, payloads)
         if record.relay_id == self._me.relay_id:
             return False
         link = self._links.get(record.relay_id)
@@ -144,13 +157,18 @@ class Mesh:
             link = self._open(record, eager=record.region == self._me.region)
             if link is None:
                 return False
-        link.last_used = trio.current_time()
-        if link.client.forward_nowait(src, dest, payload):
-            self.forwarded_out += 1
-        else:
-            link.drops += 1
-            self._server.count_drop(DropReason.MESH_QUEUE_FULL, src=src)
+        self._send(link, src, dest, payloads)
         return True
+
+    def _send(self, link: _Link, src: bytes, dest: bytes, payloads: list[bytes]) -> None:
+        link.last_used = trio.current_time()
+        queued = link.client.forward_run_nowait(src, dest, payloads)
+        self.forwarded_out += queued
+        link.packets += queued
+        lost = len(payloads) - queued
+        if lost:
+            link.drops += lost
+            self._server.count_drop(DropReason.MESH_QUEUE_FULL, lost, src=src)
 
     def gate(self, dest: bytes) -> Outbox | None:
         """The link queue packets for ``dest`` wait in, if a link carries them (flow control)."""
@@ -159,18 +177,13 @@ class Mesh:
         link = self._links.get(relay_id) if relay_id is not None else None
         return link.client.outbox if link is not None else None
 
-    def _forward_to_lost(self, src: bytes, dest: bytes, payload: bytes) -> bool:
-        """A LOST peer's packet goes to its last relay while our link there is up."""
+    def _forward_to_lost(self, src: bytes, dest: bytes, payloads: list[bytes]) -> bool:
+        """A LOST peer's packets go to its last relay while our link there is up."""
         relay_id = self._state.last_relay(dest)
         link = self._links.get(relay_id) if relay_id is not None else None
         if link is None or not link.client.connected:
             return False
-        link.last_used = trio.current_time()
-        if link.client.forward_nowait(src, dest, payload):
-            self.forwarded_out += 1
-        else:
-            link.drops += 1
-            self._server.count_drop(DropReason.MESH_QUEUE_FULL, src=src)
+        self._send(link, src, dest, payloads)
         return True
 
     # ---- links ----------------------------------------------------------------
@@ -186,7 +199,8 @@ class Mesh:
                     url=link.record.ws_url,
                     connected=st.connected,
                     connects=st.connects,
-                    packets_sent=st.packets_sent,
+                    packets_sent=link.packets,
+                    frames_sent=st.packets_sent,
                     queued=st.send_queued,
                     eager=link.eager,
                     failures=self.link_failures.get(link.record.relay_id, 0),

@@ -97,6 +97,7 @@ _HDR = struct.Struct(">BI")
 _RECV = FrameType.RECV_PACKET
 _SEND = FrameType.SEND_PACKET
 _FWD = FrameType.FORWARD_PACKET
+_FWDS = FrameType.FORWARD_PACKETS
 _K = wire.KEY_BYTES
 _PONG_HEADER = wire.frame_header(FrameType.PONG, wire.PING_BYTES)
 #: How long a close handshake may take before the socket is just closed.
@@ -157,6 +158,10 @@ class PacketForwarder(Protocol):
 
         Called on a reader's hot path: it must not block or await.
         """
+        ...
+
+    def forward_run(self, src: bytes, dest: bytes, payloads: list[bytes]) -> bool:
+        """Like :meth:`forward` for consecutive packets from ``src`` to ``dest``."""
         ...
 
     def gate(self, dest: bytes) -> Outbox | None:
@@ -871,6 +876,8 @@ class RelayServer:
                 "rate_burst_bytes": self._burst(),
                 "keepalive_s": lim.keepalive_interval_s,
                 "max_packet_bytes": wire.MAX_PACKET_BYTES,
+                # This relay takes ForwardPackets (runs of packets) from mesh peers.
+                "forward_batch": True,
             }
             # The client may send its first packets as soon as it has ServerInfo, and
             # the WebSocket reader may take them while ServerInfo is still being sent.
@@ -1041,10 +1048,16 @@ class RelayServer:
                 # The queues this turn fed, for flow control (once per run of packets).
                 gates: list[Outbox] = []
                 gate: Outbox | None = None
+                # Consecutive packets for a key on another relay, forwarded as one run.
+                run: list[bytes] = []
                 for ftype, body in frames:
                     if ftype != _SEND:
-                        if ftype == _FWD and client.is_mesh:
-                            fed = self._deliver_forwarded(body)
+                        if ftype in (_FWDS, _FWD) and client.is_mesh:
+                            fed = (
+                                self._deliver_forwarded_run(body)
+                                if ftype == _FWDS
+                                else self._deliver_forwarded(body)
+                            )
                             if fed is not gate and fed is not None:
                                 gate = fed
                                 gates.append(fed)
@@ -1057,30 +1070,22 @@ class RelayServer:
                         self._bad_packet(n)
                     dest_key = body[:_K]
                     if dest_key != last_key:
+                        if run:
+                            assert forwarder is not None and last_key is not None
+                            noop += self._forward_run(client, forwarder, last_key, run, gates)
+                            run = []
                         last_key = dest_key
                         dest = clients.get(dest_key)
                         if dest is not None:
                             if len(dest.senders) < _MAX_SENDERS_TRACKED:
                                 dest.senders.add(src_key)
                             gates.append(dest.out)
-                        elif forwarder is not None:
-                            try:
-                                fed = forwarder.gate(dest_key)
-                            except Exception as exc:
-                                self._forward_failed(exc)
-                                fed = None
-                            if fed is not None:
-                                gates.append(fed)
                     routed += 1
                     routed_bytes += n - _K
                     if dest is None:
                         if forwarder is not None:
-                            try:
-                                if forwarder.forward(src_key, dest_key, body[_K:]):
-                                    continue
-                            except Exception as exc:
-                                self._forward_failed(exc)
-                                continue
+                            run.append(body[_K:])
+                            continue
                         drops[DropReason.UNKNOWN_DEST] += 1
                         self._note_gone(client, dest_key)
                         noop += 1
@@ -1093,6 +1098,9 @@ class RelayServer:
                     out = dest.out
                     if out.data.push(pack(_RECV, n) + src_key + body[_K:]):
                         out.poke()
+                if run:
+                    assert forwarder is not None and last_key is not None
+                    noop += self._forward_run(client, forwarder, last_key, run, gates)
                 client.packets_in += routed
                 client.bytes_in += routed_bytes
                 if noop and noop_bucket is not None:
@@ -1122,9 +1130,32 @@ class RelayServer:
             if gate.stuck():
                 self._c.flow_gave_up += 1
 
-    def _forward_failed(self, exc: Exception) -> None:
-        """The forwarder raised: the packet is dropped; the connection and the node go on."""
-        self._c.drops[DropReason.FORWARD_ERROR] += 1
+    def _forward_run(
+        self,
+        client: _Client,
+        forwarder: PacketForwarder,
+        dest_key: bytes,
+        payloads: list[bytes],
+        gates: list[Outbox],
+    ) -> int:
+        """Hand consecutive packets for a key not here to the forwarder; note the queue
+        they went to in ``gates``. How many delivered nothing (no relay holds the key)."""
+        try:
+            if forwarder.forward_run(client.key, dest_key, payloads):
+                fed = forwarder.gate(dest_key)
+                if fed is not None:
+                    gates.append(fed)
+                return 0
+        except Exception as exc:
+            self._forward_failed(exc, len(payloads))
+            return 0
+        self._c.drops[DropReason.UNKNOWN_DEST] += len(payloads)
+        self._note_gone(client, dest_key)
+        return len(payloads)
+
+    def _forward_failed(self, exc: Exception, n: int = 1) -> None:
+        """The forwarder raised: the packets are dropped; the connection and the node go on."""
+        self._c.drops[DropReason.FORWARD_ERROR] += n
         now = trio.current_time()
         if now - self._forward_error_logged_at >= _FORWARD_ERROR_LOG_INTERVAL_S:
             self._forward_error_logged_at = now
@@ -1149,6 +1180,29 @@ class RelayServer:
             self._c.drops[DropReason.MESH_NOT_HERE] += 1
             return None
         self._enqueue_data(dest, _HDR.pack(_RECV, n - _K) + body[:_K] + body[2 * _K :])
+        return dest.out
+
+    def _deliver_forwarded_run(self, body: bytes) -> Outbox | None:
+        """A ForwardPackets: a run of packets from one source to a client of ours.
+
+        Returns the queue they went to (for flow control), None if they were dropped.
+        """
+        payloads = wire.split_packets(body)
+        count = len(payloads)
+        self._c.forwarded_in += count
+        dest = self._clients.get(body[_K : 2 * _K])
+        if dest is None or dest.is_mesh:
+            self._c.drops[DropReason.MESH_NOT_HERE] += count
+            return None
+        if dest.closing:
+            self._c.drops[DropReason.DEST_CLOSING] += count
+            return None
+        src = body[:_K]
+        pack = _HDR.pack
+        push = dest.out.data.push
+        for payload in payloads:
+            push(pack(_RECV, _K + len(payload)) + src + payload)
+        dest.out.poke()
         return dest.out
 
     def _enqueue_data(self, dest: _Client, frame: bytes) -> None:

@@ -40,6 +40,7 @@ type   name            body
 0x14   Health          UTF-8 text; empty means healthy again
 0x15   Restarting      reconnect in (u32 ms) | try for (u32 ms)
 0x16   PacketsDropped  reason (1 B, :class:`DropCode`) | count (u32)
+0x17   ForwardPackets  source key (32) | dest key (32) | per packet: length (u32) | payload
 =====  ==============  ======================================================
 
 A decoder skips frames of a type it does not know (so new frame types can be
@@ -78,6 +79,7 @@ __all__ = [
     "DropCode",
     "Event",
     "ForwardPacket",
+    "ForwardPackets",
     "FrameDecoder",
     "FrameType",
     "Health",
@@ -102,6 +104,7 @@ __all__ = [
     "decode_body",
     "encode",
     "frame_header",
+    "split_packets",
 ]
 
 PROTOCOL_VERSION: Final = 2
@@ -129,6 +132,7 @@ MAX_PREAUTH_MESSAGE_BYTES: Final = 8192
 _HEADER = struct.Struct(">BI")
 _RESTARTING = struct.Struct(">II")
 _DROPPED = struct.Struct(">BI")
+_LEN = struct.Struct(">I")
 
 
 class FrameType(enum.IntEnum):
@@ -149,6 +153,7 @@ class FrameType(enum.IntEnum):
     HEALTH = 0x14
     RESTARTING = 0x15
     PACKETS_DROPPED = 0x16
+    FORWARD_PACKETS = 0x17
 
 
 class DropCode(enum.IntEnum):
@@ -272,6 +277,15 @@ class ForwardPacket:
 
 
 @dataclass(**_EV)
+class ForwardPackets:
+    """A run of packets from one source to one destination, in one mesh frame."""
+
+    src: bytes
+    dest: bytes
+    payloads: tuple[bytes, ...]
+
+
+@dataclass(**_EV)
 class KeepAlive:
     pass
 
@@ -336,6 +350,7 @@ Event = (
     | SendPacket
     | RecvPacket
     | ForwardPacket
+    | ForwardPackets
     | KeepAlive
     | NotePreferred
     | PeerGone
@@ -422,6 +437,22 @@ def _body(event: Event) -> tuple[FrameType, bytes]:
             if not (0 <= reconnect < 2**32 and 0 <= try_for < 2**32):
                 raise LocalProtocolError("restart times must fit in 32 bits")
             return FrameType.RESTARTING, _RESTARTING.pack(reconnect, try_for)
+        case ForwardPackets(src=src, dest=dest, payloads=payloads):
+            _check_key("src", src)
+            _check_key("dest", dest)
+            if not payloads:
+                raise LocalProtocolError("ForwardPackets carries at least one packet")
+            parts = [src, dest]
+            for payload in payloads:
+                _check_payload(payload)
+                parts += (_LEN.pack(len(payload)), payload)
+            body = b"".join(parts)
+            if len(body) > MAX_FRAME_BODY:
+                raise LocalProtocolError(
+                    f"ForwardPackets body of {len(body)} bytes is over {MAX_FRAME_BODY}",
+                    CloseReason.FRAME_TOO_LARGE,
+                )
+            return FrameType.FORWARD_PACKETS, body
         case PacketsDropped(reason=reason, count=count):
             if not 0 <= count < 2**32:
                 raise LocalProtocolError("a drop count must fit in 32 bits")
@@ -513,6 +544,11 @@ def decode_body(frame_type: int, body: bytes) -> Event | None:
             _need(ft, body, exact=_RESTARTING.size)
             reconnect, try_for = _RESTARTING.unpack(body)
             return Restarting(reconnect_in_ms=reconnect, try_for_ms=try_for)
+        case FrameType.FORWARD_PACKETS:
+            _need(ft, body, least=2 * k + _LEN.size)
+            return ForwardPackets(
+                src=body[:k], dest=body[k : 2 * k], payloads=tuple(split_packets(body))
+            )
         case FrameType.PACKETS_DROPPED:
             # Longer bodies: a newer relay's additions, ignored.
             _need(ft, body, least=_DROPPED.size)
@@ -523,6 +559,27 @@ def decode_body(frame_type: int, body: bytes) -> Event | None:
                 drop = DropCode.OTHER
             return PacketsDropped(reason=drop, count=count)
     raise AssertionError(ft)  # pragma: no cover - every FrameType has an arm
+
+
+def split_packets(body: bytes) -> list[bytes]:
+    """The payloads of a ForwardPackets body (its keys skipped); RemoteProtocolError if
+    the lengths do not fill it exactly or one is over MAX_PACKET_BYTES."""
+    pos = 2 * KEY_BYTES
+    end = len(body)
+    out = []
+    unpack = _LEN.unpack_from
+    while pos < end:
+        if end - pos < _LEN.size:
+            raise RemoteProtocolError("ForwardPackets ends inside a length")
+        (n,) = unpack(body, pos)
+        pos += _LEN.size
+        if n > MAX_PACKET_BYTES or pos + n > end:
+            raise RemoteProtocolError(f"ForwardPackets entry of {n} bytes does not fit")
+        out.append(body[pos : pos + n])
+        pos += n
+    if not out:
+        raise RemoteProtocolError("ForwardPackets carries no packet")
+    return out
 
 
 class FrameDecoder:

@@ -111,7 +111,11 @@ async def test_fast_sender_to_a_slow_receiver_across_a_mesh_hop_loses_nothing(
         for node in (eu, us):
             assert sum(node.server.statistics().drops.values()) == 0
         assert eu.mesh is not None
-        assert all(link.drops == 0 for link in eu.mesh.statistics())
+        [link] = eu.mesh.statistics()
+        assert link.drops == 0
+        # Runs of the sender's packets crossed the link in ForwardPackets frames.
+        assert link.packets_sent == PACKETS
+        assert link.frames_sent < PACKETS
         # Back-pressure crossed the link: the far relay's reader of it waited.
         assert us.server.statistics().flow_waited_s > 0
 
@@ -150,3 +154,51 @@ async def test_a_receiver_that_reads_nothing_does_not_stop_the_senders_other_flo
         st = server.statistics()
         assert st.flow_gave_up >= 1
         assert sum(st.drops.values()) == dropped()
+
+
+def queued_frames(client: RelayClient) -> list[wire.Event]:
+    decoder = wire.FrameDecoder()
+    data = client.outbox.data
+    while data:
+        decoder.receive_data(data.popleft())
+    events = []
+    while (event := decoder.next_event()) is not wire.NEED_DATA:
+        assert not isinstance(event, wire.NeedData)
+        events.append(event)
+    return events
+
+
+def test_a_run_goes_in_forward_packets_frames_below_the_frame_limit() -> None:
+    """Runs are cut so that no ForwardPackets body passes the frame limit; a packet too
+    large to share one goes alone as a ForwardPacket; an older relay gets ForwardPacket only."""
+    link = RelayClient(["ws://127.0.0.1:1/derp"], PrivateKey.generate())
+    src, dest = bytes(range(32)), bytes(range(32, 64))
+    run = [bytes([i]) * 20_000 for i in range(7)] + [bytes(wire.MAX_PACKET_BYTES), b"tail"]
+    assert link.forward_run_nowait(src, dest, run) == len(run)
+    older = queued_frames(link)
+    assert older == [wire.ForwardPacket(src=src, dest=dest, payload=p) for p in run]
+    link.server_info = {"forward_batch": True}
+    assert link.forward_run_nowait(src, dest, run) == len(run)
+    frames = queued_frames(link)
+    assert frames == [
+        wire.ForwardPackets(src=src, dest=dest, payloads=tuple(run[0:3])),
+        wire.ForwardPackets(src=src, dest=dest, payloads=tuple(run[3:6])),
+        wire.ForwardPacket(src=src, dest=dest, payload=run[6]),
+        wire.ForwardPacket(src=src, dest=dest, payload=run[7]),
+        wire.ForwardPacket(src=src, dest=dest, payload=run[8]),
+    ]
+    for frame in frames:
+        assert len(wire.encode(frame)) - wire.HEADER_BYTES <= wire.MAX_FRAME_BODY
+
+
+def test_a_run_that_does_not_fit_the_link_queue_keeps_its_first_packets() -> None:
+    link = RelayClient(["ws://127.0.0.1:1/derp"], PrivateKey.generate(), send_queue_packets=2)
+    link.server_info = {"forward_batch": True}
+    src, dest = bytes(32), bytes(range(32))
+    run = [bytes([i]) * 30_000 for i in range(7)]
+    # Two packets per frame, two frames fit.
+    assert link.forward_run_nowait(src, dest, run) == 4
+    assert queued_frames(link) == [
+        wire.ForwardPackets(src=src, dest=dest, payloads=tuple(run[0:2])),
+        wire.ForwardPackets(src=src, dest=dest, payloads=tuple(run[2:4])),
+    ]

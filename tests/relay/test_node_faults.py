@@ -144,7 +144,7 @@ async def test_presence_consumer_fault_is_retried_and_counted(
 async def test_forwarder_fault_drops_one_packet_and_is_counted(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(Mesh, "forward", fail_once(Mesh.forward))
+    monkeypatch.setattr(Mesh, "forward_run", fail_once(Mesh.forward_run))
     async with open_memory_store() as store:
         eu = await start(nursery, store, "eu-1")
         us = await start(nursery, store, "us-1", region="us")
@@ -154,6 +154,9 @@ async def test_forwarder_fault_drops_one_packet_and_is_counted(
             with trio.fail_after(10):
                 await wait_until(lambda: eu.state.route(b.public.raw) is not None)
             await ca.send(b.public, b"lost")
+            # Packets that arrive together are forwarded as one run: wait for this one's fate.
+            with trio.fail_after(10):
+                await wait_until(lambda: eu.server.statistics().drops["forward_error"] == 1)
             await ca.send(b.public, b"delivered")
             with trio.fail_after(10):
                 assert (await cb.receive()).payload == b"delivered"

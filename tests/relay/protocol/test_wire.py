@@ -53,6 +53,10 @@ TABLE: list[tuple[wire.Event, bytes]] = [
         hdr(0x15, 8) + struct.pack(">II", 1500, 60000),
     ),
     (
+        wire.ForwardPackets(src=A, dest=B, payloads=(b"p", b"", b"qr")),
+        hdr(0x17, 64 + 15) + A + B + b"\0\0\0\1p" + b"\0\0\0\0" + b"\0\0\0\2qr",
+    ),
+    (
         wire.PacketsDropped(reason=wire.DropCode.MESH_QUEUE_FULL, count=300),
         hdr(0x16, 5) + b"\x04" + struct.pack(">I", 300),
     ),
@@ -177,6 +181,9 @@ def test_split_in_slices_gives_the_same_frames_within_the_bounds(
         (FrameType.HEALTH, b"\xff\xfe", CloseReason.BAD_FRAME),
         (FrameType.RESTARTING, b"1234", CloseReason.BAD_FRAME),
         (FrameType.PACKETS_DROPPED, b"\x01123", CloseReason.BAD_FRAME),
+        (FrameType.FORWARD_PACKETS, A + B, CloseReason.BAD_FRAME),
+        (FrameType.FORWARD_PACKETS, A + B + b"\0\0\0\2x", CloseReason.BAD_FRAME),
+        (FrameType.FORWARD_PACKETS, A + B + b"\0\0\0\1x\0\0", CloseReason.BAD_FRAME),
     ],
 )
 def test_malformed_bodies_are_remote_errors(
@@ -207,6 +214,8 @@ def test_malformed_bodies_are_remote_errors(
         wire.Restarting(reconnect_in_ms=-1, try_for_ms=0),
         wire.Restarting(reconnect_in_ms=0, try_for_ms=2**32),
         wire.PacketsDropped(reason=wire.DropCode.QUEUE_FULL, count=2**32),
+        wire.ForwardPackets(src=A, dest=B, payloads=()),
+        wire.ForwardPackets(src=A, dest=B, payloads=(bytes(40_000), bytes(40_000))),
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -258,6 +267,12 @@ events = st.one_of(
     st.builds(wire.Pong, data=ping_data),
     st.builds(wire.Health, problem=st.text(max_size=100)),
     st.builds(wire.Restarting, reconnect_in_ms=u32, try_for_ms=u32),
+    st.builds(
+        wire.ForwardPackets,
+        src=keys,
+        dest=keys,
+        payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=5).map(tuple),
+    ),
     st.builds(wire.PacketsDropped, reason=st.sampled_from(wire.DropCode), count=u32),
 )
 
