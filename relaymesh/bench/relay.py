@@ -277,6 +277,9 @@ async def _relay(args: argparse.Namespace) -> None:
             "relay": {"port": 0},
             "limits": {
                 "send_queue_packets": args.queue,
+                # The queue is bounded by --queue alone, whatever the packet size.
+                "send_queue_bytes": args.queue * (wire.MAX_PACKET_BYTES + 64),
+                "total_queue_bytes": 16 * 1024**3,
                 **json.loads(os.environ.get("RELAYMESH_BENCH_LIMITS", "{}")),
             },
         }
