@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -140,12 +140,7 @@ async def serve_relay_node(
     MemoryStore between the relays of one process).
     """
     key = key or load_node_key(cfg)
-    tokens = (
-        load_tokens(cfg.admission.tokens_file)
-        if cfg.admission.policy == "token" and cfg.admission.tokens_file is not None
-        else frozenset()
-    )
-    server = RelayServer(cfg, key, tokens=tokens, mesh_key=mesh_key)
+    server = RelayServer(cfg, key, tokens=_admission_tokens(cfg), mesh_key=mesh_key)
     host = cfg.relay.listen_host
     configured_map, signing_key = _load_region_map_config(cfg)
     supervisor = Supervisor()
@@ -155,79 +150,17 @@ async def serve_relay_node(
             http_sock = await _listen_tcp(host, cfg.relay.http_port)
         with http_sock:
             async with trio.open_nursery() as nursery:
-
-                def serve_ws(task_status: trio.TaskStatus[int]) -> Any:
-                    # A restart listens on the port the first run got.
-                    port = server.port if server.port is not None else cfg.relay.port
-                    return server.serve(host, port, task_status=task_status)
-
-                async with _binding("WebSocket", host, cfg.relay.port):
-                    ws_port = await supervisor.start(nursery, "websocket", serve_ws)
+                ws_port = await _start_websocket(nursery, supervisor, server, cfg)
                 stun_stats = StunStats()
-                stun_port = 0
-                if cfg.relay.stun:
-                    stun_box = [cfg.relay.stun_port]
-
-                    def run_stun(task_status: trio.TaskStatus[int]) -> Any:
-                        return serve_stun(
-                            host, stun_box[0], stats=stun_stats, task_status=task_status
-                        )
-
-                    async with _binding("STUN, UDP", host, cfg.relay.stun_port):
-                        stun_port = stun_box[0] = await supervisor.start(nursery, "stun", run_stun)
-                ahost = cfg.mesh.advertise_host or _url_host(host)
-                ws_url = f"ws://{ahost}:{ws_port}/derp"
-                http_url = f"http://{ahost}:{http_sock.getsockname()[1]}"
-                me = RelayRecord(
-                    relay_id=cfg.relay.name,
-                    region=cfg.relay.region,
-                    name=cfg.relay.name,
-                    ws_url=ws_url,
-                    http_url=http_url,
-                    public_key=str(key.public),
-                    started_at=time.time(),
-                    version=__version__,
-                    stun=f"{ahost}:{stun_port}" if stun_port else None,
-                )
-                state: MeshState | None = None
-                mesh: Mesh | None = None
-
+                stun_port = await _start_stun(nursery, supervisor, cfg, stun_stats)
+                me = _relay_record(cfg, key, ws_port, http_sock.getsockname()[1], stun_port)
                 async with _store_from_config(cfg) if store is None else _given(store) as the_store:
-                    if the_store is not None:
-                        state = MeshState(
-                            the_store,
-                            me,
-                            prefix=cfg.mesh.prefix,
-                            lease_ttl_s=cfg.mesh.lease_ttl_s,
-                            keepalive_interval_s=cfg.mesh.keepalive_interval_s,
-                            lost_grace_s=cfg.mesh.lost_grace_s,
-                            presence=server.watch_presence(),
-                        )
-                        if mesh_key is not None:
-                            mesh = Mesh(
-                                server,
-                                state,
-                                key,
-                                mesh_key,
-                                link_idle_s=cfg.mesh.link_idle_s,
-                                link_queue_packets=cfg.mesh.link_queue_packets,
-                            )
+                    state, mesh = _shared_state(cfg, the_store, me, server, key, mesh_key)
 
                     def relays() -> list[RelayRecord]:
                         return list(state.relays.values()) if state is not None else [me]
 
-                    monitor = (
-                        MeshMonitor(
-                            cfg.health,
-                            me=lambda: me,
-                            relays=relays,
-                            regions=[r.code for r in configured_map.regions]
-                            if configured_map is not None
-                            else None,
-                        )
-                        if cfg.health.enabled
-                        else None
-                    )
+                    monitor = _mesh_monitor(cfg, me, relays, configured_map)
                     http_stats = HttpStats()
                     app = create_app(
                         cfg,
@@ -246,22 +179,14 @@ async def serve_relay_node(
                     await supervisor.start(
                         nursery, "http", partial(serve_app, app, http_sock, stats=http_stats)
                     )
-                    if state is not None:
-                        await supervisor.start(nursery, "state", state.run)
-                        if mesh is not None:
-                            await supervisor.start(nursery, "mesh", mesh.run)
-                        await supervisor.start(
-                            nursery, "health", partial(_report_health, server, state)
-                        )
-                    if monitor is not None:
-                        await supervisor.start(nursery, "monitor", monitor.run)
+                    await _start_shared_state(nursery, supervisor, server, state, mesh, monitor)
                     info = NodeInfo(
                         relay_id=cfg.relay.name,
                         region=cfg.relay.region,
                         name=cfg.relay.name,
                         public_key=key.public,
-                        ws_url=ws_url,
-                        http_url=http_url,
+                        ws_url=me.ws_url,
+                        http_url=me.http_url,
                         server=server,
                         state=state,
                         mesh=mesh,
@@ -288,6 +213,130 @@ async def serve_relay_node(
             if len(leaves) == 1 and isinstance(leaves[0], Exception):
                 raise leaves[0] from None
         raise
+
+
+def _admission_tokens(cfg: RelayConfig) -> frozenset[str]:
+    if cfg.admission.policy == "token" and cfg.admission.tokens_file is not None:
+        return load_tokens(cfg.admission.tokens_file)
+    return frozenset()
+
+
+async def _start_websocket(
+    nursery: trio.Nursery, supervisor: Supervisor, server: RelayServer, cfg: RelayConfig
+) -> int:
+    """The data plane, supervised; returns the port it accepts on."""
+    host = cfg.relay.listen_host
+
+    def serve_ws(task_status: trio.TaskStatus[int]) -> Any:
+        # A restart listens on the port the first run got.
+        port = server.port if server.port is not None else cfg.relay.port
+        return server.serve(host, port, task_status=task_status)
+
+    async with _binding("WebSocket", host, cfg.relay.port):
+        port: int = await supervisor.start(nursery, "websocket", serve_ws)
+    return port
+
+
+async def _start_stun(
+    nursery: trio.Nursery, supervisor: Supervisor, cfg: RelayConfig, stats: StunStats
+) -> int:
+    """The STUN server, supervised, if configured; returns its port (0: none)."""
+    if not cfg.relay.stun:
+        return 0
+    host = cfg.relay.listen_host
+    stun_box = [cfg.relay.stun_port]
+
+    def run_stun(task_status: trio.TaskStatus[int]) -> Any:
+        return serve_stun(host, stun_box[0], stats=stats, task_status=task_status)
+
+    async with _binding("STUN, UDP", host, cfg.relay.stun_port):
+        stun_box[0] = await supervisor.start(nursery, "stun", run_stun)
+    return stun_box[0]
+
+
+def _relay_record(
+    cfg: RelayConfig, key: PrivateKey, ws_port: int, http_port: int, stun_port: int
+) -> RelayRecord:
+    """This relay as the registry publishes it, with the URLs others reach it by."""
+    ahost = cfg.mesh.advertise_host or _url_host(cfg.relay.listen_host)
+    return RelayRecord(
+        relay_id=cfg.relay.name,
+        region=cfg.relay.region,
+        name=cfg.relay.name,
+        ws_url=f"ws://{ahost}:{ws_port}/derp",
+        http_url=f"http://{ahost}:{http_port}",
+        public_key=str(key.public),
+        started_at=time.time(),
+        version=__version__,
+        stun=f"{ahost}:{stun_port}" if stun_port else None,
+    )
+
+
+def _shared_state(
+    cfg: RelayConfig,
+    store: Store | None,
+    me: RelayRecord,
+    server: RelayServer,
+    key: PrivateKey,
+    mesh_key: bytes | None,
+) -> tuple[MeshState | None, Mesh | None]:
+    """The state over ``store`` (none without one) and, with a mesh key, the mesh."""
+    if store is None:
+        return None, None
+    state = MeshState(
+        store,
+        me,
+        prefix=cfg.mesh.prefix,
+        lease_ttl_s=cfg.mesh.lease_ttl_s,
+        keepalive_interval_s=cfg.mesh.keepalive_interval_s,
+        lost_grace_s=cfg.mesh.lost_grace_s,
+        presence=server.watch_presence(),
+    )
+    if mesh_key is None:
+        return state, None
+    mesh = Mesh(
+        server,
+        state,
+        key,
+        mesh_key,
+        link_idle_s=cfg.mesh.link_idle_s,
+        link_queue_packets=cfg.mesh.link_queue_packets,
+    )
+    return state, mesh
+
+
+def _mesh_monitor(
+    cfg: RelayConfig,
+    me: RelayRecord,
+    relays: Callable[[], list[RelayRecord]],
+    configured_map: RegionMap | None,
+) -> MeshMonitor | None:
+    if not cfg.health.enabled:
+        return None
+    return MeshMonitor(
+        cfg.health,
+        me=lambda: me,
+        relays=relays,
+        regions=[r.code for r in configured_map.regions] if configured_map is not None else None,
+    )
+
+
+async def _start_shared_state(
+    nursery: trio.Nursery,
+    supervisor: Supervisor,
+    server: RelayServer,
+    state: MeshState | None,
+    mesh: Mesh | None,
+    monitor: MeshMonitor | None,
+) -> None:
+    """The components after HTTP, in order: state, mesh, health, monitor."""
+    if state is not None:
+        await supervisor.start(nursery, "state", state.run)
+        if mesh is not None:
+            await supervisor.start(nursery, "mesh", mesh.run)
+        await supervisor.start(nursery, "health", partial(_report_health, server, state))
+    if monitor is not None:
+        await supervisor.start(nursery, "monitor", monitor.run)
 
 
 async def shut_down_node(info: NodeInfo, *, deadline_s: float) -> None:
