@@ -42,13 +42,13 @@ taking the record with it); otherwise it is GONE.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
 
+from relay.protocol.backoff import Backoff
 from relay.protocol.handshake import ClientHello
 from relay.protocol.keys import NodeKey
 
@@ -74,6 +74,10 @@ _DELETE = object()
 
 #: While the store does not answer, it is tested at least this often (seconds).
 _PROBE_S = 0.25
+#: A failed call is retried after a jittered delay: first up to this (seconds) ...
+_RETRY_INITIAL_S = 0.1
+#: ... doubling up to this.
+_RETRY_MAX_S = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -224,7 +228,7 @@ class MeshState:
             task_status.started()
 
     async def _registration_loop(self) -> None:
-        backoff = _Backoff(max_s=_PROBE_S)
+        backoff = Backoff(_RETRY_INITIAL_S, _PROBE_S)
         while True:
             try:
                 lease = await self.store.grant_lease(self._ttl)
@@ -255,7 +259,7 @@ class MeshState:
 
     async def _keep_alive(self, lease: int) -> None:
         """Until the lease is known to be gone (LeaseNotFound propagates)."""
-        backoff = _Backoff(max_s=min(self._keepalive_s, _PROBE_S))
+        backoff = Backoff(_RETRY_INITIAL_S, min(self._keepalive_s, _PROBE_S))
         unreachable = False
         while True:
             if unreachable or self.degraded is not None:
@@ -290,7 +294,7 @@ class MeshState:
             await self._store_back.park()
 
     async def _publisher_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
         while True:
             if not self._dirty or not self.registered:
                 self._dirty_event = trio.Event()
@@ -323,7 +327,7 @@ class MeshState:
                 del self._dirty[key]
 
     async def _sync_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
         while True:
             try:
                 snap = await self.store.get_prefix(self.prefix)
@@ -344,7 +348,7 @@ class MeshState:
             self._resyncs += 1
 
     async def _presence_loop(self, queue: PresenceQueue) -> None:
-        backoff = _Backoff()
+        backoff = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
         failing = ""
         while True:
             change = await queue.get()
@@ -472,20 +476,3 @@ class MeshState:
                 pass  # a wake-up is already pending; it covers this change too
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._relay_watchers.remove(tx)
-
-
-class _Backoff:
-    """Jittered exponential backoff: uniform in [c/2, c], c doubling up to max_s."""
-
-    def __init__(self, initial_s: float = 0.1, max_s: float = 5.0) -> None:
-        self._initial = initial_s
-        self._max = max_s
-        self._n = 0
-
-    def next(self) -> float:
-        cap = min(self._max, self._initial * 2 ** min(self._n, 20))
-        self._n += 1
-        return random.uniform(cap / 2, cap)
-
-    def reset(self) -> None:
-        self._n = 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -43,6 +42,7 @@ from trio_websocket import (
 )
 
 from relay.protocol import wire
+from relay.protocol.backoff import Backoff
 from relay.protocol.handshake import open_server_info, seal_client_info
 from relay.protocol.keys import NodeKey, PrivateKey
 from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
@@ -140,8 +140,7 @@ class RelayClient:
         self._send_cap = send_queue_packets
         self._max_message = max_message_bytes
         self._connect_timeout = connect_timeout_s
-        self._backoff_initial = backoff_initial_s
-        self._backoff_max = backoff_max_s
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         # Written by send()/ping() (any task); drained by the connection's writer.
         self._data: deque[bytes] = deque()
         self._ctrl: deque[bytes] = deque()
@@ -372,8 +371,7 @@ class RelayClient:
             delay = self._restart_hint_s
             self._restart_hint_s = None
             if delay is None:
-                cap = min(self._backoff_max, self._backoff_initial * 2 ** min(attempt, 16))
-                delay = random.uniform(cap / 2, cap)
+                delay = self._backoff.delay(attempt)
             await trio.sleep(delay)
 
     async def _session(self, url: str, task_status: trio.TaskStatus[None] | None) -> None:
