@@ -33,7 +33,6 @@ from __future__ import annotations
 import enum
 import hmac
 import logging
-import struct
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -72,7 +71,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HDR = struct.Struct(">BI")
+_HDR = wire.FRAME_HEADER
 _RECV = FrameType.RECV_PACKET
 _SEND = FrameType.SEND_PACKET
 _FWD = FrameType.FORWARD_PACKET
