@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,7 +167,6 @@ class RelayClient:
         # Written by the reader.
         self.health = ""
         self.peer_gone: dict[NodeKey, wire.PeerGoneReason] = {}
-        self.on_peer_gone: list[Callable[[NodeKey, wire.PeerGoneReason], None]] = []
         self._packets_sent = 0
         self._packets_received = 0
         self._lost_in_flight = 0
@@ -491,10 +490,7 @@ class RelayClient:
                 self._ctrl.append(wire.encode(wire.Pong(data=data)))
                 self._wake.set()
             case wire.PeerGone(peer=peer, reason=reason):
-                key = NodeKey(peer)
-                self.peer_gone[key] = reason
-                for cb in self.on_peer_gone:
-                    cb(key, reason)
+                self.peer_gone[NodeKey(peer)] = reason
             case wire.Health(problem=problem):
                 self.health = problem
             case wire.Restarting(reconnect_in_ms=ms):
