@@ -6,7 +6,6 @@ import contextlib
 
 import trio
 
-from coordinator.peermap import PeerState
 from coordinator.store import open_memory_store
 from relay.client import RelayClosedError, open_relay_client
 from relay.config import load_config
@@ -62,36 +61,6 @@ async def test_clients_on_two_relays_talk_through_the_mesh(nursery: trio.Nursery
         # Clean disconnects delete the records: the peers are GONE, not LOST.
         with trio.fail_after(5):
             await wait_until(lambda: not eu.state.peers and not us.state.peers)
-
-
-async def test_relay_death_marks_its_peers_lost(nursery: trio.Nursery) -> None:
-    async with open_memory_store() as store:
-        eu = await start(nursery, store, "eu", "eu-1")
-        scope = trio.CancelScope()
-        us_box: list[NodeInfo] = []
-
-        async def run_us(*, task_status: trio.TaskStatus[None]) -> None:
-            with scope:
-                async with trio.open_nursery() as inner:
-                    us_box.append(await start(inner, store, "us", "us-1"))
-                    task_status.started()
-                    await trio.sleep_forever()
-
-        await nursery.start(run_us)
-        us = us_box[0]
-        b = PrivateKey.generate()
-        async with open_relay_client(us.ws_url, b):
-            assert eu.state is not None
-            with trio.fail_after(5):
-                await wait_until(lambda: eu.state.route(b.public.raw) is not None)
-            # The relay dies without saying goodbye: its lease keepalives stop.
-            us.state.client_disconnected = lambda key: None  # type: ignore[method-assign]
-            scope.cancel()
-            with trio.fail_after(10):
-                await wait_until(lambda: "us-1" not in eu.state.relays)
-            entry = eu.state.peers[b.public.raw]
-            assert entry.state is PeerState.LOST
-            assert eu.state.route(b.public.raw) is None
 
 
 async def test_lost_lease_means_register_again_and_republish(nursery: trio.Nursery) -> None:
