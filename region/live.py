@@ -3,6 +3,8 @@
 - With a configured map (``[region_map] file``), every configured node is
   listed; ``up`` says whether the registry has it now, and ``public_key``
   comes from its registry record (only a registered node has a key to pin).
+- ``tls`` (the wss:// and https:// schemes) is the configured value, or true
+  when the node's registry record has a ``wss://`` URL.
 - Without one, the map is built from the registry alone: one region per
   region code seen (ids in code order, so they are stable), one node per
   relay. This is what ``relaymesh up`` serves.
@@ -36,11 +38,12 @@ def _node_from_record(rec: RelayRecord) -> RelayNode:
     return RelayNode(
         name=rec.name,
         host=ws.hostname or "127.0.0.1",
-        ws_port=ws.port or 80,
-        http_port=http.port or 80,
+        ws_port=ws.port or (443 if ws.scheme == "wss" else 80),
+        http_port=http.port or (443 if http.scheme == "https" else 80),
         stun_port=stun_port,
         public_key=rec.public_key,
         up=True,
+        tls=ws.scheme == "wss",
     )
 
 
@@ -57,6 +60,10 @@ def live_map(configured: RegionMap | None, relays: Iterable[RelayRecord]) -> Reg
                         update={
                             "up": rec is not None,
                             "public_key": rec.public_key if rec is not None else None,
+                            # A relay that serves TLS says so in its record: never hand
+                            # clients a ws:// URL for a port that only speaks TLS.
+                            "tls": node.tls
+                            or (rec is not None and rec.ws_url.startswith("wss://")),
                         }
                     )
                 )

@@ -76,6 +76,8 @@ class RelayNode(_Frozen):
     public_key: str | None = None
     #: Whether the registry has this node now (served maps only; configs leave it true).
     up: bool = True
+    #: The node serves TLS: clients use wss:// and https:// (and verify its certificate).
+    tls: bool = False
 
     @field_validator("public_key")
     @classmethod
@@ -88,11 +90,11 @@ class RelayNode(_Frozen):
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self._url_host()}:{self.ws_port}/derp"
+        return f"ws{'s' if self.tls else ''}://{self._url_host()}:{self.ws_port}/derp"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._url_host()}:{self.http_port}"
+        return f"http{'s' if self.tls else ''}://{self._url_host()}:{self.http_port}"
 
     def stun_address(self) -> tuple[str, int] | None:
         if not self.stun_port:

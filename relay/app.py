@@ -264,6 +264,7 @@ def _status(
         "stats": {
             "clients": stats.clients,
             "mesh_peers": stats.mesh_peers,
+            "probe_clients": stats.probe_clients,
             "packets_in": stats.packets_in,
             "packets_out": stats.packets_out,
             "bytes_in": stats.bytes_in,

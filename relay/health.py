@@ -9,6 +9,11 @@ directed link matrix with the probes' round trips, etcd health, problems
 with stable codes (docs/health.md), a short event log and ~15 minutes of
 history for the charts.
 
+Failovers come from the peer map, when the caller passes it (``homes``: each
+client key and the relay it is published under): a key whose relay changed
+since the last round moved, and each round's moves become one ``failover``
+event per pair of relays, with the reason the old relay gave (draining, down).
+
 It never reads a clock or a socket: every call takes ``now``. State kept
 between rounds is what turns counters into rates, remembers since when
 something has been as it is, and remembers relays that left the registry (a
@@ -23,7 +28,7 @@ marked so.
 from __future__ import annotations
 
 import statistics
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -118,8 +123,10 @@ class _Relay:
     pps_in: float = 0.0
     pps_out: float = 0.0
     drops_per_s: float = 0.0
-    links_prev: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # Per mesh link: (time, packets sent, drops) at the previous good fetch, and rates.
+    links_prev: dict[str, tuple[float, int, int]] = field(default_factory=dict)
     links_pps: dict[str, float] = field(default_factory=dict)
+    links_dps: dict[str, float] = field(default_factory=dict)
 
 
 class MeshHealth:
@@ -145,16 +152,28 @@ class MeshHealth:
         points = max(2, int(self.t.history_s / self.t.interval_s) + 1)
         self.history: deque[tuple[float, *tuple[float | None, ...]]] = deque(maxlen=points)
         self.doc: dict[str, Any] | None = None
+        #: The relay each client key was last published under, and when it was last seen.
+        self._homes: dict[bytes, tuple[str, float]] = {}
 
     # ---- one round ------------------------------------------------------------
 
     def update(
-        self, now: float, registry: Iterable[RelayRecord], fetches: Mapping[str, Fetch]
+        self,
+        now: float,
+        registry: Iterable[RelayRecord],
+        fetches: Mapping[str, Fetch],
+        homes: Iterable[tuple[bytes, str]] | None = None,
     ) -> dict[str, Any]:
-        """Fold in one round of observations; the new document."""
+        """Fold in one round of observations; the new document.
+
+        ``homes``: every client key of the peer map and the relay it is (or, lost,
+        was last) published under; without it there are no failover events.
+        """
         self._fold_registry(now, registry)
         for relay in self._relays.values():
             self._fold_fetch(now, relay, fetches.get(relay.relay_id))
+        if homes is not None:
+            self._fold_homes(now, homes)
         for rid in [
             rid
             for rid, r in self._relays.items()
@@ -245,10 +264,13 @@ class MeshHealth:
             relay.prev = counters
             for link in doc.get("mesh_links", []):
                 dst, sent = str(link.get("relay_id")), int(link.get("packets_sent", 0))
+                drops = int(link.get("drops", 0))
                 before = relay.links_prev.get(dst)
                 if before is not None and now > before[0]:
-                    relay.links_pps[dst] = max(0, sent - before[1]) / (now - before[0])
-                relay.links_prev[dst] = (now, sent)
+                    dt = now - before[0]
+                    relay.links_pps[dst] = max(0, sent - before[1]) / dt
+                    relay.links_dps[dst] = max(0, drops - before[2]) / dt
+                relay.links_prev[dst] = (now, sent, drops)
             relay.doc, relay.doc_at, relay.error = doc, now, None
         elif fetch is not None:
             relay.error = fetch.error or "no status"
@@ -277,6 +299,30 @@ class MeshHealth:
         if state == "down":
             relay.pps_in = relay.pps_out = relay.drops_per_s = 0.0
             relay.links_pps.clear()
+            relay.links_dps.clear()
+
+    def _fold_homes(self, now: float, homes: Iterable[tuple[bytes, str]]) -> None:
+        """Clients whose relay changed since the last round: one event per pair of relays.
+
+        A key gone from the peer map is remembered for ``forget_after_s``, so a
+        client that comes back on a sibling after a while still counts as moved.
+        """
+        moves: Counter[tuple[str, str]] = Counter()
+        known = self._homes
+        for key, relay_id in homes:
+            before = known.get(key)
+            if before is not None and before[0] != relay_id:
+                moves[(before[0], relay_id)] += 1
+            known[key] = (relay_id, now)
+        for key in [k for k, (_, seen) in known.items() if now - seen > self.t.forget_after_s]:
+            del known[key]
+        for (src, dst), n in sorted(moves.items()):
+            old = self._relays.get(src)
+            why = f" ({src} is {old.state})" if old is not None and old.state != "up" else ""
+            clients = "1 client" if n == 1 else f"{n} clients"
+            self._event(
+                now, "failover", f"{src}>{dst}", f"{clients} moved from {src} to {dst}{why}"
+            )
 
     @staticmethod
     def _why(relay: _Relay, state: str) -> str:
@@ -358,6 +404,10 @@ class MeshHealth:
                         "since": self._since[("link", f"{key[0]}>{key[1]}")],
                         "connected": bool(link.get("connected")) if link else None,
                         "pps": round(src.links_pps.get(dst.relay_id, 0.0), 2) if link else None,
+                        "drops_per_s": round(src.links_dps.get(dst.relay_id, 0.0), 2)
+                        if link
+                        else None,
+                        "drops": int(link.get("drops", 0)) if link else None,
                         "queued": link.get("queued") if link else None,
                         "rtt_ms": probe.get("rtt_ms") if probe and probe.get("ok") else None,
                         "probe_ok": probe.get("ok") if probe else None,

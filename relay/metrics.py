@@ -102,9 +102,18 @@ def _counter(ident: list[str], name: str, doc: str, value: float) -> CounterMetr
 def _traffic(s: RelayStats, ident: list[str]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     """The data plane: connections, packets and bytes, drops and closes by reason."""
     yield _gauge(
-        ident, "relaymesh_clients", "Clients connected now (mesh peers excluded).", s.clients
+        ident,
+        "relaymesh_clients",
+        "Clients connected now (mesh peers and probe clients excluded).",
+        s.clients,
     )
     yield _gauge(ident, "relaymesh_mesh_peers", "Mesh peers connected now.", s.mesh_peers)
+    yield _gauge(
+        ident,
+        "relaymesh_probe_clients",
+        "The mesh health monitors' probe clients connected now (not in relaymesh_clients).",
+        s.probe_clients,
+    )
     yield _counter(
         ident, "relaymesh_accepts", "TCP connections accepted on the WebSocket port.", s.accepts
     )
@@ -166,9 +175,17 @@ def _mesh_links(mesh: Mesh, ident: list[str]) -> Iterator[GaugeMetricFamily | Co
         "Mesh link connected (1) or not.",
         labels=[*_LABELS, "peer"],
     )
+    link_drops = CounterMetricFamily(
+        "relaymesh_mesh_link_drops",
+        "Packets for another relay lost on the mesh link to it (queue full, lost in"
+        " flight, or queued when the link had to be reopened).",
+        labels=[*_LABELS, "peer"],
+    )
     for link in mesh.statistics():
         links.add_metric([*ident, link.relay_id], 1.0 if link.connected else 0.0)
+        link_drops.add_metric([*ident, link.relay_id], link.drops)
     yield links
+    yield link_drops
 
 
 def _restarts(supervisor: Supervisor, ident: list[str]) -> CounterMetricFamily:
@@ -325,12 +342,26 @@ def _mesh_paths(
         "Round trip of the last probe over src → dst → src, as seen here.",
         labels=[*_LABELS, "src", "dst"],
     )
+    link_pps = GaugeMetricFamily(
+        "relaymesh_mesh_path_packets_per_second",
+        "Packets per second src forwards to dst over its mesh link, as seen here.",
+        labels=[*_LABELS, "src", "dst"],
+    )
+    link_drops = GaugeMetricFamily(
+        "relaymesh_mesh_path_drops_per_second",
+        "Packets per second src loses on its mesh link to dst, as seen here.",
+        labels=[*_LABELS, "src", "dst"],
+    )
     for link in doc["links"]:
         pair = [*ident, link["src"], link["dst"]]
         link_up.add_metric(pair, 1.0 if link["state"] == "up" else 0.0)
         if link["rtt_ms"] is not None:
             link_rtt.add_metric(pair, link["rtt_ms"] / 1000)
-    yield from (link_up, link_rtt)
+        if link["pps"] is not None:
+            link_pps.add_metric(pair, link["pps"])
+        if link["drops_per_s"] is not None:
+            link_drops.add_metric(pair, link["drops_per_s"])
+    yield from (link_up, link_rtt, link_pps, link_drops)
 
 
 def _etcd(

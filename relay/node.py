@@ -28,8 +28,9 @@ direct call is the hot path, the mesh's ``forward`` registered with
 from __future__ import annotations
 
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +38,7 @@ from typing import Any
 
 import trio
 from nacl.signing import SigningKey
+from quart_trio import QuartTrio
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
@@ -53,6 +55,7 @@ from .monitor import MeshMonitor
 from .server import RelayServer
 from .stun_server import StunStats, serve_stun
 from .supervisor import Supervisor
+from .tls import ServerTLS, TLSError, client_context
 
 __all__ = ["ListenError", "NodeInfo", "load_node_key", "serve_relay_node", "shut_down_node"]
 
@@ -76,6 +79,8 @@ class NodeInfo:
     supervisor: Supervisor
     stun_port: int = 0
     monitor: MeshMonitor | None = None
+    #: The certificate both ports serve ([tls]); reload() it on SIGHUP.
+    tls: ServerTLS | None = None
 
 
 class ListenError(Exception):
@@ -122,8 +127,33 @@ async def _store_from_config(cfg: RelayConfig) -> AsyncIterator[Store | None]:
         return
     from coordinator.etcd import open_etcd_store
 
-    async with open_etcd_store(cfg.mesh.etcd_endpoints) as store:
+    async with open_etcd_store(cfg.mesh.etcd_endpoints, **_etcd_options(cfg)) as store:
         yield store
+
+
+def _etcd_options(cfg: RelayConfig) -> dict[str, Any]:
+    """TLS and authentication for etcd ([etcd]); the password is read here, never logged."""
+    e = cfg.etcd
+    if any(ep.startswith("https://") for ep in cfg.mesh.etcd_endpoints) and e.ca_file is None:
+        raise ConfigError("[mesh] etcd_endpoints use https://: set [etcd] ca_file")
+    options: dict[str, Any] = {
+        name: str(path)
+        for name, path in (
+            ("ca_file", e.ca_file),
+            ("cert_file", e.cert_file),
+            ("key_file", e.key_file),
+        )
+        if path is not None
+    }
+    if e.user is not None and e.password_file is not None:
+        try:
+            password = e.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{e.password_file}: cannot read the etcd password: {exc.strerror}"
+            ) from None
+        options.update(user=e.user, password=password)
+    return options
 
 
 async def serve_relay_node(
@@ -140,7 +170,8 @@ async def serve_relay_node(
     MemoryStore between the relays of one process).
     """
     key = key or load_node_key(cfg)
-    server = RelayServer(cfg, key, tokens=_admission_tokens(cfg), mesh_key=mesh_key)
+    tls, relay_trust = _load_tls(cfg)
+    server = RelayServer(cfg, key, tokens=_admission_tokens(cfg), mesh_key=mesh_key, tls=tls)
     host = cfg.relay.listen_host
     configured_map, signing_key = _load_region_map_config(cfg)
     supervisor = Supervisor()
@@ -153,14 +184,19 @@ async def serve_relay_node(
                 ws_port = await _start_websocket(nursery, supervisor, server, cfg)
                 stun_stats = StunStats()
                 stun_port = await _start_stun(nursery, supervisor, cfg, stun_stats)
-                me = _relay_record(cfg, key, ws_port, http_sock.getsockname()[1], stun_port)
+                http_port = http_sock.getsockname()[1]
+                me = _relay_record(cfg, key, ws_port, http_port, stun_port, tls=tls is not None)
                 async with _store_from_config(cfg) if store is None else _given(store) as the_store:
-                    state, mesh = _shared_state(cfg, the_store, me, server, key, mesh_key)
+                    state, mesh = _shared_state(
+                        cfg, the_store, me, server, key, mesh_key, relay_trust
+                    )
 
                     def relays() -> list[RelayRecord]:
                         return list(state.relays.values()) if state is not None else [me]
 
-                    monitor = _mesh_monitor(cfg, me, relays, configured_map)
+                    monitor = _mesh_monitor(
+                        cfg, me, relays, configured_map, state, server, relay_trust
+                    )
                     http_stats = HttpStats()
                     app = create_app(
                         cfg,
@@ -176,9 +212,7 @@ async def serve_relay_node(
                         monitor=monitor,
                         mesh_key=mesh_key,
                     )
-                    await supervisor.start(
-                        nursery, "http", partial(serve_app, app, http_sock, stats=http_stats)
-                    )
+                    await _start_http(nursery, supervisor, cfg, app, http_sock, http_stats, tls)
                     await _start_shared_state(nursery, supervisor, server, state, mesh, monitor)
                     info = NodeInfo(
                         relay_id=cfg.relay.name,
@@ -193,6 +227,7 @@ async def serve_relay_node(
                         supervisor=supervisor,
                         stun_port=stun_port,
                         monitor=monitor,
+                        tls=tls,
                     )
                     log.info(
                         "relay %s/%s up: %s %s key %s",
@@ -255,16 +290,17 @@ async def _start_stun(
 
 
 def _relay_record(
-    cfg: RelayConfig, key: PrivateKey, ws_port: int, http_port: int, stun_port: int
+    cfg: RelayConfig, key: PrivateKey, ws_port: int, http_port: int, stun_port: int, *, tls: bool
 ) -> RelayRecord:
     """This relay as the registry publishes it, with the URLs others reach it by."""
     ahost = cfg.mesh.advertise_host or _url_host(cfg.relay.listen_host)
+    s = "s" if tls else ""
     return RelayRecord(
         relay_id=cfg.relay.name,
         region=cfg.relay.region,
         name=cfg.relay.name,
-        ws_url=f"ws://{ahost}:{ws_port}/derp",
-        http_url=f"http://{ahost}:{http_port}",
+        ws_url=f"ws{s}://{ahost}:{ws_port}/derp",
+        http_url=f"http{s}://{ahost}:{http_port}",
         public_key=str(key.public),
         started_at=time.time(),
         version=__version__,
@@ -279,6 +315,7 @@ def _shared_state(
     server: RelayServer,
     key: PrivateKey,
     mesh_key: bytes | None,
+    relay_trust: ssl.SSLContext,
 ) -> tuple[MeshState | None, Mesh | None]:
     """The state over ``store`` (none without one) and, with a mesh key, the mesh."""
     if store is None:
@@ -301,6 +338,7 @@ def _shared_state(
         mesh_key,
         link_idle_s=cfg.mesh.link_idle_s,
         link_queue_packets=cfg.mesh.link_queue_packets,
+        ssl_context=relay_trust,
     )
     return state, mesh
 
@@ -310,15 +348,53 @@ def _mesh_monitor(
     me: RelayRecord,
     relays: Callable[[], list[RelayRecord]],
     configured_map: RegionMap | None,
+    state: MeshState | None,
+    server: RelayServer,
+    relay_trust: ssl.SSLContext,
 ) -> MeshMonitor | None:
     if not cfg.health.enabled:
         return None
+
+    def homes() -> Iterable[tuple[bytes, str]]:
+        # Lost peers keep their last relay: coming back elsewhere is a move.
+        assert state is not None
+        return ((k, e.record.relay_id) for k, e in state.peers.items())
+
     return MeshMonitor(
         cfg.health,
         me=lambda: me,
         relays=relays,
         regions=[r.code for r in configured_map.regions] if configured_map is not None else None,
+        homes=homes if state is not None else None,
+        probe_key=server.probe_key,
+        ssl_context=relay_trust,
     )
+
+
+async def _start_http(
+    nursery: trio.Nursery,
+    supervisor: Supervisor,
+    cfg: RelayConfig,
+    app: QuartTrio,
+    sock: trio.socket.SocketType,
+    stats: HttpStats,
+    tls: ServerTLS | None,
+) -> None:
+    """The HTTP API on the node's own socket and, with TLS, the certificate's reloader."""
+    await supervisor.start(
+        nursery,
+        "http",
+        partial(
+            serve_app,
+            app,
+            sock,
+            stats=stats,
+            tls=tls,
+            tls_handshake_timeout_s=cfg.tls.handshake_timeout_s,
+        ),
+    )
+    if tls is not None and cfg.tls.reload_check_interval_s > 0:
+        await supervisor.start(nursery, "tls", partial(tls.watch, cfg.tls.reload_check_interval_s))
 
 
 async def _start_shared_state(
@@ -383,6 +459,17 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
     return [exc]
+
+
+def _load_tls(cfg: RelayConfig) -> tuple[ServerTLS | None, ssl.SSLContext]:
+    """The certificate to serve ([tls]) and what other relays are verified with ([mesh])."""
+    try:
+        tls = None
+        if cfg.tls.cert_file is not None and cfg.tls.key_file is not None:
+            tls = ServerTLS(cfg.tls.cert_file, cfg.tls.key_file)
+        return tls, client_context(cfg.mesh.ca_file)
+    except TLSError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _load_region_map_config(cfg: RelayConfig) -> tuple[RegionMap | None, SigningKey | None]:

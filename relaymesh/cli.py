@@ -168,14 +168,21 @@ def cmd_relay(args: argparse.Namespace) -> int:
     async def run() -> int:
         # Signals are caught from before the first port is bound: a Ctrl-C that lands
         # while the relay starts (or just after its banner) still stops it cleanly.
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # SIGHUP reloads the TLS certificate (relay/tls.py); it never stops the relay.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             got: list[int] = []
             stop = trio.Event()
+            node: list[NodeInfo] = []
             async with trio.open_nursery() as nursery:
                 starting = trio.CancelScope()
 
                 async def watch() -> None:
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            tls = node[0].tls if node else None
+                            if tls is not None:
+                                tls.reload()
+                            continue
                         got.append(signum)
                         starting.cancel()
                         stop.set()
@@ -184,6 +191,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
                 nursery.start_soon(watch)
                 with starting:
                     info = await _start_node(nursery, cfg, key, mesh_key)
+                    node.append(info)
                 if not got:
                     _relay_banner(args, info, prog)
                     await stop.wait()
@@ -279,6 +287,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 state_file=args.state_file,
                 json=args.json,
                 listen_host=args.listen_host,
+                tls=args.tls,
             )
         )
     except ConfigError as exc:
@@ -287,6 +296,27 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot start the mesh: {exc.strerror or exc}") from None
+
+
+# ---- trust in wss:// and https:// relays -----------------------------------------
+
+
+def _ca_file_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ca-file",
+        type=Path,
+        help="verify wss:// and https:// relays with this CA bundle (PEM) instead of the"
+        " system's (env SSL_CERT_FILE also works)",
+    )
+
+
+def _trust(args: argparse.Namespace) -> Any:
+    from relay.tls import TLSError, client_context
+
+    try:
+        return client_context(args.ca_file)
+    except TLSError as exc:
+        raise UserError(str(exc)) from None
 
 
 # ---- regionmap / netcheck ------------------------------------------------------
@@ -307,7 +337,7 @@ def cmd_regionmap(args: argparse.Namespace) -> int:
     from relaymesh.home import MapFetchError, RegionMapSource
 
     url = _http_base(args.url, "regionmap")
-    source = RegionMapSource(url, verify_key=_verify_key(args.verify_key))
+    source = RegionMapSource(url, verify_key=_verify_key(args.verify_key), ssl_context=_trust(args))
     region_map = _run(source.fetch, MapFetchError)
     if args.json:
         print(json.dumps(region_map.model_dump(mode="json")))
@@ -331,11 +361,12 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
 
     url = _http_base(args.url, "netcheck")
     verify_key = _verify_key(args.verify_key)
+    trust = _trust(args)
 
     async def run() -> Any:
-        source = RegionMapSource(url, verify_key=verify_key)
+        source = RegionMapSource(url, verify_key=verify_key, ssl_context=trust)
         region_map = await source.fetch()
-        return await run_netcheck(region_map, deadline_s=args.deadline)
+        return await run_netcheck(region_map, deadline_s=args.deadline, ssl_context=trust)
 
     report = _run(run, MapFetchError)
     if args.json:
@@ -370,10 +401,11 @@ def cmd_ping(args: argparse.Namespace) -> int:
     url = _http_base(args.url, "ping")
     key = _load_key(args.key_file)
     dest: NodeKey = args.node
+    trust = _trust(args)
 
     async def run() -> int:
         answered = 0
-        async with open_peer(url, key) as peer:
+        async with open_peer(url, key, ssl_context=trust) as peer:
             for seq in range(args.count):
                 if seq:
                     await trio.sleep(args.interval)
@@ -407,11 +439,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
     if len(urls) == 1 and url_kind(urls[0]) == "http":
         return _listen_as_peer(args, key)
     sealer = Sealer(key)
+    trust = _trust(args)
 
     async def run() -> None:
         try:
-            urls = await relay_urls(args.url)
-            async with open_relay_client(urls, key, token=args.token) as client:
+            urls = await relay_urls(args.url, ssl_context=trust)
+            async with open_relay_client(urls, key, token=args.token, ssl_context=trust) as client:
                 if args.json:
                     print(json.dumps({"listening": str(key.public), "url": client.url}), flush=True)
                 else:
@@ -450,8 +483,10 @@ def _listen_as_peer(args: argparse.Namespace, key: PrivateKey) -> int:
     from relaymesh.home import MapFetchError
     from relaymesh.peer import open_peer
 
+    trust = _trust(args)
+
     async def run() -> None:
-        async with open_peer(args.url, key) as peer:
+        async with open_peer(args.url, key, ssl_context=trust) as peer:
             assert peer.home is not None
             where = f"{peer.home.home.region}/{peer.home.home.relay}"
             if args.json:
@@ -486,11 +521,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     except Exception:
         # libsodium refuses a key that is not a point of the curve (all zeros, say).
         raise UserError(f"--to {dest}: not a usable public key (no shared key with it)") from None
+    trust = _trust(args)
 
     async def run() -> None:
         try:
-            urls = await relay_urls(args.url)
-            async with open_relay_client(urls, key, token=args.token) as client:
+            urls = await relay_urls(args.url, ssl_context=trust)
+            async with open_relay_client(urls, key, token=args.token, ssl_context=trust) as client:
                 sent = 0
                 if args.message == "-":
                     # One packet per line, sent as it is read, so a terminal works like a chat.
@@ -537,8 +573,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Exit 0 when healthy, 1 with an error-severity problem (or stale data), 2 unreachable."""
     from .status import fetch_mesh_status, render_status, status_exit_code
 
+    trust = _trust(args)
+
     while True:
-        doc, error = fetch_mesh_status(args.url)
+        doc, error = fetch_mesh_status(args.url, ssl_context=trust)
         if doc is None:
             print(f"relaymesh: error: {args.url}: {error}", file=sys.stderr)
             code = 2
@@ -552,10 +590,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(render_status(doc), flush=True)
         if not args.watch:
             return code
-        try:
-            time.sleep(doc["interval_s"] if doc else 2.0)
-        except KeyboardInterrupt:
-            return code
+        # Ctrl-C here, or in the fetch, ends the watch with 130 (main).
+        time.sleep(doc["interval_s"] if doc else 2.0)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -650,6 +686,11 @@ def _add_up(sub: _Commands) -> None:
         " relay; URL: use that etcd, one process per relay",
     )
     p.add_argument("--listen-host", default="127.0.0.1")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve wss:// and https:// with a CA made for this run (its file is printed)",
+    )
     p.add_argument("--state-file", type=Path, help="also write the relays' URLs here as JSON")
     p.add_argument("--json", action="store_true", help="print the relays' URLs as JSON")
     p.set_defaults(func=cmd_up, default_log="warning")
@@ -679,6 +720,7 @@ def _add_listen_send(sub: _Commands) -> None:
         )
         p.add_argument("--key-file", type=Path, required=True, help="your private key file")
         p.add_argument("--token", help="admission token, if the relay asks for one")
+        _ca_file_option(p)
         p.add_argument("--json", action="store_true", help="print JSON lines")
         if name == "listen":
             p.add_argument("--count", type=int, help="exit after this many messages")
@@ -708,6 +750,7 @@ def _add_regionmap_netcheck(sub: _Commands) -> None:
             help="a relay's HTTP base, e.g. http://127.0.0.1:3341 (it serves the region map)",
         )
         p.add_argument("--verify-key", help="refuse a map not signed by this Ed25519 key (hex)")
+        _ca_file_option(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         if name == "netcheck":
             p.add_argument("--deadline", type=float, default=3.0, help="seconds for all probes")
@@ -729,6 +772,7 @@ def _add_ping(sub: _Commands) -> None:
     p.add_argument("--count", type=int, default=5, help="pings to send (default 5)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between pings")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each pong")
+    _ca_file_option(p)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=cmd_ping)
 
@@ -743,7 +787,10 @@ def _add_status(sub: _Commands) -> None:
     )
     p.add_argument("--url", required=True, help="a relay's HTTP URL, e.g. http://127.0.0.1:3341")
     p.add_argument("--json", action="store_true", help="print the status document as JSON")
-    p.add_argument("--watch", action="store_true", help="redraw every few seconds until Ctrl-C")
+    p.add_argument(
+        "--watch", action="store_true", help="redraw every interval until Ctrl-C (exit status 130)"
+    )
+    _ca_file_option(p)
     p.set_defaults(func=cmd_status)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "EtcdCluster",
     "EtcdMember",
     "EtcdMissing",
+    "EtcdTLS",
     "RelayProc",
     "free_port",
     "spawn_relay",
@@ -86,6 +87,29 @@ def stop_processes(procs: Iterable[subprocess.Popen[Any]], timeout_s: float = 10
 # ---- etcd ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Serve etcd's client port over TLS: etcd's --cert-file, --key-file, --trusted-ca-file.
+
+    With ``client_cert_auth`` (--client-cert-auth) every client needs a certificate
+    signed by ``ca_file``; etcdctl here presents ``cert_file`` (it must allow client auth).
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_auth: bool = True
+
+    def etcd_args(self) -> list[str]:
+        args = ["--cert-file", str(self.cert_file), "--key-file", str(self.key_file)]
+        args += ["--trusted-ca-file", str(self.ca_file)]
+        return args + (["--client-cert-auth"] if self.client_cert_auth else [])
+
+    def etcdctl_args(self) -> list[str]:
+        cert, key = str(self.cert_file), str(self.key_file)
+        return ["--cacert", str(self.ca_file), "--cert", cert, "--key", key]
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -94,12 +118,13 @@ class EtcdMember:
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    scheme: str = "http"
     #: The address it listens on (and is reached at) for clients and peers.
     host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -113,8 +138,15 @@ class EtcdCluster:
     members: list[EtcdMember]
     binary: str
     extra: list[str] = field(default_factory=list)
+    tls: EtcdTLS | None = None
+    #: ``user:password`` for etcdctl, once etcd's auth is enabled.
+    etcdctl_user: str | None = None
     #: Run etcd (and etcdctl) under this command, e.g. ["ip", "netns", "exec", ns].
     prefix: list[str] = field(default_factory=list)
+
+    def _etcdctl_args(self) -> list[str]:
+        args = self.tls.etcdctl_args() if self.tls is not None else []
+        return args + (["--user", self.etcdctl_user] if self.etcdctl_user else [])
 
     @property
     def endpoints(self) -> list[str]:
@@ -149,6 +181,7 @@ class EtcdCluster:
                 "50",
                 "--election-timeout",
                 "500",
+                *(self.tls.etcd_args() if self.tls is not None else []),
                 *self.extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -162,7 +195,15 @@ class EtcdCluster:
             if etcdctl:
                 ok = (
                     subprocess.run(
-                        [*self.prefix, etcdctl, "--endpoints", member.url, "endpoint", "health"],
+                        [
+                            *self.prefix,
+                            etcdctl,
+                            "--endpoints",
+                            member.url,
+                            *self._etcdctl_args(),
+                            "endpoint",
+                            "health",
+                        ],
                         capture_output=True,
                         env={"ETCDCTL_API": "3"},
                     ).returncode
@@ -198,7 +239,14 @@ class EtcdCluster:
         if etcdctl is None:
             raise RuntimeError("etcdctl is not on PATH (Debian package etcd-client)")
         out = subprocess.run(
-            [*self.prefix, etcdctl, "--endpoints", ",".join(self.endpoints), *args],
+            [
+                *self.prefix,
+                etcdctl,
+                "--endpoints",
+                ",".join(self.endpoints),
+                *self._etcdctl_args(),
+                *args,
+            ],
             capture_output=True,
             text=True,
             env={"ETCDCTL_API": "3"},
@@ -207,16 +255,27 @@ class EtcdCluster:
         return out.stdout
 
 
-def start_etcd(workdir: Path, size: int = 1) -> EtcdCluster:
-    """A new etcd cluster of ``size`` members under ``workdir``, healthy when this returns."""
+def start_etcd(workdir: Path, size: int = 1, *, tls: EtcdTLS | None = None) -> EtcdCluster:
+    """A new etcd cluster of ``size`` members under ``workdir``, healthy when this returns.
+
+    With ``tls`` its client URLs are https:// (members talk to each other in the clear,
+    on loopback).
+    """
     binary = shutil.which("etcd")
     if binary is None:
         raise EtcdMissing("the etcd binary is not on PATH (Debian: apt-get install etcd-server)")
     workdir.mkdir(parents=True, exist_ok=True)
     members = [
-        EtcdMember(f"m{i}", free_port(), free_port(), workdir / f"m{i}.etcd") for i in range(size)
+        EtcdMember(
+            f"m{i}",
+            free_port(),
+            free_port(),
+            workdir / f"m{i}.etcd",
+            scheme="https" if tls is not None else "http",
+        )
+        for i in range(size)
     ]
-    cluster = EtcdCluster(members, binary)
+    cluster = EtcdCluster(members, binary, tls=tls)
     try:
         for m in members:
             cluster.start(m)

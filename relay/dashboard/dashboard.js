@@ -116,13 +116,18 @@ function renderMatrix(doc) {
       }
       const l = links.get(`${src}>${dst}`);
       const st = l ? l.state : "unknown";
-      const text = !l ? "" : l.state === "down" ? "down" : l.rtt_ms != null ? num(l.rtt_ms, 1) : "?";
+      const lossy = l && l.drops_per_s > 0;
+      let text = !l ? "" : l.state === "down" ? "down" : l.rtt_ms != null ? num(l.rtt_ms, 1) : "?";
+      if (lossy) text += ` <span class="drops">−${num(l.drops_per_s, l.drops_per_s < 10 ? 1 : 0)}/s</span>`;
       const title = !l ? "no data" : `${src} → ${dst}: ${l.state}` +
         (l.rtt_ms != null ? `, round trip ${num(l.rtt_ms, 2)} ms` : "") +
         (l.pps != null ? `, ${num(l.pps, 1)} pkt/s` : "") +
+        (l.drops_per_s != null ? `, ${num(l.drops_per_s, 1)} drops/s (${num(l.drops)} in all)` : "") +
         (l.probe_error ? `, probe: ${l.probe_error}` : "") + `, since ${ago(l.since)}`;
-      const cls = l && l.rtt_ms != null && l.rtt_ms > slow ? "slow" : "";
-      html += `<td class="${cls}" data-link="${esc(src)}>${esc(dst)}" data-state="${esc(st)}" title="${esc(title)}">${text}</td>`;
+      const cls = lossy ? "lossy" : l && l.rtt_ms != null && l.rtt_ms > slow ? "slow" : "";
+      html += `<td class="${cls}" data-link="${esc(src)}>${esc(dst)}" data-state="${esc(st)}"` +
+        ` data-pps="${l && l.pps != null ? l.pps : ""}" data-drops="${l && l.drops_per_s != null ? l.drops_per_s : ""}"` +
+        ` title="${esc(title)}">${text}</td>`;
     }
     html += "</tr>";
   }

@@ -34,6 +34,8 @@ def status(
     failures: int = 0,
     degraded: str | None = None,
     revision: int = 10,
+    link_drops: int = 0,
+    draining: bool = False,
 ) -> dict[str, Any]:
     """What /api/v1/status says for relay ``rid`` probing itself and ``peers``."""
     return {
@@ -45,7 +47,7 @@ def status(
             "drops": {"queue_full": drops},
             "rate_limited_s": 0.0,
         },
-        "draining": False,
+        "draining": draining,
         "queues": {"data_queued": 0, "data_queued_max": 0},
         "shared_state": {
             "registered": degraded is None,
@@ -54,7 +56,13 @@ def status(
             "revision": revision,
         },
         "mesh_links": [
-            {"relay_id": p, "connected": connected, "packets_sent": packets, "queued": 0}
+            {
+                "relay_id": p,
+                "connected": connected,
+                "packets_sent": packets,
+                "queued": 0,
+                "drops": link_drops,
+            }
             for p in peers
             if p != rid
         ],
@@ -198,6 +206,60 @@ def test_rates_from_counters_and_drops_high() -> None:
     assert all(p["severity"] == "warning" for p in doc["problems"])
     assert doc["healthy"] is True  # warnings only
     assert doc["history"]["pps_in"][-1] == 400.0
+
+
+def test_each_directed_link_has_its_packets_and_drops_per_second() -> None:
+    h, reg = two_relays()
+    h.update(100.0, reg, healthy())
+    fetches = {
+        "eu-1": Fetch(doc=status("eu-1", ["us-1"], packets=300, link_drops=40)),
+        "us-1": Fetch(doc=status("us-1", ["eu-1"], packets=100)),
+    }
+    doc = h.update(102.0, reg, fetches)
+    links = {(x["src"], x["dst"]): x for x in doc["links"]}
+    assert links["eu-1", "us-1"]["pps"] == 150.0 and links["eu-1", "us-1"]["drops_per_s"] == 20.0
+    assert links["eu-1", "us-1"]["drops"] == 40
+    assert links["us-1", "eu-1"]["pps"] == 50.0 and links["us-1", "eu-1"]["drops_per_s"] == 0.0
+    # A relay that restarts starts its counters again: no negative rate, no spike.
+    again = [reg[0], record("us-1", "us", started_at=2.0)]
+    doc = h.update(104.0, again, healthy())
+    assert all(x["drops_per_s"] == 0.0 for x in doc["links"])
+
+
+def test_clients_moving_to_a_sibling_are_a_failover_event() -> None:
+    h = MeshHealth("eu-1", T)
+    reg = [record("eu-1", "eu"), record("us-1", "us"), record("us-2", "us")]
+    ids = ["eu-1", "us-1", "us-2"]
+    a, b, c, d = (bytes([n]) * 32 for n in range(4))
+    homes = [(a, "us-1"), (b, "us-1"), (c, "us-1"), (d, "eu-1")]
+    doc = h.update(100.0, reg, healthy(ids), homes)
+    assert "failover" not in [e["kind"] for e in doc["events"]]  # first sight is no move
+    # us-1 drains: two of its clients are already on us-2, one is between relays.
+    fetches = {**healthy(ids), "us-1": Fetch(doc=status("us-1", ["eu-1", "us-2"], draining=True))}
+    doc = h.update(101.0, reg, fetches, [(a, "us-2"), (b, "us-2"), (d, "eu-1")])
+    failovers = [e for e in doc["events"] if e["kind"] == "failover"]
+    assert failovers == [
+        {
+            "at": 101.0,
+            "kind": "failover",
+            "subject": "us-1>us-2",
+            "message": "2 clients moved from us-1 to us-2 (us-1 is draining)",
+        }
+    ]
+    assert doc["relays"][1]["state"] == "draining"
+    assert ("relay_draining", "us-1") in codes(doc)
+    # The third comes back a round later, elsewhere; nothing that stays put is an event.
+    doc = h.update(102.0, reg, healthy(ids), [(a, "us-2"), (b, "us-2"), (c, "eu-1"), (d, "eu-1")])
+    assert next(e["message"] for e in doc["events"] if e["kind"] == "failover") == (
+        "1 client moved from us-1 to eu-1"
+    )
+    doc = h.update(103.0, reg, healthy(ids), [(a, "us-2"), (b, "us-2"), (c, "eu-1"), (d, "eu-1")])
+    assert len([e for e in doc["events"] if e["kind"] == "failover"]) == 2
+    # A key not seen for forget_after_s is forgotten: its return is not a move.
+    later = 103.0 + T.forget_after_s + 1
+    h.update(later, reg, healthy(ids), [])
+    doc = h.update(later + 1, reg, healthy(ids), [(a, "eu-1")])
+    assert len([e for e in doc["events"] if e["kind"] == "failover"]) == 2
 
 
 def test_revision_lag_against_the_most_advanced_watch() -> None:
