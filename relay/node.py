@@ -47,6 +47,7 @@ from region.model import RegionMap, RegionMapError, load_region_map
 from relay.protocol.keys import NodeKey, PrivateKey, load_or_create_key_file
 
 from . import __version__
+from .addresses import RelayAddresses, relay_addresses
 from .app import create_app
 from .config import ConfigError, RelayConfig, load_tokens
 from .http import HttpStats, serve_app
@@ -79,6 +80,8 @@ class NodeInfo:
     supervisor: Supervisor
     stun_port: int = 0
     monitor: MeshMonitor | None = None
+    #: Where relays and where clients reach this node (relay/addresses.py).
+    addresses: RelayAddresses | None = None
     #: The certificate both ports serve ([tls]); reload() it on SIGHUP.
     tls: ServerTLS | None = None
 
@@ -110,14 +113,6 @@ def load_node_key(cfg: RelayConfig) -> PrivateKey:
     if cfg.relay.key_file is None:
         return PrivateKey.generate()
     return load_or_create_key_file(cfg.relay.key_file)
-
-
-def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 @asynccontextmanager
@@ -184,8 +179,14 @@ async def serve_relay_node(
                 ws_port = await _start_websocket(nursery, supervisor, server, cfg)
                 stun_stats = StunStats()
                 stun_port = await _start_stun(nursery, supervisor, cfg, stun_stats)
-                http_port = http_sock.getsockname()[1]
-                me = _relay_record(cfg, key, ws_port, http_port, stun_port, tls=tls is not None)
+                addr = relay_addresses(
+                    cfg,
+                    ws_port=ws_port,
+                    http_port=http_sock.getsockname()[1],
+                    stun_port=stun_port,
+                    tls=tls is not None,
+                )
+                me = _relay_record(cfg, key, addr)
                 async with _store_from_config(cfg) if store is None else _given(store) as the_store:
                     state, mesh = _shared_state(
                         cfg, the_store, me, server, key, mesh_key, relay_trust
@@ -227,6 +228,7 @@ async def serve_relay_node(
                         supervisor=supervisor,
                         stun_port=stun_port,
                         monitor=monitor,
+                        addresses=addr,
                         tls=tls,
                     )
                     log.info(
@@ -289,22 +291,21 @@ async def _start_stun(
     return stun_box[0]
 
 
-def _relay_record(
-    cfg: RelayConfig, key: PrivateKey, ws_port: int, http_port: int, stun_port: int, *, tls: bool
-) -> RelayRecord:
-    """This relay as the registry publishes it, with the URLs others reach it by."""
-    ahost = cfg.mesh.advertise_host or _url_host(cfg.relay.listen_host)
-    s = "s" if tls else ""
+def _relay_record(cfg: RelayConfig, key: PrivateKey, addr: RelayAddresses) -> RelayRecord:
+    """This relay as the registry publishes it, with the addresses others reach it at."""
     return RelayRecord(
         relay_id=cfg.relay.name,
         region=cfg.relay.region,
         name=cfg.relay.name,
-        ws_url=f"ws{s}://{ahost}:{ws_port}/derp",
-        http_url=f"http{s}://{ahost}:{http_port}",
+        ws_url=addr.ws_url,
+        http_url=addr.http_url,
         public_key=str(key.public),
         started_at=time.time(),
         version=__version__,
-        stun=f"{ahost}:{stun_port}" if stun_port else None,
+        stun=addr.stun,
+        public_ws_url=addr.client_ws_url if addr.public else None,
+        public_http_url=addr.client_http_url if addr.public else None,
+        public_stun=addr.client_stun if addr.public else None,
     )
 
 
