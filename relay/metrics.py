@@ -168,6 +168,28 @@ class RelayCollector(Collector):
         if self._mesh is not None:
             errors.add_metric([*ident, "mesh_link"], sum(self._mesh.link_failures.values()))
         yield errors
+        tls = self._server.tls
+        if tls is not None:
+            t = tls.statistics()
+            yield gauge(
+                "relaymesh_tls_cert_expiry_timestamp_seconds",
+                "When the certificate new connections get expires (its notAfter, Unix time).",
+                t.not_after,
+            )
+            reloads = CounterMetricFamily(
+                "relaymesh_tls_reloads",
+                "Reloads of the certificate and key files (SIGHUP or a file change), by"
+                " result; a failed one keeps the previous certificate.",
+                labels=[*labels, "result"],
+            )
+            reloads.add_metric([*ident, "ok"], t.reloads)
+            reloads.add_metric([*ident, "failed"], t.reload_failures)
+            yield reloads
+            yield gauge(
+                "relaymesh_tls_last_reload_successful",
+                "0 while the latest reload has failed (the previous certificate is served).",
+                1.0 if t.last_reload_ok else 0.0,
+            )
         if self._state is not None:
             st = self._state.statistics()
             yield gauge(
