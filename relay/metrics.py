@@ -269,12 +269,13 @@ class MeshHealthCollector(Collector):
         obs = [*labels, "peer", "peer_region"]
         up = GaugeMetricFamily(
             "relaymesh_mesh_relay_up",
-            "A relay of the mesh is up (1) or not (0; down, stale or draining), as seen here.",
+            "A relay of the mesh is up (1) or not (0; down, stale, draining or left), as seen"
+            " here.",
             labels=obs,
         )
         state = GaugeMetricFamily(
             "relaymesh_mesh_relay_state",
-            "1 for the state each relay is in (up, stale, draining, down), as seen here.",
+            "1 for the state each relay is in (up, stale, draining, down, left), as seen here.",
             labels=[*obs, "state"],
         )
         pps = GaugeMetricFamily(
@@ -290,7 +291,7 @@ class MeshHealthCollector(Collector):
         for r in doc["relays"]:
             who = [*ident, r["relay_id"], r["region"]]
             up.add_metric(who, 1.0 if r["state"] == "up" else 0.0)
-            for name in ("up", "stale", "draining", "down"):
+            for name in ("up", "stale", "draining", "down", "left"):
                 state.add_metric([*who, name], 1.0 if r["state"] == name else 0.0)
             if r["pps_in"] is not None:
                 pps.add_metric([*who, "in"], r["pps_in"])
