@@ -28,6 +28,11 @@ class RelayRecord:
     started_at: float
     version: str
     stun: str | None = None
+    #: Where clients reach the relay, when that is not where relays do (its ``[public]``
+    #: config: a public host, published ports). None: clients use ws_url, http_url, stun.
+    public_ws_url: str | None = None
+    public_http_url: str | None = None
+    public_stun: str | None = None
     #: Set (Unix time) when the relay announced a planned stop: it is draining and will
     #: deregister. A record deleted after this was a departure, not a failure.
     leaving_at: float | None = None

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -103,6 +104,29 @@ class RelayNode(_Frozen):
 
     def _url_host(self) -> str:
         return f"[{self.host}]" if ":" in self.host else self.host
+
+    def with_public_host(self, ws_url: str, http_url: str | None, stun: str | None) -> RelayNode:
+        """This node at the address a relay registered for clients.
+
+        ``ws_url`` and ``http_url`` as the relay advertises them, ``stun`` as
+        ``host:port`` (None: no STUN). The host comes from ``ws_url``; a changed
+        host drops the ``ipv4``/``ipv6`` hints, which described the old one.
+        """
+        ws = urlsplit(ws_url)
+        http = urlsplit(http_url) if http_url else ws
+        host = ws.hostname or self.host
+        tls = ws.scheme == "wss"
+        update: dict[str, Any] = {
+            "host": host,
+            "ws_port": ws.port or (443 if tls else 80),
+            "http_port": http.port or (443 if tls else 80),
+            "stun_port": int(stun.rsplit(":", 1)[1]) if stun else 0,
+            # A relay that serves TLS says so in its URLs; a map that says TLS keeps it.
+            "tls": self.tls or tls,
+        }
+        if host != self.host:
+            update.update(ipv4=None, ipv6=None)
+        return self.model_copy(update=update)
 
 
 class Region(_Frozen):

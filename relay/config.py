@@ -39,6 +39,7 @@ __all__ = [
     "HealthConfig",
     "LimitsConfig",
     "MeshConfig",
+    "PublicConfig",
     "RelayConfig",
     "RelaySection",
     "TLSConfig",
@@ -197,6 +198,31 @@ class RegionMapConfig(_Frozen):
     signing_key_file: Path | None = None
 
 
+class PublicConfig(_Frozen):
+    """Where clients reach this relay, when that differs from where other relays do.
+
+    ``[mesh] advertise_host`` and the listening ports are the mesh address: what
+    other relays, the mesh monitor and Prometheus use inside the network. Behind
+    a NAT, a container runtime's published ports or a load balancer, clients
+    need another address: a public host name or IP and the published ports.
+    The relay registers both; the region map it serves lists the public one.
+    Unset values fall back to the mesh address.
+    """
+
+    #: The host name or IP clients connect to. None: the mesh address's host.
+    host: str | None = Field(None, min_length=1)
+    #: The published WebSocket port. None: the port the relay listens on.
+    ws_port: int | None = Field(None, ge=1, le=65535)
+    #: The published HTTP port. None: the HTTP port the relay listens on.
+    http_port: int | None = Field(None, ge=1, le=65535)
+    #: The published STUN port (UDP). None: the STUN port the relay listens on.
+    stun_port: int | None = Field(None, ge=1, le=65535)
+
+    @property
+    def configured(self) -> bool:
+        return any(v is not None for v in (self.host, self.ws_port, self.http_port, self.stun_port))
+
+
 class HealthConfig(_Frozen):
     """The mesh-wide health view (relay/monitor.py, docs/health.md)."""
 
@@ -227,6 +253,7 @@ class RelayConfig(_Frozen):
     health: HealthConfig = HealthConfig()
     tls: TLSConfig = TLSConfig()
     etcd: EtcdConfig = EtcdConfig()
+    public: PublicConfig = PublicConfig()
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
@@ -234,6 +261,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         ("relay", "key_file"),
         ("admission", "tokens_file"),
         ("mesh", "mesh_key_file"),
+        ("region_map", "file"),
+        ("region_map", "signing_key_file"),
         ("mesh", "ca_file"),
         ("tls", "cert_file"),
         ("tls", "key_file"),

@@ -46,6 +46,7 @@ from region.model import RegionMap, RegionMapError, load_region_map
 from relay.protocol.keys import NodeKey, PrivateKey, load_or_create_key_file
 
 from . import __version__
+from .addresses import RelayAddresses, relay_addresses
 from .app import create_app
 from .config import ConfigError, RelayConfig, load_tokens
 from .http import HttpStats, serve_app
@@ -78,6 +79,8 @@ class NodeInfo:
     supervisor: Supervisor
     stun_port: int = 0
     monitor: MeshMonitor | None = None
+    #: Where relays and where clients reach this node (relay/addresses.py).
+    addresses: RelayAddresses | None = None
     #: The certificate both ports serve ([tls]); reload() it on SIGHUP.
     tls: ServerTLS | None = None
 
@@ -109,14 +112,6 @@ def load_node_key(cfg: RelayConfig) -> PrivateKey:
     if cfg.relay.key_file is None:
         return PrivateKey.generate()
     return load_or_create_key_file(cfg.relay.key_file)
-
-
-def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 @asynccontextmanager
@@ -205,10 +200,14 @@ async def serve_relay_node(
 
                     async with _binding("STUN, UDP", host, cfg.relay.stun_port):
                         stun_port = stun_box[0] = await supervisor.start(nursery, "stun", run_stun)
-                ahost = cfg.mesh.advertise_host or _url_host(host)
-                s = "s" if tls is not None else ""
-                ws_url = f"ws{s}://{ahost}:{ws_port}/derp"
-                http_url = f"http{s}://{ahost}:{http_sock.getsockname()[1]}"
+                addr = relay_addresses(
+                    cfg,
+                    ws_port=ws_port,
+                    http_port=http_sock.getsockname()[1],
+                    stun_port=stun_port,
+                    tls=tls is not None,
+                )
+                ws_url, http_url = addr.ws_url, addr.http_url
                 me = RelayRecord(
                     relay_id=cfg.relay.name,
                     region=cfg.relay.region,
@@ -218,7 +217,10 @@ async def serve_relay_node(
                     public_key=str(key.public),
                     started_at=time.time(),
                     version=__version__,
-                    stun=f"{ahost}:{stun_port}" if stun_port else None,
+                    stun=addr.stun,
+                    public_ws_url=addr.client_ws_url if addr.public else None,
+                    public_http_url=addr.client_http_url if addr.public else None,
+                    public_stun=addr.client_stun if addr.public else None,
                 )
                 state: MeshState | None = None
                 mesh: Mesh | None = None
@@ -322,6 +324,7 @@ async def serve_relay_node(
                         supervisor=supervisor,
                         stun_port=stun_port,
                         monitor=monitor,
+                        addresses=addr,
                         tls=tls,
                     )
                     log.info(

@@ -142,6 +142,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
             "mesh_key_file": str(args.mesh_key_file) if args.mesh_key_file else None,
             "advertise_host": args.advertise_host,
         },
+        "public": {"host": args.public_host},
     }
     try:
         cfg = load_config(args.config, overrides=overrides)
@@ -239,6 +240,11 @@ async def _start_node(
 
 
 def _relay_banner(args: argparse.Namespace, info: NodeInfo, prog: str) -> None:
+    # Clients are told the public address; the mesh address is shown when it differs.
+    addr = info.addresses
+    ws_url = addr.client_ws_url if addr else info.ws_url
+    http_url = addr.client_http_url if addr else info.http_url
+    stun = addr.client_stun if addr else None
     if args.json:
         print(
             json.dumps(
@@ -246,9 +252,12 @@ def _relay_banner(args: argparse.Namespace, info: NodeInfo, prog: str) -> None:
                     "region": info.region,
                     "name": info.name,
                     "public_key": str(info.public_key),
-                    "ws_url": info.ws_url,
-                    "http_url": info.http_url,
+                    "ws_url": ws_url,
+                    "http_url": http_url,
                     "stun_port": info.stun_port,
+                    "stun": stun,
+                    "mesh_ws_url": info.ws_url,
+                    "mesh_http_url": info.http_url,
                 }
             ),
             flush=True,
@@ -256,14 +265,16 @@ def _relay_banner(args: argparse.Namespace, info: NodeInfo, prog: str) -> None:
         return
     print(f"relay {info.region}/{info.name} is up", flush=True)
     print(f"  key       {info.public_key}")
-    print(f"  websocket {info.ws_url}")
-    print(f"  http      {info.http_url}  (/healthz /metrics /api/v1/status /regionmap)")
-    print(f"  stun      udp port {info.stun_port}" if info.stun_port else "  stun      off")
+    print(f"  websocket {ws_url}")
+    print(f"  http      {http_url}  (/healthz /metrics /api/v1/status /regionmap)")
+    print(f"  stun      udp {stun}" if stun else "  stun      off")
+    if ws_url != info.ws_url:
+        print(f"  mesh      {info.ws_url} {info.http_url}  (relays, monitor, Prometheus)")
     print("connect two terminals through it:")
     print(f"  {prog} keygen --out alice.key; {prog} keygen --out bob.key")
-    print(f"  {prog} listen --url {info.ws_url} --key-file bob.key")
+    print(f"  {prog} listen --url {ws_url} --key-file bob.key")
     print(
-        f"  {prog} send --url {info.ws_url} --key-file alice.key --to <bob's key> hello",
+        f"  {prog} send --url {ws_url} --key-file alice.key --to <bob's key> hello",
         flush=True,
     )
 
@@ -402,7 +413,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         answered = 0
-        async with open_peer(url, key, ssl_context=trust) as peer:
+        async with open_peer(url, key, token=args.token, ssl_context=trust) as peer:
             for seq in range(args.count):
                 if seq:
                     await trio.sleep(args.interval)
@@ -483,7 +494,7 @@ def _listen_as_peer(args: argparse.Namespace, key: PrivateKey) -> int:
     trust = _trust(args)
 
     async def run() -> None:
-        async with open_peer(args.url, key, ssl_context=trust) as peer:
+        async with open_peer(args.url, key, token=args.token, ssl_context=trust) as peer:
             assert peer.home is not None
             where = f"{peer.home.home.region}/{peer.home.home.relay}"
             if args.json:
@@ -637,7 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="etcd endpoints of the mesh's shared state (omit: a lone relay)",
     )
     p.add_argument("--mesh-key-file", type=Path, help="file holding the mesh's shared secret")
-    p.add_argument("--advertise-host", help="host others use to reach this relay")
+    p.add_argument("--advertise-host", help="host other relays use to reach this relay")
+    p.add_argument(
+        "--public-host", help="host clients use to reach this relay, if not --advertise-host"
+    )
     p.add_argument("--json", action="store_true", help="print the relay's URLs as JSON")
     p.set_defaults(func=cmd_relay, default_log="info")
 
@@ -745,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", required=True, help="a relay's HTTP URL (its region map)")
     p.add_argument("--key-file", type=Path, required=True, help="your private key file")
     p.add_argument("node", type=_parse_nodekey, metavar="NODEKEY", help="the peer to ping")
+    p.add_argument("--token", help="admission token, if the relays ask for one")
     p.add_argument("--count", type=int, default=5, help="pings to send (default 5)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between pings")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each pong")

@@ -153,6 +153,45 @@ async def test_probe_finds_a_relay_that_accepts_but_does_not_forward(
         assert eu1["probe"]["ok"] is True
 
 
+async def test_probes_are_admitted_where_relays_ask_for_a_token(
+    nursery: trio.Nursery, tmp_path: Any
+) -> None:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("mesh-token\n")
+    async with open_memory_store() as store:
+        infos = []
+        for region, name in (("eu", "eu-1"), ("us", "us-1")):
+            cfg = load_config(
+                overrides={
+                    "relay": {
+                        "port": 0,
+                        "http_port": 0,
+                        "stun_port": 0,
+                        "region": region,
+                        "name": name,
+                    },
+                    "admission": {"policy": "token", "tokens_file": str(tokens)},
+                    "mesh": {"lease_ttl_s": 2, "keepalive_interval_s": 0.5},
+                    "health": {"interval_s": 0.5, "probe_timeout_s": 1.0},
+                }
+            )
+            infos.append(
+                await nursery.start(
+                    lambda task_status, cfg=cfg: serve_relay_node(
+                        cfg, store=store, mesh_key=MESH_KEY, task_status=task_status
+                    )
+                )
+            )
+        doc = await wait_doc(
+            infos[0],
+            lambda doc: (
+                doc["summary"]["relays_up"] == 2
+                and all(r["probe"] and r["probe"]["ok"] for r in doc["relays"])
+            ),
+        )
+        assert doc["problems"] == []
+
+
 async def test_packets_lost_on_one_mesh_link_show_on_that_path_only(nursery: trio.Nursery) -> None:
     async with open_memory_store() as store:
         # A mesh link queue of one packet: a burst across it overflows it.
