@@ -32,6 +32,12 @@ table changed (the mesh) takes :meth:`MeshState.open_relay_updates`, a
 channel of one slot it drains in its own task: a change while a wake-up is
 already pending is covered by that wake-up.
 
+A relay that stops as planned says so first (:meth:`MeshState.announce_leaving`
+rewrites its record with ``leaving_at``); a relay record deleted after such an
+announcement goes to :attr:`MeshState.departed`, so the mesh's health can tell
+a planned stop from a failure even when both changes fell between two of its
+rounds.
+
 A peer record deleted in the same revision as its relay's record (lease
 expiry) is marked LOST for ``lost_grace_s``; any other delete means GONE. A
 peer missing from a new snapshot is LOST if its relay is missing too, or has
@@ -44,7 +50,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -78,6 +84,9 @@ _PROBE_S = 0.25
 _RETRY_INITIAL_S = 0.1
 #: ... doubling up to this.
 _RETRY_MAX_S = 5.0
+
+#: Planned departures remembered (the oldest are forgotten first).
+_DEPARTED_MAX = 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,6 +125,8 @@ class MeshState:
         self._grace_s = lost_grace_s
         # The cache, written only by the sync loop.
         self.relays: dict[str, RelayRecord] = {}
+        #: Relays that announced a planned stop and then left the registry: their last record.
+        self.departed: OrderedDict[str, RelayRecord] = OrderedDict()
         self.peers: dict[bytes, PeerEntry] = {}
         self.revision = 0
         self.synced = False
@@ -192,6 +203,22 @@ class MeshState:
         tx.send_nowait(None)
         self._relay_watchers.append(tx)
         return rx
+
+    async def announce_leaving(self) -> bool:
+        """Mark this relay's record as leaving (a planned stop); True if it was written.
+
+        The record is rewritten under the lease it has, so revoking the lease still
+        removes it. Raises StoreUnavailable or LeaseNotFound if the store will not
+        take it; without registration there is nothing to mark.
+        """
+        if self.me.leaving_at is None:
+            self.me = replace(self.me, leaving_at=time.time())
+        if not self.registered:
+            return False
+        await self.store.put(
+            relay_key(self.prefix, self.me.relay_id), self.me.to_json(), lease=self.lease
+        )
+        return True
 
     # ---- what the relay tells us -------------------------------------------
 
@@ -418,6 +445,11 @@ class MeshState:
                     peers[raw] = old
                 elif registered_at.get(old.record.relay_id, snap.revision + 1) > old.revision:
                     peers[raw] = PeerEntry(old.record, PeerState.LOST, snap.revision, now)
+        for name, old_record in self.relays.items():
+            if name not in relays:
+                self._relay_gone(old_record)
+        for name in relays:
+            self.departed.pop(name, None)
         self.relays = relays
         self.peers = peers
         self.revision = snap.revision
@@ -432,12 +464,16 @@ class MeshState:
                 relays_changed = True
                 if ev.kind is EventKind.DELETE:
                     gone_relays.add(name)
-                    self.relays.pop(name, None)
+                    gone = self.relays.pop(name, None)
+                    if gone is not None:
+                        self._relay_gone(gone)
                 else:
                     try:
                         self.relays[name] = RelayRecord.from_json(ev.value)
                     except (ValueError, TypeError) as exc:
                         log.warning("ignoring malformed %s: %s", ev.key, exc)
+                    else:
+                        self.departed.pop(name, None)
         now = trio.current_time()
         for ev in batch:
             kind, name = self._split(ev.key)
@@ -467,6 +503,15 @@ class MeshState:
             self.revision = max(self.revision, batch[-1].revision)
         if relays_changed:
             self._notify_relays()
+
+    def _relay_gone(self, record: RelayRecord) -> None:
+        """A relay left the registry: remembered if it had announced a planned stop."""
+        if record.leaving_at is None:
+            return
+        self.departed.pop(record.relay_id, None)
+        self.departed[record.relay_id] = record
+        while len(self.departed) > _DEPARTED_MAX:
+            self.departed.popitem(last=False)
 
     def _notify_relays(self) -> None:
         for tx in list(self._relay_watchers):

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .server import DropReason, RelayServer, RelayStats
+from .tls import TLSStats
 
 if TYPE_CHECKING:
     from coordinator.state import MeshState
@@ -59,6 +60,8 @@ class RelayCollector(Collector):
         if self._supervisor is not None:
             yield _restarts(self._supervisor, ident)
         yield self._component_errors(s, ident)
+        if self._server.tls is not None:
+            yield from _tls(self._server.tls.statistics(), ident)
         if self._state is not None:
             yield from _shared_state(self._state, ident)
 
@@ -81,6 +84,30 @@ class RelayCollector(Collector):
         if self._mesh is not None:
             errors.add_metric([*ident, "mesh_link"], sum(self._mesh.link_failures.values()))
         return errors
+
+
+def _tls(t: TLSStats, ident: list[str]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    yield _gauge(
+        ident,
+        "relaymesh_tls_cert_expiry_timestamp_seconds",
+        "When the certificate new connections get expires (its notAfter, Unix time).",
+        t.not_after,
+    )
+    reloads = CounterMetricFamily(
+        "relaymesh_tls_reloads",
+        "Reloads of the certificate and key files (SIGHUP or a file change), by"
+        " result; a failed one keeps the previous certificate.",
+        labels=[*_LABELS, "result"],
+    )
+    reloads.add_metric([*ident, "ok"], t.reloads)
+    reloads.add_metric([*ident, "failed"], t.reload_failures)
+    yield reloads
+    yield _gauge(
+        ident,
+        "relaymesh_tls_last_reload_successful",
+        "0 while the latest reload has failed (the previous certificate is served).",
+        1.0 if t.last_reload_ok else 0.0,
+    )
 
 
 #: Every metric of a relay is labelled with the relay it describes.
@@ -299,12 +326,12 @@ def _mesh_relays(
     obs = [*_LABELS, "peer", "peer_region"]
     up = GaugeMetricFamily(
         "relaymesh_mesh_relay_up",
-        "A relay of the mesh is up (1) or not (0; down, stale or draining), as seen here.",
+        "A relay of the mesh is up (1) or not (0; down, stale, draining or left), as seen here.",
         labels=obs,
     )
     state = GaugeMetricFamily(
         "relaymesh_mesh_relay_state",
-        "1 for the state each relay is in (up, stale, draining, down), as seen here.",
+        "1 for the state each relay is in (up, stale, draining, down, left), as seen here.",
         labels=[*obs, "state"],
     )
     pps = GaugeMetricFamily(
@@ -320,7 +347,7 @@ def _mesh_relays(
     for r in doc["relays"]:
         who = [*ident, r["relay_id"], r["region"]]
         up.add_metric(who, 1.0 if r["state"] == "up" else 0.0)
-        for name in ("up", "stale", "draining", "down"):
+        for name in ("up", "stale", "draining", "down", "left"):
             state.add_metric([*who, name], 1.0 if r["state"] == name else 0.0)
         if r["pps_in"] is not None:
             pps.add_metric([*who, "in"], r["pps_in"])

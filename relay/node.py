@@ -367,6 +367,7 @@ def _mesh_monitor(
         relays=relays,
         regions=[r.code for r in configured_map.regions] if configured_map is not None else None,
         homes=homes if state is not None else None,
+        departed=(lambda: state.departed) if state is not None else None,
         probe_key=server.probe_key,
         ssl_context=relay_trust,
     )
@@ -419,6 +420,8 @@ async def _start_shared_state(
 async def shut_down_node(info: NodeInfo, *, deadline_s: float) -> None:
     """A planned stop, within ``deadline_s``; the caller then cancels the node.
 
+    0. The relay's registry record says it is leaving, so the mesh's health
+       shows the stop as a departure, not as a relay down (docs/health.md).
     1. Every client gets Restarting; those that know other relays move at once,
        while this relay still delivers to them and forwards for them.
     2. The writers of those still here flush; each connection is closed with
@@ -429,11 +432,19 @@ async def shut_down_node(info: NodeInfo, *, deadline_s: float) -> None:
     """
     close_s = min(1.0, deadline_s / 4)
     revoke_s = min(1.0, deadline_s / 4)
+    start = trio.current_time()
     with trio.move_on_after(deadline_s):
-        await info.server.drain(
-            reconnect_in_ms=0, grace_s=deadline_s - close_s - revoke_s, close_s=close_s
-        )
         state = info.state
+        if state is not None:
+            with trio.move_on_after(revoke_s):
+                try:
+                    await state.announce_leaving()
+                except (StoreUnavailable, LeaseNotFound) as exc:
+                    log.info("could not announce the stop (it will look like a failure): %s", exc)
+        spent = trio.current_time() - start
+        await info.server.drain(
+            reconnect_in_ms=0, grace_s=deadline_s - spent - close_s - revoke_s, close_s=close_s
+        )
         if state is not None and state.registered:
             with trio.move_on_after(revoke_s):
                 try:

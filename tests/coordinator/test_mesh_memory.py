@@ -157,3 +157,61 @@ async def test_expired_leases_of_live_relays_cost_no_packets(nursery: trio.Nurse
         assert missing == [], f"{len(missing)} of {sent} lost"
         assert received == list(range(sent))
         assert eu.server.statistics().drops["unknown_dest"] == 0
+
+
+async def test_a_planned_stop_is_remembered_as_a_departure(nursery: trio.Nursery) -> None:
+    from coordinator.registry import RelayRecord
+    from coordinator.state import MeshState
+
+    def record(name: str) -> RelayRecord:
+        return RelayRecord(
+            relay_id=name,
+            region=name.split("-")[0],
+            name=name,
+            ws_url=f"ws://{name}/derp",
+            http_url=f"http://{name}",
+            public_key=str(PrivateKey.generate().public),
+            started_at=1.0,
+            version="test",
+        )
+
+    async with open_memory_store() as store:
+
+        async def run(name: str) -> tuple[MeshState, trio.CancelScope]:
+            state = MeshState(store, record(name), lease_ttl_s=2, keepalive_interval_s=0.5)
+            scope = trio.CancelScope()
+
+            async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+                with scope:
+                    await state.run(task_status=task_status)
+
+            await nursery.start(serve)
+            with trio.fail_after(5):
+                await state.wait_registered()
+            return state, scope
+
+        async def stop(state: MeshState, scope: trio.CancelScope) -> None:
+            scope.cancel()  # first, or its keepalive would register it again
+            await store.revoke(state.lease)
+
+        seen, _ = await run("eu-1")
+        planned, planned_scope = await run("us-1")
+        crashed, crashed_scope = await run("us-2")
+        with trio.fail_after(5):
+            await wait_until(lambda: len(seen.relays) == 3)
+
+        assert await planned.announce_leaving() is True
+        with trio.fail_after(5):
+            await wait_until(lambda: seen.relays["us-1"].leaving_at is not None)
+        await stop(planned, planned_scope)
+        await stop(crashed, crashed_scope)
+        with trio.fail_after(5):
+            await wait_until(lambda: set(seen.relays) == {"eu-1"})
+        assert list(seen.departed) == ["us-1"]
+        assert seen.departed["us-1"].leaving_at == planned.me.leaving_at
+
+        # Back under the same name: no longer a departure.
+        await run("us-1")
+        with trio.fail_after(5):
+            await wait_until(lambda: "us-1" in seen.relays)
+        assert not seen.departed
