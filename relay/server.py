@@ -34,7 +34,6 @@ import enum
 import hmac
 import logging
 import secrets
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -75,7 +74,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HDR = struct.Struct(">BI")
+_HDR = wire.FRAME_HEADER
 _RECV = FrameType.RECV_PACKET
 _SEND = FrameType.SEND_PACKET
 _FWD = FrameType.FORWARD_PACKET

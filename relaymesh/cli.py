@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -40,6 +40,9 @@ from .hints import command_name
 from .urls import UrlError, relay_urls, split_urls, url_kind
 
 __all__ = ["main"]
+
+if TYPE_CHECKING:
+    _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _fail(msg: str, code: int = 1) -> NoReturn:
@@ -627,12 +630,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity (default: info for relay, warning otherwise)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_keygen(sub)
+    _add_relay(sub)
+    _add_up(sub)
+    _add_listen_send(sub)
+    _add_regionmap_netcheck(sub)
+    _add_ping(sub)
+    _add_status(sub)
+    _add_bench(sub)
+    return parser
 
+
+def _add_keygen(sub: _Commands) -> None:
     p = sub.add_parser("keygen", help="make a new node key", description="Make a new node key.")
     p.add_argument("--out", type=Path, help="write the private key to this new file (mode 0600)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_keygen)
 
+
+def _add_relay(sub: _Commands) -> None:
     p = sub.add_parser("relay", help="run a relay node", description="Run a relay node.")
     p.add_argument("--config", type=Path, help="TOML config file (see config/relay.example.toml)")
     p.add_argument("--region", help="region id, e.g. eu")
@@ -655,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the relay's URLs as JSON")
     p.set_defaults(func=cmd_relay, default_log="info")
 
+
+def _add_up(sub: _Commands) -> None:
     p = sub.add_parser(
         "up",
         help="run a whole local multi-region mesh",
@@ -691,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the relays' URLs as JSON")
     p.set_defaults(func=cmd_up, default_log="warning")
 
+
+def _add_listen_send(sub: _Commands) -> None:
     for name, func, helptext in (
         ("listen", cmd_listen, "print the packets that arrive for a key"),
         ("send", cmd_send, "send a message to a node key"),
@@ -729,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("message", help="the message, or - to send each line of stdin")
         p.set_defaults(func=func)
 
+
+def _add_regionmap_netcheck(sub: _Commands) -> None:
     for name, func, helptext in (
         ("regionmap", cmd_regionmap, "show a relay's region map"),
         ("netcheck", cmd_netcheck, "measure the latency to every region"),
@@ -748,6 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--deadline", type=float, default=3.0, help="seconds for all probes")
         p.set_defaults(func=func)
 
+
+def _add_ping(sub: _Commands) -> None:
     p = sub.add_parser(
         "ping",
         help="round trips to a peer, relayed or direct",
@@ -767,6 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=cmd_ping)
 
+
+def _add_status(sub: _Commands) -> None:
     p = sub.add_parser(
         "status",
         help="the mesh's health, problems first",
@@ -782,6 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     _ca_file_option(p)
     p.set_defaults(func=cmd_status)
 
+
+def _add_bench(sub: _Commands) -> None:
     p = sub.add_parser(
         "bench",
         help="measure the relay against a bare byte-copy relay",
@@ -804,7 +832,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
-    return parser
 
 
 def _setup_logging(level: str) -> None:
