@@ -120,13 +120,33 @@ async def _with_transport(args: argparse.Namespace, key: PrivateKey, role: str, 
             max_message_size=4 * 1024 * 1024,
         ) as ws:
             if relay:
-                await client_handshake(ws, wire.FrameDecoder(), key)
+                decoder = wire.FrameDecoder()
+                await client_handshake(ws, decoder, key)
+                await _ping(ws, decoder)
             await body(_WsTransport(ws))
     else:
         stream = await trio.open_tcp_stream("127.0.0.1", args.port)
         async with stream:
             await stream.send_all(f"{role} {args.pair}\n".encode())
             await body(_TcpTransport(stream))
+
+
+async def _ping(ws: Any, decoder: wire.FrameDecoder) -> None:
+    """Ping the relay and wait for its Pong.
+
+    The relay raises a connection's message size limit from the handshake's
+    to the data path's after it has sent ServerInfo; a 64 KiB batch sent at
+    once can reach it before that and be closed as too big (1009). The Pong
+    comes from the relay's read loop, which starts after the raise.
+    """
+    data = os.urandom(wire.PING_BYTES)
+    await ws.send_message(wire.encode(wire.Ping(data=data)))
+    while True:
+        event = decoder.next_event()
+        if isinstance(event, wire.NeedData):
+            decoder.receive_data(await ws.get_message())
+        elif event == wire.Pong(data=data):
+            return
 
 
 # ---- receiver --------------------------------------------------------------
