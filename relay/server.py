@@ -783,8 +783,8 @@ class RelayServer:
                 "keepalive_s": lim.keepalive_interval_s,
                 "max_packet_bytes": wire.MAX_PACKET_BYTES,
             }
-            # The client may send its first packets as soon as it has ServerInfo, and
-            # the WebSocket reader may take them while ServerInfo is still being sent.
+            # Raised before ServerInfo leaves: a client may send full-size messages as soon
+            # as it has read it, and the pre-auth bound holds only until then (PROTOCOL.md).
             ws._max_message_size = lim.max_receive_message_bytes
             await ws.send_message(wire.encode(seal_server_info(self.key, hello.client_key, info)))
             return hello
