@@ -15,6 +15,13 @@ apart, so a store that comes back is usable again within that; etcd3's watch
 thread, which reopens its stream the moment one fails (a busy loop while etcd
 is down), opens one stream per ``_WATCH_REOPEN_S`` at most.
 
+Closing the store first detaches the watches still open: the node closes its
+store while the tasks that watch it are still being cancelled, and a watch
+whose channel is closed under it would otherwise be told so on etcd3's
+thread, whose failing callback etcd3 logs with a traceback, on every clean
+stop. A watch's callback delivers nothing once its consumer has left or the
+store is closing.
+
 TLS and authentication are options: ``ca_file`` (verify etcd's certificate;
 the name checked is the first endpoint's host, not the address gRPC resolved
 it to), ``cert_file``/``key_file`` (a client certificate, for etcd's
@@ -165,9 +172,20 @@ class EtcdStore:
         watcher = self._client.watcher
         watcher._watch_stub = _PacedWatchStub(watcher._watch_stub, _WATCH_REOPEN_S)
         self._etcd3 = etcd3
+        #: Watches open now (etcd3's ids); aclose() detaches them before the channel goes.
+        self._watches: set[int] = set()
+        self._closing = False
 
     async def aclose(self) -> None:
+        self._closing = True
         watcher = self._client.watcher
+        with watcher._lock:
+            # The channel is about to close, and each stream with it: forget the callbacks
+            # (no cancel request, whose queue may be full with etcd away), so that the
+            # stream's end is reported to nobody.
+            for watch_id in self._watches:
+                watcher._callbacks.pop(watch_id, None)
+        self._watches.clear()
         if watcher._callback_thread is not None:
             # etcd3's watch thread loops for ever and dies with an error once the
             # channel is closed under it. Park it on a stub that never answers, and
@@ -299,10 +317,13 @@ class EtcdStore:
             except trio.WouldBlock:
                 broken = True
                 send.close()
-            except trio.ClosedResourceError:
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                # The consumer left (its receive side is closed): nobody to tell.
                 broken = True
 
         def callback(resp: Any) -> None:  # on etcd3's thread
+            if broken or self._closing:
+                return  # a watch being cancelled, or a store being closed: expected
             if isinstance(resp, Exception):
                 batch: WatchBatch = WatchBroken(f"watch ended: {resp}")
             else:
@@ -333,17 +354,21 @@ class EtcdStore:
             watch_id = await self._call(add)
         except exc_mod.RevisionCompactedError as exc:
             raise Compacted(exc.compacted_revision) from None
+        self._watches.add(watch_id)
         try:
-            async with receive:
-                yield receive
+            yield receive
         finally:
+            # Before the receive side closes: a batch on its way is then dropped quietly.
             broken = True
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(self._timeout_s),
-                suppress(StoreUnavailable),
-            ):
-                await self._call(self._client.cancel_watch, watch_id)
+            receive.close()
+            if watch_id in self._watches:
+                self._watches.discard(watch_id)
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(self._timeout_s),
+                    suppress(StoreUnavailable),
+                ):
+                    await self._call(self._client.cancel_watch, watch_id)
 
 
 @asynccontextmanager

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import ssl
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ from trio_websocket import (
 )
 
 from relay.protocol import wire
+from relay.protocol.backoff import Backoff
 from relay.protocol.handshake import open_server_info, seal_client_info
 from relay.protocol.keys import NodeKey, PrivateKey
 from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
@@ -67,7 +67,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HDR = struct.Struct(">BI")
+_HDR = wire.FRAME_HEADER
 _LEN = struct.Struct(">I")
 _K = wire.KEY_BYTES
 _PONG_HEADER = wire.frame_header(FrameType.PONG, wire.PING_BYTES)
@@ -156,8 +156,7 @@ class RelayClient:
         self._preferred = preferred
         self._max_message = max_message_bytes
         self._connect_timeout = connect_timeout_s
-        self._backoff_initial = backoff_initial_s
-        self._backoff_max = backoff_max_s
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         #: What wss:// relays are verified with (None: the system's trust store).
         self._ssl_context = ssl_context
         # Written by send()/ping() (any task); drained by the connection's writer.
@@ -192,8 +191,6 @@ class RelayClient:
         self.peer_gone: dict[NodeKey, wire.PeerGoneReason] = {}
         #: Packets of ours the relay reported dropped (PacketsDropped), by reason.
         self.dropped_by_relay: dict[wire.DropCode, int] = {}
-        self.on_packets_dropped: list[Callable[[wire.DropCode, int], None]] = []
-        self.on_peer_gone: list[Callable[[NodeKey, wire.PeerGoneReason], None]] = []
         self._packets_sent = 0
         self._packets_received = 0
         self._lost_in_flight = 0
@@ -454,8 +451,7 @@ class RelayClient:
             delay = self._restart_hint_s
             self._restart_hint_s = None
             if delay is None:
-                cap = min(self._backoff_max, self._backoff_initial * 2 ** min(attempt, 16))
-                delay = random.uniform(cap / 2, cap)
+                delay = self._backoff.delay(attempt)
             await trio.sleep(delay)
 
     async def _session(self, url: str, task_status: trio.TaskStatus[None] | None) -> None:
@@ -582,16 +578,11 @@ class RelayClient:
                 if self._out.control.offer(_PONG_HEADER + data):
                     self._out.poke()
             case wire.PeerGone(peer=peer, reason=reason):
-                key = NodeKey(peer)
-                self.peer_gone[key] = reason
-                for cb in self.on_peer_gone:
-                    cb(key, reason)
+                self.peer_gone[NodeKey(peer)] = reason
             case wire.Health(problem=problem):
                 self.health = problem
             case wire.PacketsDropped(reason=reason, count=count):
                 self.dropped_by_relay[reason] = self.dropped_by_relay.get(reason, 0) + count
-                for drop_cb in self.on_packets_dropped:
-                    drop_cb(reason, count)
             case wire.Restarting(reconnect_in_ms=ms):
                 if len(self.urls) > 1 and self.url in self.urls:
                     # A planned restart: move to the next relay now instead of waiting

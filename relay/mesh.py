@@ -54,12 +54,12 @@ import trio
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
+from relay.protocol.backoff import Backoff
 from relay.protocol.keys import NodeKey, PrivateKey
 
 from .client import RelayClient, RelayClosedError
 from .queue import Outbox
 from .server import DropReason, RelayServer
-from .supervisor import Backoff
 
 __all__ = ["LinkStats", "Mesh"]
 

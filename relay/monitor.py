@@ -29,7 +29,7 @@ import os
 import ssl
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,10 +309,12 @@ class MeshMonitor:
         relays: Callable[[], list[RelayRecord]],
         regions: list[str] | None = None,
         homes: Callable[[], Iterable[tuple[bytes, str]]] | None = None,
+        departed: Callable[[], Collection[str]] | None = None,
         probe_key: bytes | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """``homes``: the peer map's client keys and their relays (see MeshHealth.update);
+        """``homes``: the peer map's client keys and their relays, ``departed``: the
+        relays that left after announcing a planned stop (see MeshHealth.update);
         ``probe_key``: see :class:`Prober`."""
         self.cfg = cfg
         #: What wss:// and https:// relays are verified with (None: the system's store).
@@ -320,6 +322,7 @@ class MeshMonitor:
         self._me = me
         self._relays = relays
         self._homes = homes
+        self._departed = departed
         interval = cfg.interval_s
         self.thresholds = HealthThresholds(
             interval_s=interval,
@@ -382,7 +385,11 @@ class MeshMonitor:
             for record in registry:
                 nursery.start_soon(fetch, record)
         self.health.update(
-            time.time(), registry, fetches, self._homes() if self._homes is not None else None
+            time.time(),
+            registry,
+            fetches,
+            self._homes() if self._homes is not None else None,
+            departed=self._departed() if self._departed is not None else (),
         )
 
 

@@ -146,6 +146,21 @@ class FrameQueue:
         counted as :attr:`Drop.NEW_FOR_BUDGET`).
         """
         n = len(frame)
+        budget = self.budget
+        # The common case first, in one test: this runs for every packet a relay routes.
+        if (
+            len(self._frames) < self.max_frames
+            and self.bytes + n <= self.max_bytes
+            and (budget is None or budget.used + n <= budget.limit)
+        ):
+            self._frames.append(frame)
+            self.bytes += n
+            if budget is not None:
+                budget.used += n
+            return True
+        return self._push_dropping(frame, n)
+
+    def _push_dropping(self, frame: bytes, n: int) -> bool:
         q = self._frames
         on_drop = self.on_drop
         if len(q) >= self.max_frames:
@@ -195,6 +210,27 @@ class FrameQueue:
         self.bytes += n
         if self.budget is not None:
             self.budget.used += n
+
+    def take_into(self, chunks: list[bytes], room: int, *, at_least_one: bool = False) -> int:
+        """Move the oldest frames that fit in ``room`` bytes to ``chunks``; the bytes moved.
+
+        With ``at_least_one`` the first frame is moved even if it alone is larger.
+        """
+        q = self._frames
+        taken = 0
+        if at_least_one and q:
+            frame = q.popleft()
+            chunks.append(frame)
+            taken = len(frame)
+        while q and taken + len(q[0]) <= room:
+            frame = q.popleft()
+            chunks.append(frame)
+            taken += len(frame)
+        if taken:
+            self.bytes -= taken
+            if self.budget is not None:
+                self.budget.used -= taken
+        return taken
 
     def clear(self) -> int:
         """Empty the queue; how many frames it held."""
@@ -330,28 +366,19 @@ class Outbox:
         The message never exceeds ``max_bytes`` unless its first frame alone does.
         The outbox must not be empty.
         """
+        chunks: list[bytes] = []
         ctrl = self.control
-        data = self.data
         if ctrl:
-            chunks = [ctrl.popleft()]
-            packets = 0
+            size = ctrl.take_into(chunks, max_bytes, at_least_one=True)
+            n_ctrl = len(chunks)
+            self.data.take_into(chunks, max_bytes - size)
         else:
-            chunks = [data.popleft()]
-            packets = 1
-        size = len(chunks[0])
-        while ctrl and size + ctrl.head_len() <= max_bytes:
-            frame = ctrl.popleft()
-            chunks.append(frame)
-            size += len(frame)
-        while data and size + data.head_len() <= max_bytes:
-            frame = data.popleft()
-            chunks.append(frame)
-            size += len(frame)
-            packets += 1
+            n_ctrl = 0
+            self.data.take_into(chunks, max_bytes, at_least_one=True)
         self.taken += 1
         if self._drained is not None and self._below_low():
             self.release()
-        return b"".join(chunks), packets
+        return b"".join(chunks), len(chunks) - n_ctrl
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(data=self.data.statistics(), control=self.control.statistics())

@@ -46,7 +46,6 @@ import enum
 import hmac
 import logging
 import secrets
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -93,7 +92,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HDR = struct.Struct(">BI")
+_HDR = wire.FRAME_HEADER
 _RECV = FrameType.RECV_PACKET
 _SEND = FrameType.SEND_PACKET
 _FWD = FrameType.FORWARD_PACKET
@@ -879,8 +878,8 @@ class RelayServer:
                 # This relay takes ForwardPackets (runs of packets) from mesh peers.
                 "forward_batch": True,
             }
-            # The client may send its first packets as soon as it has ServerInfo, and
-            # the WebSocket reader may take them while ServerInfo is still being sent.
+            # Raised before ServerInfo leaves: a client may send full-size messages as soon
+            # as it has read it, and the pre-auth bound holds only until then (PROTOCOL.md).
             ws._max_message_size = lim.max_receive_message_bytes
             await ws.send_message(wire.encode(seal_server_info(self.key, hello.client_key, info)))
             return hello

@@ -45,6 +45,8 @@ class TLSStats:
     reloads: int
     #: Reloads that failed and kept the previous certificate.
     reload_failures: int
+    #: False while the latest reload has failed (until a later one succeeds).
+    last_reload_ok: bool
     #: The serial number of the certificate new connections get (hex).
     serial: str
     #: Its notAfter, seconds since the epoch.
@@ -100,6 +102,7 @@ class ServerTLS:
         self.key_file = key_file
         self._reloads = 0
         self._failures = 0
+        self._last_ok = True
         self._seen = (_signature(cert_file), _signature(key_file))
         #: The context new connections get; replaced whole by reload().
         self.context = self._load()
@@ -133,9 +136,11 @@ class ServerTLS:
             self.context = self._load()
         except TLSError as exc:
             self._failures += 1
+            self._last_ok = False
             log.error("TLS reload failed, still serving the previous certificate: %s", exc)
             return False
         self._reloads += 1
+        self._last_ok = True
         log.info("TLS certificate reloaded: serial %s", self._cert[0])
         return True
 
@@ -143,6 +148,7 @@ class ServerTLS:
         return TLSStats(
             reloads=self._reloads,
             reload_failures=self._failures,
+            last_reload_ok=self._last_ok,
             serial=self._cert[0],
             not_after=self._cert[1],
         )

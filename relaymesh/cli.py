@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -40,6 +40,9 @@ from .hints import command_name
 from .urls import UrlError, relay_urls, split_urls, url_kind
 
 __all__ = ["main"]
+
+if TYPE_CHECKING:
+    _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _fail(msg: str, code: int = 1) -> NoReturn:
@@ -609,8 +612,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise UserError(f"--seconds must be more than 0, not {args.seconds:g}")
     if args.pairs < 1:
         raise UserError(f"--pairs must be at least 1, not {args.pairs}")
-    if args.size < 0:
-        raise UserError(f"--size must be at least 0 bytes, not {args.size}")
+    if args.runs < 1:
+        raise UserError(f"--runs must be at least 1, not {args.runs}")
     return cmd_bench(args)
 
 
@@ -627,12 +630,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity (default: info for relay, warning otherwise)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_keygen(sub)
+    _add_relay(sub)
+    _add_up(sub)
+    _add_listen_send(sub)
+    _add_regionmap_netcheck(sub)
+    _add_ping(sub)
+    _add_status(sub)
+    _add_bench(sub)
+    return parser
 
+
+def _add_keygen(sub: _Commands) -> None:
     p = sub.add_parser("keygen", help="make a new node key", description="Make a new node key.")
     p.add_argument("--out", type=Path, help="write the private key to this new file (mode 0600)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_keygen)
 
+
+def _add_relay(sub: _Commands) -> None:
     p = sub.add_parser("relay", help="run a relay node", description="Run a relay node.")
     p.add_argument("--config", type=Path, help="TOML config file (see config/relay.example.toml)")
     p.add_argument("--region", help="region id, e.g. eu")
@@ -655,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the relay's URLs as JSON")
     p.set_defaults(func=cmd_relay, default_log="info")
 
+
+def _add_up(sub: _Commands) -> None:
     p = sub.add_parser(
         "up",
         help="run a whole local multi-region mesh",
@@ -691,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the relays' URLs as JSON")
     p.set_defaults(func=cmd_up, default_log="warning")
 
+
+def _add_listen_send(sub: _Commands) -> None:
     for name, func, helptext in (
         ("listen", cmd_listen, "print the packets that arrive for a key"),
         ("send", cmd_send, "send a message to a node key"),
@@ -729,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("message", help="the message, or - to send each line of stdin")
         p.set_defaults(func=func)
 
+
+def _add_regionmap_netcheck(sub: _Commands) -> None:
     for name, func, helptext in (
         ("regionmap", cmd_regionmap, "show a relay's region map"),
         ("netcheck", cmd_netcheck, "measure the latency to every region"),
@@ -748,6 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--deadline", type=float, default=3.0, help="seconds for all probes")
         p.set_defaults(func=func)
 
+
+def _add_ping(sub: _Commands) -> None:
     p = sub.add_parser(
         "ping",
         help="round trips to a peer, relayed or direct",
@@ -767,6 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=cmd_ping)
 
+
+def _add_status(sub: _Commands) -> None:
     p = sub.add_parser(
         "status",
         help="the mesh's health, problems first",
@@ -782,29 +808,37 @@ def build_parser() -> argparse.ArgumentParser:
     _ca_file_option(p)
     p.set_defaults(func=cmd_status)
 
+
+def _add_bench(sub: _Commands) -> None:
+    from .bench.command import SCENARIOS
+
     p = sub.add_parser(
         "bench",
-        help="measure the relay against a bare byte-copy relay",
-        description="Measure packets/s, MB/s and latency through a relay process, "
-        "and the same for a bare trio relay that copies bytes, same run.",
+        help="measure the relay against bare byte-copy relays",
+        description="Measure packets/s, MB/s, loss, CPU and latency through a relay process,"
+        " and the same for two bare relays that copy bytes (over TCP, and WebSocket"
+        " message by message), in the same run; each figure --runs times.",
     )
-    p.add_argument("--size", type=int, default=1200, help="packet payload bytes (default 1200)")
+    p.add_argument(
+        "--size",
+        type=int,
+        action="append",
+        help="packet payload bytes; repeat for several (default: 1200 and 65536;"
+        " 1200 for --scenario mesh)",
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per throughput run")
+    p.add_argument("--runs", type=int, default=5, help="runs of each figure (default 5)")
     p.add_argument("--pairs", type=int, default=1, help="sender/receiver pairs")
-    p.add_argument("--no-baseline", action="store_true", help="skip the byte-copy baseline")
+    p.add_argument("--no-baseline", action="store_true", help="skip the byte-copy relays")
     p.add_argument(
         "--scenario",
         default="relay",
-        choices=["relay", "mesh", "registration", "failover", "fairness"],
-        help="relay: one relay vs the baseline (default); mesh: across a mesh hop vs"
-        " within one relay; registration: peer visible in every relay's cache;"
-        " failover: relay killed until its clients are reachable again;"
-        " fairness: a client pair alone and while one connection floods the relay."
-        " The mesh scenarios need the etcd binary.",
+        choices=list(SCENARIOS),
+        help="; ".join(f"{name}: {s.help}" for name, s in SCENARIOS.items())
+        + " (default relay). The mesh scenarios need the etcd binary.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
-    return parser
 
 
 def _setup_logging(level: str) -> None:

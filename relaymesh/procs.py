@@ -10,6 +10,9 @@ A relay is started with ``--json`` and prints one line describing itself
 (URLs, ports, key) once it accepts; :meth:`RelayProc.wait_started` reads it.
 Start several with :func:`spawn_relay` first and wait afterwards, and they
 come up in parallel.
+
+``prefix`` runs a process under another command: the network-namespace lab
+(tests/lab/lab.py) starts etcd and relays with ``["ip", "netns", "exec", ns]``.
 """
 
 from __future__ import annotations
@@ -116,15 +119,21 @@ class EtcdMember:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     scheme: str = "http"
+    #: The address it listens on (and is reached at) for clients and peers.
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
 
 
 @dataclass
 class EtcdCluster:
-    """etcd members on loopback; each can be stopped, killed and started again."""
+    """etcd members (on loopback by default); each can be stopped, killed and started again."""
 
     members: list[EtcdMember]
     binary: str
@@ -132,6 +141,8 @@ class EtcdCluster:
     tls: EtcdTLS | None = None
     #: ``user:password`` for etcdctl, once etcd's auth is enabled.
     etcdctl_user: str | None = None
+    #: Run etcd (and etcdctl) under this command, e.g. ["ip", "netns", "exec", ns].
+    prefix: list[str] = field(default_factory=list)
 
     def _etcdctl_args(self) -> list[str]:
         args = self.tls.etcdctl_args() if self.tls is not None else []
@@ -142,10 +153,11 @@ class EtcdCluster:
         return [m.url for m in self.members]
 
     def start(self, member: EtcdMember, *, state: str = "new") -> None:
-        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         member.log = member.data_dir.with_suffix(".log")
         member.proc = subprocess.Popen(
             [
+                *self.prefix,
                 self.binary,
                 "--name",
                 member.name,
@@ -156,9 +168,9 @@ class EtcdCluster:
                 "--advertise-client-urls",
                 member.url,
                 "--listen-peer-urls",
-                f"http://127.0.0.1:{member.peer_port}",
+                member.peer_url,
                 "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{member.peer_port}",
+                member.peer_url,
                 "--initial-cluster",
                 initial,
                 "--initial-cluster-state",
@@ -184,6 +196,7 @@ class EtcdCluster:
                 ok = (
                     subprocess.run(
                         [
+                            *self.prefix,
                             etcdctl,
                             "--endpoints",
                             member.url,
@@ -198,7 +211,7 @@ class EtcdCluster:
                 )
             else:
                 with socket.socket() as s:
-                    ok = s.connect_ex(("127.0.0.1", member.client_port)) == 0
+                    ok = s.connect_ex((member.host, member.client_port)) == 0
             if ok:
                 return
             if member.proc is not None and member.proc.poll() is not None:
@@ -226,7 +239,14 @@ class EtcdCluster:
         if etcdctl is None:
             raise RuntimeError("etcdctl is not on PATH (Debian package etcd-client)")
         out = subprocess.run(
-            [etcdctl, "--endpoints", ",".join(self.endpoints), *self._etcdctl_args(), *args],
+            [
+                *self.prefix,
+                etcdctl,
+                "--endpoints",
+                ",".join(self.endpoints),
+                *self._etcdctl_args(),
+                *args,
+            ],
             capture_output=True,
             text=True,
             env={"ETCDCTL_API": "3"},
@@ -341,16 +361,19 @@ def spawn_relay(
     http_port: int = 0,
     stun_port: int = 0,
     listen_host: str | None = None,
+    advertise_host: str | None = None,
     log_level: str | None = None,
     log: Path | bool | None = True,
     extra: Sequence[str] = (),
+    prefix: Sequence[str] = (),
 ) -> RelayProc:
     """Start ``relaymesh relay --json`` for one relay; call :meth:`RelayProc.wait_started`.
 
     ``log``: True writes its stderr to ``workdir/<name>.log``, a path writes it
-    there, None leaves it on ours, False discards it.
+    there, None leaves it on ours, False discards it. ``prefix`` goes before
+    the command (``ip netns exec NS``).
     """
-    argv = [*RELAYMESH]
+    argv = [*prefix, *RELAYMESH]
     if log_level:
         argv += ["--log-level", log_level]
     argv += ["relay", "--json", "--region", region, "--name", name]
@@ -359,6 +382,8 @@ def spawn_relay(
     argv += ["--port", str(port), "--http-port", str(http_port), "--stun-port", str(stun_port)]
     if listen_host is not None:
         argv += ["--listen-host", listen_host]
+    if advertise_host is not None:
+        argv += ["--advertise-host", advertise_host]
     argv += ["--etcd", etcd if isinstance(etcd, str) else ",".join(etcd)]
     argv += ["--mesh-key-file", str(mesh_key_file)]
     if key_file is not None:

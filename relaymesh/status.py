@@ -81,7 +81,8 @@ def render_status(doc: dict[str, Any]) -> str:
     )
     lines.append(
         f"mesh {verdict}, {s['warnings']} warning(s) · relays up {s['relays_up']}/{s['relays']}"
-        f" · paths up {s['links_up']}/{s['links']} · served by {doc['served_by']},"
+        + (f" ({s['relays_left']} left as planned)" if s.get("relays_left") else "")
+        + f" · paths up {s['links_up']}/{s['links']} · served by {doc['served_by']},"
         f" collected {_ago(doc, doc['generated_at'])} ago"
     )
     if is_stale(doc):
@@ -137,7 +138,8 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append("")
         lines.append("RECENT EVENTS")
         for ev in doc["events"][:8]:
-            lines.append(f"  {_ago(doc, ev['at']):>7} ago  {ev['message']}")
+            level = ev.get("level", "info")
+            lines.append(f"  {_ago(doc, ev['at']):>7} ago  {level:<8}{ev['message']}")
     return "\n".join(lines)
 
 

@@ -170,7 +170,13 @@ def _one_run(size: int, seconds: float, floods: tuple[str, ...]) -> dict[str, di
         }
         return out
     finally:
-        _stop(relay)
+        assert relay.stdin is not None
+        relay.stdin.close()  # the relay worker exits at EOF
+        try:
+            relay.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+            relay.wait()
 
 
 def run_fairness(

@@ -148,6 +148,71 @@ def test_dashboard_and_status_follow_a_relay_killed_and_restarted(
             r.stop()
 
 
+def test_a_relay_stopped_as_planned_is_left_not_down(
+    etcd: EtcdCluster, tmp_path: Path, browser: Any, artifacts: Path
+) -> None:
+    mesh_config(tmp_path)
+    relays: list[RelayProc] = []
+
+    def problems() -> set[tuple[str, str]]:
+        return {
+            (p["code"], p["subject"]) for p in get_json(eu.http_url + "/api/v1/mesh")["problems"]
+        }
+
+    try:
+        eu = start_relay_proc(tmp_path, etcd.endpoints, "eu", "eu-1")
+        relays.append(eu)
+        us1 = start_relay_proc(tmp_path, etcd.endpoints, "us", "us-1")
+        relays.append(us1)
+        us2 = start_relay_proc(tmp_path, etcd.endpoints, "us", "us-2")
+        relays.append(us2)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(eu.http_url + "/dashboard")
+        for name in ("eu-1", "us-1", "us-2"):
+            page.wait_for_selector(
+                f'[data-relay="{name}"][data-state="up"]', timeout=SHOWN_WITHIN_MS
+            )
+        page.wait_for_selector('td[data-link="eu-1>us-1"]', timeout=SHOWN_WITHIN_MS)
+
+        # A rolling deploy's stop: SIGTERM, the relay drains and deregisters.
+        us1.proc.send_signal(signal.SIGTERM)
+        assert us1.proc.wait(timeout=30) == 0
+        page.wait_for_selector('[data-relay="us-1"][data-state="left"]', timeout=SHOWN_WITHIN_MS)
+        left = page.locator('#events li[data-kind="relay_left"][data-level="info"]')
+        left.first.wait_for(timeout=SHOWN_WITHIN_MS)
+        assert "us-1: relay left (planned)" in left.first.inner_text()
+        page.wait_for_selector('body[data-healthy="true"]', timeout=SHOWN_WITHIN_MS)
+        assert page.locator('td[data-link="eu-1>us-1"]').count() == 0  # no paths any more
+        assert page.locator('#problems li[data-code="relay_down"]').count() == 0
+        page.screenshot(path=str(artifacts / "7-relay-left-as-planned.png"), full_page=True)
+
+        doc = get_json(eu.http_url + "/api/v1/mesh")
+        us1_doc = next(r for r in doc["relays"] if r["relay_id"] == "us-1")
+        assert us1_doc["state"] == "left", us1_doc
+        assert doc["problems"] == [] and doc["healthy"] is True, doc["problems"]
+        # It was never shown down on its way out.
+        assert ("relay_down", "us-1") not in {(e["kind"], e["subject"]) for e in doc["events"]}
+        shown = status_cli(eu.http_url)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        row = next(line for line in shown.stdout.splitlines() if line.strip().startswith("us-1 "))
+        assert row.split()[2] == "left", shown.stdout
+        assert "us-1: relay left (planned)" in shown.stdout
+
+        # The other one of the region ends without a word: down, and the region has none.
+        us2.kill9()
+        until(lambda: {("relay_down", "us-2"), ("region_without_relay", "us")} <= problems(), 30)
+        assert ("relay_down", "us-1") not in problems()
+        page.wait_for_selector(
+            '#problems li[data-code="region_without_relay"][data-subject="us"]',
+            timeout=SHOWN_WITHIN_MS,
+        )
+        page.screenshot(path=str(artifacts / "8-region-without-relay.png"), full_page=True)
+        assert status_cli(eu.http_url).returncode == 1
+    finally:
+        for r in relays:
+            r.stop()
+
+
 def mesh_config(tmp_path: Path, extra_relay: str = "") -> None:
     """The test mesh's config with the monitor on, every second, under a fresh prefix."""
     (tmp_path / "relay-test.toml").write_text(

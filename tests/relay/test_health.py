@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from coordinator.registry import RelayRecord
@@ -104,6 +105,7 @@ def test_healthy_mesh_has_no_problem_and_every_path_up() -> None:
     assert doc["summary"] == {
         "relays": 2,
         "relays_up": 2,
+        "relays_left": 0,
         "regions": 2,
         "links": 2,
         "links_up": 2,
@@ -143,6 +145,80 @@ def test_relay_gone_from_registry_is_down_at_once_then_forgotten() -> None:
     assert [r["relay_id"] for r in doc["relays"]] == ["eu-1"]
     # The region stays known: it has no relay now, and that is a problem.
     assert codes(doc) == {("region_without_relay", "us")}
+
+
+def test_relay_that_drained_then_left_is_left_not_down() -> None:
+    h = MeshHealth("eu-1", T)
+    reg = [record("eu-1", "eu"), record("us-1", "us"), record("us-2", "us")]
+    ids = ["eu-1", "us-1", "us-2"]
+    h.update(100.0, reg, healthy(ids))
+    # us-1 announces its stop: its record says leaving, then its status says draining.
+    leaving = [reg[0], replace(reg[1], leaving_at=100.5), reg[2]]
+    doc = h.update(101.0, leaving, healthy(ids))
+    assert doc["relays"][1]["state"] == "draining"
+    # Its HTTP port closes before its record goes: still draining, not stale.
+    doc = h.update(102.0, leaving, {**healthy(ids), "us-1": Fetch(error="status unreachable")})
+    assert doc["relays"][1]["state"] == "draining" and doc["relays"][1]["stale"] is True
+    assert codes(doc) == {("relay_draining", "us-1")}
+    doc = h.update(103.0, [reg[0], reg[2]], healthy(["eu-1", "us-2"]))
+    us1 = doc["relays"][1]
+    assert (us1["relay_id"], us1["state"], us1["since"], us1["error"]) == (
+        "us-1",
+        "left",
+        103.0,
+        None,
+    )
+    assert doc["problems"] == [] and doc["healthy"] is True
+    assert doc["events"][0] == {
+        "at": 103.0,
+        "kind": "relay_left",
+        "level": "info",
+        "subject": "us-1",
+        "message": "us-1: relay left (planned)",
+    }
+    assert "relay_down" not in [e["kind"] for e in doc["events"]]
+    # Out of the path matrix and of the counts; still listed, in its region.
+    assert {(x["src"], x["dst"]) for x in doc["links"]} == {("eu-1", "us-2"), ("us-2", "eu-1")}
+    assert (doc["summary"]["relays"], doc["summary"]["relays_left"]) == (2, 1)
+    assert next(g for g in doc["regions"] if g["region"] == "us") == {
+        "region": "us",
+        "relays": ["us-1", "us-2"],
+        "up": 1,
+        "left": 1,
+    }
+    doc = h.update(104.0, [reg[0], reg[2]], healthy(["eu-1", "us-2"]))
+    assert doc["problems"] == [] and doc["relays"][1]["since"] == 103.0
+    # Restarted under the same name: back, and up.
+    doc = h.update(105.0, [reg[0], record("us-1", "us", started_at=2.0), reg[2]], healthy(ids))
+    assert doc["relays"][1]["state"] == "up" and doc["problems"] == []
+    assert doc["events"][0]["message"] == "us-1 is back"
+
+
+def test_announcement_between_two_rounds_still_counts_through_departed() -> None:
+    h, reg = two_relays()
+    h.update(100.0, reg, healthy())
+    # Its leaving record and its deletion both came and went since the last round.
+    doc = h.update(101.0, reg[:1], healthy(["eu-1"]), departed={"us-1"})
+    assert doc["relays"][1]["state"] == "left"
+    assert doc["events"][0]["message"] == "us-1: relay left (planned)"
+    # The last relay of its region has gone, planned or not: that is a problem.
+    assert codes(doc) == {("region_without_relay", "us")}
+    assert "relay_down" not in {c for c, _ in codes(doc)}
+
+
+def test_relay_that_vanished_unannounced_is_down() -> None:
+    h = MeshHealth("eu-1", T)
+    reg = [record("eu-1", "eu"), record("us-1", "us"), record("us-2", "us")]
+    ids = ["eu-1", "us-1", "us-2"]
+    h.update(100.0, reg, healthy(ids))
+    # Another relay's planned stop does not make this one's disappearance planned.
+    doc = h.update(101.0, [reg[0], reg[2]], healthy(["eu-1", "us-2"]), departed={"us-9"})
+    assert doc["relays"][1]["state"] == "down"
+    assert codes(doc) == {("relay_down", "us-1")}
+    assert [(e["kind"], e["level"]) for e in doc["events"][:2]] == [
+        ("relay_down", "error"),
+        ("relay_left", "warning"),
+    ]
 
 
 def test_restarted_relay_comes_back_up_and_the_problem_clears() -> None:
@@ -242,6 +318,7 @@ def test_clients_moving_to_a_sibling_are_a_failover_event() -> None:
         {
             "at": 101.0,
             "kind": "failover",
+            "level": "info",
             "subject": "us-1>us-2",
             "message": "2 clients moved from us-1 to us-2 (us-1 is draining)",
         }

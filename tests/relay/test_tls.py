@@ -5,6 +5,7 @@ and what a plain or garbage connection to the TLS port costs (one counted close)
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -14,10 +15,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trustme
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.store import open_memory_store
 from relay.client import ConnectError, open_relay_client
@@ -45,9 +48,11 @@ class Certs:
         self.key_file = tmp / "relay-key.pem"
         self.serial = self.issue()
 
-    def issue(self) -> str:
-        """A new certificate for 127.0.0.1, swapped in file by file; its serial (hex)."""
-        leaf = self.ca.issue_cert("127.0.0.1", "localhost")
+    def issue(self, **options: Any) -> str:
+        """A new certificate for 127.0.0.1, swapped in file by file; its serial (hex).
+
+        ``options`` go to trustme's ``issue_cert`` (``not_after``...)."""
+        leaf = self.ca.issue_cert("127.0.0.1", "localhost", **options)
         for blob, path in (
             (leaf.private_key_pem, self.key_file),
             (leaf.cert_chain_pems[0], self.cert_file),
@@ -187,6 +192,64 @@ async def test_rotated_files_reach_new_connections_old_ones_keep_working(
         await _exchange(ca, cb, b, b"after rotation")
         assert ca.statistics().connects == 1 and cb.statistics().connects == 1
     assert node.tls.statistics().reload_failures == 0
+
+
+async def test_metrics_show_the_certificate_expiry_and_each_reload(
+    node: NodeInfo, certs: Certs
+) -> None:
+    async with httpx.AsyncClient(verify=client_context(certs.ca_file)) as http:
+
+        async def metrics() -> dict[tuple[str, ...], float]:
+            text = (await http.get(node.http_url + "/metrics")).text
+            return {
+                (
+                    s.name,
+                    *(v for k, v in sorted(s.labels.items()) if k not in ("region", "relay")),
+                ): s.value
+                for f in text_string_to_metric_families(text)
+                if f.name.startswith("relaymesh_tls_")
+                for s in f.samples
+            }
+
+        served = x509.load_pem_x509_certificate(certs.cert_file.read_bytes())
+        assert await metrics() == {
+            (
+                "relaymesh_tls_cert_expiry_timestamp_seconds",
+            ): served.not_valid_after_utc.timestamp(),
+            ("relaymesh_tls_reloads_total", "ok"): 0,
+            ("relaymesh_tls_reloads_total", "failed"): 0,
+            ("relaymesh_tls_last_reload_successful",): 1,
+        }
+
+        # A half-written certificate: the reload fails, the old certificate stays.
+        half = certs.cert_file.with_suffix(".new")
+        half.write_text(certs.cert_file.read_text()[:200])
+        os.replace(half, certs.cert_file)
+        assert node.tls is not None
+        with trio.fail_after(5):
+            await wait_until(lambda: node.tls is not None and node.tls.statistics().reload_failures)
+        shown = await metrics()
+        assert shown[("relaymesh_tls_reloads_total", "failed")] == 1
+        assert shown[("relaymesh_tls_last_reload_successful",)] == 0
+        assert shown[("relaymesh_tls_cert_expiry_timestamp_seconds",)] == (
+            served.not_valid_after_utc.timestamp()
+        )
+
+        # The rotation completes with a certificate that expires in ten days.
+        expires = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(
+            days=10
+        )
+        new = certs.issue(not_after=expires)
+        with trio.fail_after(5):
+            await wait_until(lambda: node.tls is not None and node.tls.statistics().serial == new)
+        shown = await metrics()
+        # The watcher may catch the new key beside the old certificate: one more failure.
+        assert shown.pop(("relaymesh_tls_reloads_total", "failed")) in (1, 2)
+        assert shown == {
+            ("relaymesh_tls_cert_expiry_timestamp_seconds",): expires.timestamp(),
+            ("relaymesh_tls_reloads_total", "ok"): 1,
+            ("relaymesh_tls_last_reload_successful",): 1,
+        }
 
 
 async def test_two_tls_relays_forward_across_their_mesh_link(
