@@ -9,7 +9,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.store import MemoryStore, open_memory_store
-from relay.client import open_relay_client
+from relay.client import RelayClient, open_relay_client
 from relay.config import load_config
 from relay.node import NodeInfo, serve_relay_node
 from relay.protocol.keys import PrivateKey
@@ -194,19 +194,33 @@ async def test_probes_are_admitted_where_relays_ask_for_a_token(
 
 async def test_packets_lost_on_one_mesh_link_show_on_that_path_only(nursery: trio.Nursery) -> None:
     async with open_memory_store() as store:
-        # A mesh link queue of one packet: a burst across it overflows it.
-        eu = await start(nursery, store, "eu", "eu-1", mesh={"link_queue_packets": 1})
+        # A mesh link queue of one frame, and no flow control (which would wait for it
+        # instead of dropping): a burst across it overflows it. The burst alternates
+        # between two receivers so that every packet is a frame of its own on the link
+        # (a run of packets to one receiver would cross it as one ForwardPackets).
+        eu = await start(
+            nursery, store, "eu", "eu-1", mesh={"link_queue_packets": 1}, flow_wait_s=0
+        )
         us = await start(nursery, store, "us", "us-1")
-        a, b = PrivateKey.generate(), PrivateKey.generate()
-        async with open_relay_client(eu.ws_url, a) as ca, open_relay_client(us.ws_url, b) as cb:
+        a, b, c = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
+        async with (
+            open_relay_client(eu.ws_url, a) as ca,
+            open_relay_client(us.ws_url, b) as cb,
+            open_relay_client(us.ws_url, c) as cc,
+        ):
             assert eu.state is not None
             with trio.fail_after(10):
-                while eu.state.route(b.public.raw) is None:
+                while eu.state.route(b.public.raw) is None or eu.state.route(c.public.raw) is None:
                     await eu.monitor.wait_round()  # type: ignore[union-attr]
 
             async def drain() -> None:
+                async with trio.open_nursery() as both:
+                    for receiver in (cb, cc):
+                        both.start_soon(drain_one, receiver)
+
+            async def drain_one(receiver: RelayClient) -> None:
                 while True:
-                    await cb.receive()
+                    await receiver.receive()
 
             def lossy(doc: dict[str, Any]) -> bool:
                 links = {(x["src"], x["dst"]): x for x in doc.get("links", [])}
@@ -227,8 +241,9 @@ async def test_packets_lost_on_one_mesh_link_show_on_that_path_only(nursery: tri
                 with trio.fail_after(30):
                     # Bursts until one round saw drops in both the document and /metrics.
                     while not (lossy(doc) and path_drops(text).get(("eu-1", "us-1"))):
-                        for _ in range(200):
+                        for _ in range(100):
                             ca.send_nowait(b.public, b"x" * 1000)
+                            ca.send_nowait(c.public, b"x" * 1000)
                         await eu.monitor.wait_round()  # type: ignore[union-attr]
                         doc = await mesh_doc(eu)
                         text = (await http.get(eu.http_url + "/metrics")).text
