@@ -62,6 +62,18 @@ async def forward_from_a_client(ws: WebSocketConnection) -> None:
     )
 
 
+async def forward_packets_from_a_client(ws: WebSocketConnection) -> None:
+    await _authed(ws)
+    run = wire.ForwardPackets(src=bytes(32), dest=bytes(32), payloads=(b"a", b"b"))
+    await ws.send_message(wire.encode(run))
+
+
+async def packets_dropped_from_a_client(ws: WebSocketConnection) -> None:
+    await _authed(ws)
+    report = wire.PacketsDropped(reason=wire.DropCode.QUEUE_FULL, count=1)
+    await ws.send_message(wire.encode(report))
+
+
 async def garbage_instead_of_client_info(ws: WebSocketConnection) -> None:
     await _server_key(ws)
     await ws.send_message(b"\x00\x01\x02 this is not a frame stream at all")
@@ -103,6 +115,16 @@ CASES: list[tuple[str, Callable[..., Awaitable[None]], CloseReason]] = [
     ("oversize_length", oversize_length, CloseReason.FRAME_TOO_LARGE),
     ("text_message", text_message, CloseReason.TEXT_MESSAGE),
     ("forward_from_a_client", forward_from_a_client, CloseReason.UNEXPECTED_FRAME),
+    (
+        "forward_packets_from_a_client",
+        forward_packets_from_a_client,
+        CloseReason.UNEXPECTED_FRAME,
+    ),
+    (
+        "packets_dropped_from_a_client",
+        packets_dropped_from_a_client,
+        CloseReason.UNEXPECTED_FRAME,
+    ),
     ("garbage_instead_of_client_info", garbage_instead_of_client_info, CloseReason.FRAME_TOO_LARGE),
     ("truncated_client_info", truncated_client_info, CloseReason.BAD_FRAME),
     ("wrong_first_frame", wrong_first_frame, CloseReason.BAD_HANDSHAKE),
