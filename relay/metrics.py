@@ -104,6 +104,18 @@ class RelayCollector(Collector):
         for reason, n in sorted(s.closes.items()):
             closes.add_metric([*ident, reason], n)
         yield closes
+        accept_errors = CounterMetricFamily(
+            "relaymesh_accept_errors",
+            "Failed accepts by port (ws, http) and errno (EMFILE: out of file descriptors);"
+            " each is waited out and accepting resumes.",
+            labels=[*labels, "port", "reason"],
+        )
+        for reason, n in sorted(s.accept_errors.items()):
+            accept_errors.add_metric([*ident, "ws", reason], n)
+        if self._http is not None:
+            for reason, n in sorted(self._http.accept_errors.items()):
+                accept_errors.add_metric([*ident, "http", reason], n)
+        yield accept_errors
         yield counter(
             "relaymesh_packets_forwarded_in",
             "Packets other relays forwarded to clients here.",

@@ -733,12 +733,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenario",
         default="relay",
-        choices=["relay", "mesh", "registration", "failover"],
+        choices=["relay", "mesh", "registration", "failover", "load"],
         help="relay: one relay vs the baseline (default); mesh: across a mesh hop vs"
         " within one relay; registration: peer visible in every relay's cache;"
-        " failover: relay killed until its clients are reachable again."
-        " The mesh scenarios need the etcd binary.",
+        " failover: relay killed until its clients are reachable again;"
+        " load: memory per idle client, handshakes/s, connect latency while"
+        " pre-auth connections are held. The mesh scenarios need the etcd binary.",
     )
+    p.add_argument("--runs", type=int, default=3, help="load: runs per figure, the median is shown")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     return parser

@@ -282,8 +282,8 @@ def spawn_relay(
     *,
     region: str,
     name: str,
-    etcd: Sequence[str] | str,
-    mesh_key_file: Path,
+    etcd: Sequence[str] | str = (),
+    mesh_key_file: Path | None = None,
     config: Path | None = None,
     key_file: Path | None = None,
     port: int = 0,
@@ -297,7 +297,8 @@ def spawn_relay(
     """Start ``relaymesh relay --json`` for one relay; call :meth:`RelayProc.wait_started`.
 
     ``log``: True writes its stderr to ``workdir/<name>.log``, a path writes it
-    there, None leaves it on ours, False discards it.
+    there, None leaves it on ours, False discards it. Without ``etcd`` it is a lone
+    relay (no shared state, no mesh).
     """
     argv = [*RELAYMESH]
     if log_level:
@@ -308,8 +309,10 @@ def spawn_relay(
     argv += ["--port", str(port), "--http-port", str(http_port), "--stun-port", str(stun_port)]
     if listen_host is not None:
         argv += ["--listen-host", listen_host]
-    argv += ["--etcd", etcd if isinstance(etcd, str) else ",".join(etcd)]
-    argv += ["--mesh-key-file", str(mesh_key_file)]
+    if etcd:
+        argv += ["--etcd", etcd if isinstance(etcd, str) else ",".join(etcd)]
+    if mesh_key_file is not None:
+        argv += ["--mesh-key-file", str(mesh_key_file)]
     if key_file is not None:
         argv += ["--key-file", str(key_file)]
     argv += list(extra)

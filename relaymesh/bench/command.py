@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 from ..errors import UserError
+from .load import describe as describe_load
+from .load import run_load
 from .mesh import run_scenario
 from .relay import run_bench
 
@@ -14,6 +16,13 @@ __all__ = ["cmd_bench"]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.scenario == "load":
+        try:
+            load = run_load(runs=args.runs)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(str(exc)) from None
+        print(json.dumps(load) if args.json else describe_load(load))
+        return 0
     if args.scenario != "relay":
         try:
             result = run_scenario(args.scenario, size=args.size, seconds=args.seconds)
