@@ -722,10 +722,14 @@ class RelayServer:
         decoder.max_body = wire.MAX_FRAME_BODY if is_mesh else wire.MAX_CLIENT_FRAME_BODY
         self._register(client)
         try:
-            with client.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._run_reader, client, decoder, nursery.cancel_scope)
-                    nursery.start_soon(self._run_writer, client, nursery.cancel_scope)
+            async with trio.open_nursery() as nursery:
+                # From here the nursery's scope is the one end() cancels: a scope (and its
+                # cancel status) less to hold for every open connection.
+                if client.cancel_scope.cancel_called:
+                    nursery.cancel_scope.cancel()
+                client.cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._run_reader, client, decoder, nursery.cancel_scope)
+                nursery.start_soon(self._run_writer, client, nursery.cancel_scope)
         finally:
             self._unregister(client)
         reason = client.close_reason or CloseReason.CLOSED_BY_PEER

@@ -55,7 +55,7 @@ _FD_MARGIN = 256
 #: a churning flood does not run one address out of ephemeral ports.
 _SOURCES = 200
 #: Normal-client connects timed per pre-auth run.
-_PROBES = 50
+_PROBES = 20
 #: A connect that takes longer than this is counted as failed.
 _PROBE_TIMEOUT_S = 30.0
 #: Half an upgrade request: the relay waits for the rest until its handshake deadline.
