@@ -15,6 +15,21 @@ apart, so a store that comes back is usable again within that; etcd3's watch
 thread, which reopens its stream the moment one fails (a busy loop while etcd
 is down), opens one stream per ``_WATCH_REOPEN_S`` at most.
 
+Closing the store first detaches the watches still open: the node closes its
+store while the tasks that watch it are still being cancelled, and a watch
+whose channel is closed under it would otherwise be told so on etcd3's
+thread, whose failing callback etcd3 logs with a traceback, on every clean
+stop. A watch's callback delivers nothing once its consumer has left or the
+store is closing.
+
+TLS and authentication are options: ``ca_file`` (verify etcd's certificate;
+the name checked is the first endpoint's host, not the address gRPC resolved
+it to), ``cert_file``/``key_file`` (a client certificate, for etcd's
+``--client-cert-auth``) and ``user``/``password`` (etcd's own auth). etcd3
+authenticates once, when the client is created; an etcd that forgot the token
+(restarted, or the token's TTL passed) answers "invalid auth token", and the
+store then authenticates again and retries the call once.
+
 etcd3 (0.12) is unmaintained and its generated protobuf code needs
 ``protobuf<4``: pyproject pins that. All of it stays behind the Store protocol.
 """
@@ -103,32 +118,74 @@ class _PacedWatchStub:
 
 class EtcdStore:
     def __init__(
-        self, endpoints: Sequence[str], *, timeout_s: float = 3.0, watch_buffer: int = 1024
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout_s: float = 3.0,
+        watch_buffer: int = 1024,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
     ) -> None:
         import etcd3  # imported here: grpc start-up is slow and MemoryStore users do not need it
+        import grpc
 
         self.endpoints = list(endpoints)
         self._timeout_s = timeout_s
         self._watch_buffer = watch_buffer
+        self._auth = (user, password) if user is not None and password is not None else None
         target = grpc_target(self.endpoints)
         # etcd3 formats "{host}:{port}"; split our target at its last colon to fit.
         host, port = target.rsplit(":", 1)
-        self._client = etcd3.client(
-            host=host,
-            port=int(port),
-            timeout=timeout_s,
-            grpc_options=[
-                ("grpc.lb_policy_name", "pick_first"),
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", _RECONNECT_MAX_MS),
-            ],
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.lb_policy_name", "pick_first"),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", _RECONNECT_MAX_MS),
+        ]
+        if ca_file is not None:
+            first = urlsplit(endpoints[0] if "//" in endpoints[0] else f"//{endpoints[0]}")
+            options.append(("grpc.ssl_target_name_override", first.hostname or "127.0.0.1"))
+        where = ",".join(self.endpoints)
+        try:
+            self._client = etcd3.client(
+                host=host,
+                port=int(port),
+                timeout=timeout_s,
+                ca_cert=ca_file,
+                cert_cert=cert_file,
+                cert_key=key_file,
+                user=user,
+                password=password,
+                grpc_options=options,
+            )
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"etcd {where}: cannot read {exc.filename}: {exc.strerror}"
+            ) from None
+        except grpc.RpcError as exc:
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            raise StoreUnavailable(
+                f"etcd {where}: cannot authenticate as {user!r}: {details}"
+            ) from None
         watcher = self._client.watcher
         watcher._watch_stub = _PacedWatchStub(watcher._watch_stub, _WATCH_REOPEN_S)
         self._etcd3 = etcd3
+        #: Watches open now (etcd3's ids); aclose() detaches them before the channel goes.
+        self._watches: set[int] = set()
+        self._closing = False
 
     async def aclose(self) -> None:
+        self._closing = True
         watcher = self._client.watcher
+        with watcher._lock:
+            # The channel is about to close, and each stream with it: forget the callbacks
+            # (no cancel request, whose queue may be full with etcd away), so that the
+            # stream's end is reported to nobody.
+            for watch_id in self._watches:
+                watcher._callbacks.pop(watch_id, None)
+        self._watches.clear()
         if watcher._callback_thread is not None:
             # etcd3's watch thread loops for ever and dies with an error once the
             # channel is closed under it. Park it on a stub that never answers, and
@@ -137,6 +194,37 @@ class EtcdStore:
             watcher._request_queue.put(None)
         await trio.to_thread.run_sync(self._client.close)
 
+    def _authenticate(self) -> None:
+        """A new token for every later call, the watch stream's included (blocking)."""
+        assert self._auth is not None
+        client = self._client
+        resp = client.auth_stub.Authenticate(
+            self._etcd3.etcdrpc.AuthenticateRequest(name=self._auth[0], password=self._auth[1]),
+            client.timeout,
+        )
+        client.metadata = (("token", resp.token),)
+        client.call_credentials = None
+        client.watcher._metadata = client.metadata
+        client.watcher._credentials = None
+
+    def _with_token(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn``, authenticating again and retrying once if etcd forgot our token."""
+        if self._auth is None:
+            return fn
+        import grpc
+
+        def call(*args: Any, **kwargs: Any) -> T:
+            try:
+                return fn(*args, **kwargs)
+            except grpc.RpcError as exc:
+                details = exc.details() if hasattr(exc, "details") else ""
+                if "invalid auth token" not in str(details):
+                    raise
+            self._authenticate()
+            return fn(*args, **kwargs)
+
+        return call
+
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         import grpc
 
@@ -144,7 +232,8 @@ class EtcdStore:
         try:
             with trio.fail_after(self._timeout_s + 1):
                 return await trio.to_thread.run_sync(
-                    functools.partial(fn, *args, **kwargs), abandon_on_cancel=True
+                    functools.partial(self._with_token(fn), *args, **kwargs),
+                    abandon_on_cancel=True,
                 )
         except trio.TooSlowError:
             raise StoreUnavailable("etcd did not answer in time") from None
@@ -228,10 +317,13 @@ class EtcdStore:
             except trio.WouldBlock:
                 broken = True
                 send.close()
-            except trio.ClosedResourceError:
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                # The consumer left (its receive side is closed): nobody to tell.
                 broken = True
 
         def callback(resp: Any) -> None:  # on etcd3's thread
+            if broken or self._closing:
+                return  # a watch being cancelled, or a store being closed: expected
             if isinstance(resp, Exception):
                 batch: WatchBatch = WatchBroken(f"watch ended: {resp}")
             else:
@@ -262,17 +354,21 @@ class EtcdStore:
             watch_id = await self._call(add)
         except exc_mod.RevisionCompactedError as exc:
             raise Compacted(exc.compacted_revision) from None
+        self._watches.add(watch_id)
         try:
-            async with receive:
-                yield receive
+            yield receive
         finally:
+            # Before the receive side closes: a batch on its way is then dropped quietly.
             broken = True
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(self._timeout_s),
-                suppress(StoreUnavailable),
-            ):
-                await self._call(self._client.cancel_watch, watch_id)
+            receive.close()
+            if watch_id in self._watches:
+                self._watches.discard(watch_id)
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(self._timeout_s),
+                    suppress(StoreUnavailable),
+                ):
+                    await self._call(self._client.cancel_watch, watch_id)
 
 
 @asynccontextmanager

@@ -32,6 +32,12 @@ table changed (the mesh) takes :meth:`MeshState.open_relay_updates`, a
 channel of one slot it drains in its own task: a change while a wake-up is
 already pending is covered by that wake-up.
 
+A relay that stops as planned says so first (:meth:`MeshState.announce_leaving`
+rewrites its record with ``leaving_at``); a relay record deleted after such an
+announcement goes to :attr:`MeshState.departed`, so the mesh's health can tell
+a planned stop from a failure even when both changes fell between two of its
+rounds.
+
 A peer record deleted in the same revision as its relay's record (lease
 expiry) is marked LOST for ``lost_grace_s``; any other delete means GONE. A
 peer missing from a new snapshot is LOST if its relay is missing too, or has
@@ -42,13 +48,13 @@ taking the record with it); otherwise it is GONE.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
+from relay.protocol.backoff import Backoff
 from relay.protocol.handshake import ClientHello
 from relay.protocol.keys import NodeKey
 
@@ -74,6 +80,13 @@ _DELETE = object()
 
 #: While the store does not answer, it is tested at least this often (seconds).
 _PROBE_S = 0.25
+#: A failed call is retried after a jittered delay: first up to this (seconds) ...
+_RETRY_INITIAL_S = 0.1
+#: ... doubling up to this.
+_RETRY_MAX_S = 5.0
+
+#: Planned departures remembered (the oldest are forgotten first).
+_DEPARTED_MAX = 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +125,8 @@ class MeshState:
         self._grace_s = lost_grace_s
         # The cache, written only by the sync loop.
         self.relays: dict[str, RelayRecord] = {}
+        #: Relays that announced a planned stop and then left the registry: their last record.
+        self.departed: OrderedDict[str, RelayRecord] = OrderedDict()
         self.peers: dict[bytes, PeerEntry] = {}
         self.revision = 0
         self.synced = False
@@ -189,6 +204,22 @@ class MeshState:
         self._relay_watchers.append(tx)
         return rx
 
+    async def announce_leaving(self) -> bool:
+        """Mark this relay's record as leaving (a planned stop); True if it was written.
+
+        The record is rewritten under the lease it has, so revoking the lease still
+        removes it. Raises StoreUnavailable or LeaseNotFound if the store will not
+        take it; without registration there is nothing to mark.
+        """
+        if self.me.leaving_at is None:
+            self.me = replace(self.me, leaving_at=time.time())
+        if not self.registered:
+            return False
+        await self.store.put(
+            relay_key(self.prefix, self.me.relay_id), self.me.to_json(), lease=self.lease
+        )
+        return True
+
     # ---- what the relay tells us -------------------------------------------
 
     def client_connected(self, key: NodeKey, hello: ClientHello | None = None) -> None:
@@ -224,7 +255,7 @@ class MeshState:
             task_status.started()
 
     async def _registration_loop(self) -> None:
-        backoff = _Backoff(max_s=_PROBE_S)
+        backoff = Backoff(_RETRY_INITIAL_S, _PROBE_S)
         while True:
             try:
                 lease = await self.store.grant_lease(self._ttl)
@@ -255,7 +286,7 @@ class MeshState:
 
     async def _keep_alive(self, lease: int) -> None:
         """Until the lease is known to be gone (LeaseNotFound propagates)."""
-        backoff = _Backoff(max_s=min(self._keepalive_s, _PROBE_S))
+        backoff = Backoff(_RETRY_INITIAL_S, min(self._keepalive_s, _PROBE_S))
         unreachable = False
         while True:
             if unreachable or self.degraded is not None:
@@ -290,7 +321,7 @@ class MeshState:
             await self._store_back.park()
 
     async def _publisher_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
         while True:
             if not self._dirty or not self.registered:
                 self._dirty_event = trio.Event()
@@ -323,7 +354,7 @@ class MeshState:
                 del self._dirty[key]
 
     async def _sync_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
         while True:
             try:
                 snap = await self.store.get_prefix(self.prefix)
@@ -344,7 +375,7 @@ class MeshState:
             self._resyncs += 1
 
     async def _presence_loop(self, queue: PresenceQueue) -> None:
-        backoff = _Backoff()
+        backoff = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
         failing = ""
         while True:
             change = await queue.get()
@@ -414,6 +445,11 @@ class MeshState:
                     peers[raw] = old
                 elif registered_at.get(old.record.relay_id, snap.revision + 1) > old.revision:
                     peers[raw] = PeerEntry(old.record, PeerState.LOST, snap.revision, now)
+        for name, old_record in self.relays.items():
+            if name not in relays:
+                self._relay_gone(old_record)
+        for name in relays:
+            self.departed.pop(name, None)
         self.relays = relays
         self.peers = peers
         self.revision = snap.revision
@@ -428,12 +464,16 @@ class MeshState:
                 relays_changed = True
                 if ev.kind is EventKind.DELETE:
                     gone_relays.add(name)
-                    self.relays.pop(name, None)
+                    gone = self.relays.pop(name, None)
+                    if gone is not None:
+                        self._relay_gone(gone)
                 else:
                     try:
                         self.relays[name] = RelayRecord.from_json(ev.value)
                     except (ValueError, TypeError) as exc:
                         log.warning("ignoring malformed %s: %s", ev.key, exc)
+                    else:
+                        self.departed.pop(name, None)
         now = trio.current_time()
         for ev in batch:
             kind, name = self._split(ev.key)
@@ -464,6 +504,15 @@ class MeshState:
         if relays_changed:
             self._notify_relays()
 
+    def _relay_gone(self, record: RelayRecord) -> None:
+        """A relay left the registry: remembered if it had announced a planned stop."""
+        if record.leaving_at is None:
+            return
+        self.departed.pop(record.relay_id, None)
+        self.departed[record.relay_id] = record
+        while len(self.departed) > _DEPARTED_MAX:
+            self.departed.popitem(last=False)
+
     def _notify_relays(self) -> None:
         for tx in list(self._relay_watchers):
             try:
@@ -472,20 +521,3 @@ class MeshState:
                 pass  # a wake-up is already pending; it covers this change too
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._relay_watchers.remove(tx)
-
-
-class _Backoff:
-    """Jittered exponential backoff: uniform in [c/2, c], c doubling up to max_s."""
-
-    def __init__(self, initial_s: float = 0.1, max_s: float = 5.0) -> None:
-        self._initial = initial_s
-        self._max = max_s
-        self._n = 0
-
-    def next(self) -> float:
-        cap = min(self._max, self._initial * 2 ** min(self._n, 20))
-        self._n += 1
-        return random.uniform(cap / 2, cap)
-
-    def reset(self) -> None:
-        self._n = 0

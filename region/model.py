@@ -18,6 +18,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -76,6 +77,8 @@ class RelayNode(_Frozen):
     public_key: str | None = None
     #: Whether the registry has this node now (served maps only; configs leave it true).
     up: bool = True
+    #: The node serves TLS: clients use wss:// and https:// (and verify its certificate).
+    tls: bool = False
 
     @field_validator("public_key")
     @classmethod
@@ -88,11 +91,11 @@ class RelayNode(_Frozen):
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self._url_host()}:{self.ws_port}/derp"
+        return f"ws{'s' if self.tls else ''}://{self._url_host()}:{self.ws_port}/derp"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._url_host()}:{self.http_port}"
+        return f"http{'s' if self.tls else ''}://{self._url_host()}:{self.http_port}"
 
     def stun_address(self) -> tuple[str, int] | None:
         if not self.stun_port:
@@ -101,6 +104,29 @@ class RelayNode(_Frozen):
 
     def _url_host(self) -> str:
         return f"[{self.host}]" if ":" in self.host else self.host
+
+    def with_public_host(self, ws_url: str, http_url: str | None, stun: str | None) -> RelayNode:
+        """This node at the address a relay registered for clients.
+
+        ``ws_url`` and ``http_url`` as the relay advertises them, ``stun`` as
+        ``host:port`` (None: no STUN). The host comes from ``ws_url``; a changed
+        host drops the ``ipv4``/``ipv6`` hints, which described the old one.
+        """
+        ws = urlsplit(ws_url)
+        http = urlsplit(http_url) if http_url else ws
+        host = ws.hostname or self.host
+        tls = ws.scheme == "wss"
+        update: dict[str, Any] = {
+            "host": host,
+            "ws_port": ws.port or (443 if tls else 80),
+            "http_port": http.port or (443 if tls else 80),
+            "stun_port": int(stun.rsplit(":", 1)[1]) if stun else 0,
+            # A relay that serves TLS says so in its URLs; a map that says TLS keeps it.
+            "tls": self.tls or tls,
+        }
+        if host != self.host:
+            update.update(ipv4=None, ipv6=None)
+        return self.model_copy(update=update)
 
 
 class Region(_Frozen):

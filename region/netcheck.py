@@ -17,6 +17,7 @@ skipped.
 
 from __future__ import annotations
 
+import ssl
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -124,10 +125,13 @@ async def _resolve(host: str, port: int) -> tuple[str, int] | None:
     return (str(infos[0][4][0]), port) if infos else None
 
 
-async def _http_latency(node: RelayNode, timeout_s: float) -> float | None:
+async def _http_latency(
+    node: RelayNode, timeout_s: float, ssl_context: ssl.SSLContext | None
+) -> float | None:
     url = node.http_url + "/derp/latency-check"
+    verify = ssl_context if ssl_context is not None else ssl.create_default_context()
     try:
-        async with httpx.AsyncClient(timeout=timeout_s) as client:
+        async with httpx.AsyncClient(timeout=timeout_s, verify=verify) as client:
             await client.get(url)  # connects
             start = time.perf_counter()
             resp = await client.get(url)
@@ -145,12 +149,14 @@ async def run_netcheck(
     stun_probes: int = 3,
     deadline_s: float = 3.0,
     http_fallback: bool = True,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> NetcheckReport:
     """Probe every region of ``region_map``; see the module docstring.
 
     ``sock``: the UDP socket to probe from (the one direct paths will use, so
     the reflexive address is theirs). Without one, a new socket is used.
     ``prober``: a StunProber its owner feeds (then ``sock`` is not read here).
+    ``ssl_context``: what https:// relays are verified with (None: the system's store).
     """
     started = time.perf_counter()
     nodes = [(r.code, n) for r in region_map.regions for n in r.nodes if n.up]
@@ -180,7 +186,9 @@ async def run_netcheck(
                     async with trio.open_nursery() as nursery:
                         for _, node in nodes:
                             if not results[node.name]["stun"]:
-                                nursery.start_soon(_http_node, node, left, results[node.name])
+                                nursery.start_soon(
+                                    _http_node, node, left, results[node.name], ssl_context
+                                )
             outer.cancel_scope.cancel()
     finally:
         if own:
@@ -215,8 +223,10 @@ async def _stun_node(
             out["refl"].append(got[1])
 
 
-async def _http_node(node: RelayNode, timeout_s: float, out: dict[str, Any]) -> None:
-    ms = await _http_latency(node, timeout_s)
+async def _http_node(
+    node: RelayNode, timeout_s: float, out: dict[str, Any], ssl_context: ssl.SSLContext | None
+) -> None:
+    ms = await _http_latency(node, timeout_s, ssl_context)
     if ms is not None:
         out["http"] = round(ms, 3)
 

@@ -36,6 +36,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from nacl.signing import SigningKey
+from prometheus_client import CollectorRegistry
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -107,8 +108,34 @@ def create_app(
 ) -> QuartTrio:
     """``mesh_key``: without it no caller may read the peer API."""
     app = QuartTrio("relaymesh")
-    peer_api_token = api_token(mesh_key).encode() if mesh_key is not None else None
+    _add_regionmap(app, region_map, relays, signing_key)
+    registry = relay_registry(
+        server,
+        state=state,
+        mesh=mesh,
+        supervisor=supervisor,
+        http_stats=http_stats,
+        stun_stats=stun_stats,
+        monitor=monitor,
+    )
+    _add_probes(app, state, mesh, registry)
+    _add_peer_api(app, server, state, mesh_key)
+    _add_mesh_health(app, monitor)
+    started = time.time()
 
+    @app.get("/api/v1/status")
+    async def status() -> dict[str, Any]:
+        return _status(cfg, server, state, mesh, monitor, stun_stats, supervisor, started)
+
+    return app
+
+
+def _add_regionmap(
+    app: QuartTrio,
+    region_map: RegionMap | None,
+    relays: Callable[[], list[RelayRecord]] | None,
+    signing_key: SigningKey | None,
+) -> None:
     @app.get("/regionmap")
     async def regionmap() -> Response:
         body = live_map(region_map, relays() if relays is not None else []).to_json()
@@ -120,16 +147,11 @@ def create_app(
             return Response("", status=304, headers=headers)
         return Response(body, content_type="application/json", headers=headers)
 
-    registry = relay_registry(
-        server,
-        state=state,
-        mesh=mesh,
-        supervisor=supervisor,
-        http_stats=http_stats,
-        stun_stats=stun_stats,
-        monitor=monitor,
-    )
-    started = time.time()
+
+def _add_probes(
+    app: QuartTrio, state: MeshState | None, mesh: Mesh | None, registry: CollectorRegistry
+) -> None:
+    """What load balancers, Prometheus and latency probes ask."""
 
     @app.get("/readyz")
     async def readyz() -> tuple[dict[str, Any], int]:
@@ -148,6 +170,12 @@ def create_app(
     @app.get("/derp/latency-check")
     async def latency_check() -> Response:
         return Response("", status=204)
+
+
+def _add_peer_api(
+    app: QuartTrio, server: RelayServer, state: MeshState | None, mesh_key: bytes | None
+) -> None:
+    peer_api_token = api_token(mesh_key).encode() if mesh_key is not None else None
 
     def operator() -> bool:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -192,6 +220,10 @@ def create_app(
             {},
         )
 
+
+def _add_mesh_health(app: QuartTrio, monitor: MeshMonitor | None) -> None:
+    """The mesh's health as JSON, and the dashboard that draws it."""
+
     @app.get("/api/v1/mesh")
     async def mesh_status() -> tuple[dict[str, Any], int]:
         doc = monitor.document() if monitor is not None else None
@@ -208,48 +240,57 @@ def create_app(
     async def dashboard_asset(name: str) -> Response:
         return _asset(name)
 
-    @app.get("/api/v1/status")
-    async def status() -> dict[str, Any]:
-        stats = server.statistics()
-        queued = [c.data_queued for c in server.client_statistics()]
-        return {
-            "region": cfg.relay.region,
-            "name": cfg.relay.name,
-            "public_key": str(server.key.public),
-            "version": __version__,
-            "uptime_s": round(time.time() - started, 3),
-            "ws_port": server.port,
-            "stats": {
-                "clients": stats.clients,
-                "mesh_peers": stats.mesh_peers,
-                "packets_in": stats.packets_in,
-                "packets_out": stats.packets_out,
-                "bytes_in": stats.bytes_in,
-                "bytes_out": stats.bytes_out,
-                "drops": stats.drops,
-                "closes": stats.closes,
-                "forwarded_in": stats.forwarded_in,
-                "rate_limited_s": round(stats.rate_limited_s, 3),
-            },
-            "draining": server.draining,
-            "queues": {"data_queued": sum(queued), "data_queued_max": max(queued, default=0)},
-            "probes": monitor.probe_results() if monitor is not None else [],
-            "ready": not readiness(state, mesh),
-            "problems": readiness(state, mesh),
-            "shared_state": asdict(state.statistics()) if state is not None else None,
-            "mesh_links": [asdict(link) for link in mesh.statistics()] if mesh else [],
-            "relays": sorted(state.relays) if state is not None else [],
-            "stun": {
-                "requests": stun_stats.requests,
-                "malformed": stun_stats.malformed,
-                "errors": stun_stats.errors,
-            }
-            if stun_stats is not None
-            else None,
-            "components": asdict(supervisor.statistics()) if supervisor is not None else None,
-        }
 
-    return app
+def _status(
+    cfg: RelayConfig,
+    server: RelayServer,
+    state: MeshState | None,
+    mesh: Mesh | None,
+    monitor: MeshMonitor | None,
+    stun_stats: StunStats | None,
+    supervisor: Supervisor | None,
+    started: float,
+) -> dict[str, Any]:
+    """The document of ``/api/v1/status``."""
+    stats = server.statistics()
+    queued = [c.data_queued for c in server.client_statistics()]
+    return {
+        "region": cfg.relay.region,
+        "name": cfg.relay.name,
+        "public_key": str(server.key.public),
+        "version": __version__,
+        "uptime_s": round(time.time() - started, 3),
+        "ws_port": server.port,
+        "stats": {
+            "clients": stats.clients,
+            "mesh_peers": stats.mesh_peers,
+            "probe_clients": stats.probe_clients,
+            "packets_in": stats.packets_in,
+            "packets_out": stats.packets_out,
+            "bytes_in": stats.bytes_in,
+            "bytes_out": stats.bytes_out,
+            "drops": stats.drops,
+            "closes": stats.closes,
+            "forwarded_in": stats.forwarded_in,
+            "rate_limited_s": round(stats.rate_limited_s, 3),
+        },
+        "draining": server.draining,
+        "queues": {"data_queued": sum(queued), "data_queued_max": max(queued, default=0)},
+        "probes": monitor.probe_results() if monitor is not None else [],
+        "ready": not readiness(state, mesh),
+        "problems": readiness(state, mesh),
+        "shared_state": asdict(state.statistics()) if state is not None else None,
+        "mesh_links": [asdict(link) for link in mesh.statistics()] if mesh else [],
+        "relays": sorted(state.relays) if state is not None else [],
+        "stun": {
+            "requests": stun_stats.requests,
+            "malformed": stun_stats.malformed,
+            "errors": stun_stats.errors,
+        }
+        if stun_stats is not None
+        else None,
+        "components": asdict(supervisor.statistics()) if supervisor is not None else None,
+    }
 
 
 _ASSETS = {

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import struct
+import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import nacl.utils
 import trio
@@ -43,11 +43,13 @@ from trio_websocket import (
 )
 
 from relay.protocol import wire
+from relay.protocol.backoff import Backoff
 from relay.protocol.handshake import open_server_info, seal_client_info
 from relay.protocol.keys import NodeKey, PrivateKey
 from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
 
 from . import _wsmask
+from .tls import describe_tls_error
 
 _wsmask.install()
 
@@ -63,7 +65,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HDR = struct.Struct(">BI")
+_HDR = wire.FRAME_HEADER
 _K = wire.KEY_BYTES
 
 
@@ -116,6 +118,7 @@ class RelayClient:
         *,
         token: str | None = None,
         mesh_key: bytes | None = None,
+        probe: bool = False,
         server_key: NodeKey | None = None,
         preferred: bool = False,
         send_queue_packets: int = 1024,
@@ -126,6 +129,7 @@ class RelayClient:
         endpoints: Sequence[str] = (),
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one relay URL is needed")
@@ -133,6 +137,8 @@ class RelayClient:
         self.key = key
         self._token = token
         self._mesh_key = mesh_key
+        # With mesh_key: a probe client of the mesh's own health monitor, not a relay.
+        self._probe = probe
         self._pinned_server_key = server_key
         self.disco_key = disco_key
         self.endpoints: tuple[str, ...] = tuple(endpoints)
@@ -140,8 +146,9 @@ class RelayClient:
         self._send_cap = send_queue_packets
         self._max_message = max_message_bytes
         self._connect_timeout = connect_timeout_s
-        self._backoff_initial = backoff_initial_s
-        self._backoff_max = backoff_max_s
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+        #: What wss:// relays are verified with (None: the system's trust store).
+        self._ssl_context = ssl_context
         # Written by send()/ping() (any task); drained by the connection's writer.
         self._data: deque[bytes] = deque()
         self._ctrl: deque[bytes] = deque()
@@ -169,7 +176,6 @@ class RelayClient:
         # Written by the reader.
         self.health = ""
         self.peer_gone: dict[NodeKey, wire.PeerGoneReason] = {}
-        self.on_peer_gone: list[Callable[[NodeKey, wire.PeerGoneReason], None]] = []
         self._packets_sent = 0
         self._packets_received = 0
         self._lost_in_flight = 0
@@ -372,8 +378,7 @@ class RelayClient:
             delay = self._restart_hint_s
             self._restart_hint_s = None
             if delay is None:
-                cap = min(self._backoff_max, self._backoff_initial * 2 ** min(attempt, 16))
-                delay = random.uniform(cap / 2, cap)
+                delay = self._backoff.delay(attempt)
             await trio.sleep(delay)
 
     async def _session(self, url: str, task_status: trio.TaskStatus[None] | None) -> None:
@@ -385,6 +390,8 @@ class RelayClient:
                 receive_buffer_size=64 * 1024,
                 connect_timeout=self._connect_timeout,
                 disconnect_timeout=1.0,
+                # trio-websocket refuses a context for a ws:// URL.
+                ssl_context=self._ssl_context if url.startswith("wss:") else None,
             ) as ws:
                 decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
                 try:
@@ -423,7 +430,10 @@ class RelayClient:
                         wait.done.set()
                 raise result[0] if result else _Disconnect("closed")
         except (OSError, HandshakeError, ConnectionRejected) as exc:
-            raise ConnectError(f"{url}: cannot connect: {_os_reason(exc)}") from None
+            reason = _os_reason(exc)
+            if isinstance(exc, HandshakeError) and url.startswith("wss:"):
+                reason = await _tls_problem(url, self._ssl_context, self._connect_timeout) or reason
+            raise ConnectError(f"{url}: cannot connect: {reason}") from None
 
     async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> None:
         self.server_key, self.server_info = await client_handshake(
@@ -432,6 +442,7 @@ class RelayClient:
             self.key,
             token=self._token,
             mesh_key=self._mesh_key,
+            probe=self._probe,
             server_key=self._pinned_server_key,
             preferred=self._preferred,
             disco_key=self.disco_key,
@@ -494,10 +505,7 @@ class RelayClient:
                 self._ctrl.append(wire.encode(wire.Pong(data=data)))
                 self._wake.set()
             case wire.PeerGone(peer=peer, reason=reason):
-                key = NodeKey(peer)
-                self.peer_gone[key] = reason
-                for cb in self.on_peer_gone:
-                    cb(key, reason)
+                self.peer_gone[NodeKey(peer)] = reason
             case wire.Health(problem=problem):
                 self.health = problem
             case wire.Restarting(reconnect_in_ms=ms):
@@ -585,6 +593,7 @@ async def client_handshake(
     *,
     token: str | None = None,
     mesh_key: bytes | None = None,
+    probe: bool = False,
     server_key: NodeKey | None = None,
     preferred: bool = False,
     disco_key: NodeKey | None = None,
@@ -611,6 +620,7 @@ async def client_handshake(
         hello,
         token=token,
         mesh_key=mesh_key,
+        probe=probe,
         preferred=preferred,
         disco_key=disco_key,
         endpoints=endpoints,
@@ -627,6 +637,9 @@ async def client_handshake(
 def _os_reason(exc: BaseException) -> str:
     """The operating system's reason behind a failed connect ("Connection refused"), which
     trio-websocket wraps in a HandshakeError without text and trio in an exception group."""
+    tls = describe_tls_error(exc)
+    if tls is not None:
+        return tls
     seen: list[BaseException] = [exc]
     for err in seen:
         if isinstance(err, OSError) and err.errno is not None and err.strerror:
@@ -637,6 +650,32 @@ def _os_reason(exc: BaseException) -> str:
             if nxt is not None and nxt not in seen:
                 seen.append(nxt)
     return next((str(e) for e in seen if str(e)), type(exc).__name__)
+
+
+async def _tls_problem(url: str, ctx: ssl.SSLContext | None, timeout_s: float) -> str | None:
+    """Why a TLS handshake with ``url``'s relay fails (unknown CA, wrong name...), if it does.
+
+    trio-websocket drops the TLS error of a failed handshake and waits out its connect
+    timeout instead; a failed connect to a wss:// URL asks again, to tell the user why.
+    """
+    parts = urlsplit(url)
+    with trio.move_on_after(timeout_s):
+        try:
+            stream = await trio.open_ssl_over_tcp_stream(
+                parts.hostname or "",
+                parts.port or 443,
+                ssl_context=ctx if ctx is not None else ssl.create_default_context(),
+                https_compatible=True,
+            )
+        except OSError:
+            return None
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            return describe_tls_error(exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+    return None
 
 
 def _why(exc: ConnectionClosed) -> str:

@@ -35,11 +35,14 @@ from region.model import format_validation_error
 __all__ = [
     "AdmissionConfig",
     "ConfigError",
+    "EtcdConfig",
     "HealthConfig",
     "LimitsConfig",
     "MeshConfig",
+    "PublicConfig",
     "RelayConfig",
     "RelaySection",
+    "TLSConfig",
     "load_config",
     "load_mesh_key",
 ]
@@ -128,6 +131,9 @@ class MeshConfig(_Frozen):
     advertise_host: str | None = None
     #: `relaymesh relay` exits with an error if it is not registered in etcd this soon.
     start_timeout_s: float = Field(10.0, gt=0, le=3600)
+    #: CA bundle (PEM) that other relays' certificates are verified with, for mesh links
+    #: and health probes to wss:// and https:// relays. None: the system's trust store.
+    ca_file: Path | None = None
 
     @model_validator(mode="after")
     def _keepalive_within_ttl(self) -> MeshConfig:
@@ -136,11 +142,85 @@ class MeshConfig(_Frozen):
         return self
 
 
+class TLSConfig(_Frozen):
+    """The relay's certificate: with both files set it serves wss:// and https:// only."""
+
+    #: PEM certificate chain (leaf first) for both ports.
+    cert_file: Path | None = None
+    #: PEM private key of that certificate.
+    key_file: Path | None = None
+    #: How often the two files are checked for a change (reloaded when they change; SIGHUP
+    #: reloads at once). 0: only on SIGHUP.
+    reload_check_interval_s: float = Field(5.0, ge=0, le=3600)
+    #: A TLS handshake longer than this is cut (the pre-auth deadline,
+    #: [limits] handshake_timeout_s, bounds it too).
+    handshake_timeout_s: float = Field(5.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _both_files(self) -> TLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class EtcdConfig(_Frozen):
+    """How the relay reaches etcd ([mesh] etcd_endpoints): TLS and authentication."""
+
+    #: CA bundle that etcd's server certificate is verified with; set it to use TLS.
+    ca_file: Path | None = None
+    #: Client certificate and key, for an etcd started with --client-cert-auth.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: etcd user (etcd's own auth, `etcdctl user add`); needs password_file.
+    user: str | None = Field(None, min_length=1)
+    #: A file holding that user's password (whitespace around it ignored).
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> EtcdConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("a client certificate needs ca_file (TLS)")
+        if (self.user is None) != (self.password_file is None):
+            raise ValueError("user and password_file go together")
+        return self
+
+
 class RegionMapConfig(_Frozen):
     #: The operator's region map (TOML, see config/regions.toml). None: built from the registry.
     file: Path | None = None
     #: An Ed25519 signing key (64 hex digits, the seed) to sign the served map. None: unsigned.
     signing_key_file: Path | None = None
+
+
+class PublicConfig(_Frozen):
+    """Where clients reach this relay, when that differs from where other relays do.
+
+    ``[mesh] advertise_host`` and the listening ports are the mesh address: what
+    other relays, the mesh monitor and Prometheus use inside the network. Behind
+    a NAT, a container runtime's published ports or a load balancer, clients
+    need another address: a public host name or IP and the published ports.
+    The relay registers both; the region map it serves lists the public one.
+    Unset values fall back to the mesh address.
+    """
+
+    #: The host name or IP clients connect to. None: the mesh address's host.
+    host: str | None = Field(None, min_length=1)
+    #: The published WebSocket port. None: the port the relay listens on.
+    ws_port: int | None = Field(None, ge=1, le=65535)
+    #: The published HTTP port. None: the HTTP port the relay listens on.
+    http_port: int | None = Field(None, ge=1, le=65535)
+    #: The published STUN port (UDP). None: the STUN port the relay listens on.
+    stun_port: int | None = Field(None, ge=1, le=65535)
+
+    @property
+    def configured(self) -> bool:
+        return any(v is not None for v in (self.host, self.ws_port, self.http_port, self.stun_port))
 
 
 class HealthConfig(_Frozen):
@@ -171,6 +251,9 @@ class RelayConfig(_Frozen):
     mesh: MeshConfig = MeshConfig()
     region_map: RegionMapConfig = RegionMapConfig()
     health: HealthConfig = HealthConfig()
+    tls: TLSConfig = TLSConfig()
+    etcd: EtcdConfig = EtcdConfig()
+    public: PublicConfig = PublicConfig()
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
@@ -178,6 +261,15 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         ("relay", "key_file"),
         ("admission", "tokens_file"),
         ("mesh", "mesh_key_file"),
+        ("region_map", "file"),
+        ("region_map", "signing_key_file"),
+        ("mesh", "ca_file"),
+        ("tls", "cert_file"),
+        ("tls", "key_file"),
+        ("etcd", "ca_file"),
+        ("etcd", "cert_file"),
+        ("etcd", "key_file"),
+        ("etcd", "password_file"),
     ):
         sec = raw.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):

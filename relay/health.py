@@ -9,10 +9,23 @@ directed link matrix with the probes' round trips, etcd health, problems
 with stable codes (docs/health.md), a short event log and ~15 minutes of
 history for the charts.
 
+Failovers come from the peer map, when the caller passes it (``homes``: each
+client key and the relay it is published under): a key whose relay changed
+since the last round moved, and each round's moves become one ``failover``
+event per pair of relays, with the reason the old relay gave (draining, down).
+
 It never reads a clock or a socket: every call takes ``now``. State kept
 between rounds is what turns counters into rates, remembers since when
 something has been as it is, and remembers relays that left the registry (a
 relay that died is down, not forgotten, for ``forget_after_s``).
+
+A relay that stops as planned is not a failure: it announces the stop (its
+registry record gets ``leaving_at``, and its status says ``draining``), then
+deregisters. One that left after such an announcement (seen in its record,
+its state, or in the ``departed`` relays the caller passes, for an
+announcement that fell between two rounds) is ``left``: an info event, no
+problem, and no longer in the path matrix. A relay that vanished without
+one is ``down``. Either way a region left with no relay up is a problem.
 
 Stale data is never shown as healthy: a relay whose last good status is older
 than ``stale_after_s`` is ``down``; one whose latest fetch failed but whose
@@ -23,8 +36,8 @@ marked so.
 from __future__ import annotations
 
 import statistics
-from collections import deque
-from collections.abc import Iterable, Mapping
+from collections import Counter, deque
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +45,7 @@ from coordinator.registry import RelayRecord
 
 __all__ = [
     "ERROR",
+    "INFO",
     "PROBLEM_CODES",
     "WARNING",
     "Fetch",
@@ -42,6 +56,8 @@ __all__ = [
 
 ERROR = "error"
 WARNING = "warning"
+#: Events only: something changed and nothing is wrong.
+INFO = "info"
 
 #: Every problem code and its severity; docs/health.md says what each means and what to do.
 PROBLEM_CODES: dict[str, str] = {
@@ -70,7 +86,7 @@ class HealthThresholds:
     probe_failures: int = 2
     #: Dropped packets per second on one relay above which it is reported.
     drops_high_per_s: float = 100.0
-    #: How long a relay that left the registry is still shown (as down).
+    #: How long a relay that left the registry is still shown (as down, or as left).
     forget_after_s: float = 600.0
     #: History kept for the charts.
     history_s: float = 900.0
@@ -111,6 +127,8 @@ class _Relay:
     error: str | None = None
     in_registry: bool = True
     left_at: float | None = None
+    #: It left the registry after announcing a planned stop.
+    planned: bool = False
     ever_up: bool = False
     rated: bool = False
     # Counters at the previous good fetch, for rates.
@@ -118,8 +136,10 @@ class _Relay:
     pps_in: float = 0.0
     pps_out: float = 0.0
     drops_per_s: float = 0.0
-    links_prev: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # Per mesh link: (time, packets sent, drops) at the previous good fetch, and rates.
+    links_prev: dict[str, tuple[float, int, int]] = field(default_factory=dict)
     links_pps: dict[str, float] = field(default_factory=dict)
+    links_dps: dict[str, float] = field(default_factory=dict)
 
 
 class MeshHealth:
@@ -145,16 +165,31 @@ class MeshHealth:
         points = max(2, int(self.t.history_s / self.t.interval_s) + 1)
         self.history: deque[tuple[float, *tuple[float | None, ...]]] = deque(maxlen=points)
         self.doc: dict[str, Any] | None = None
+        #: The relay each client key was last published under, and when it was last seen.
+        self._homes: dict[bytes, tuple[str, float]] = {}
 
     # ---- one round ------------------------------------------------------------
 
     def update(
-        self, now: float, registry: Iterable[RelayRecord], fetches: Mapping[str, Fetch]
+        self,
+        now: float,
+        registry: Iterable[RelayRecord],
+        fetches: Mapping[str, Fetch],
+        homes: Iterable[tuple[bytes, str]] | None = None,
+        departed: Collection[str] = (),
     ) -> dict[str, Any]:
-        """Fold in one round of observations; the new document."""
-        self._fold_registry(now, registry)
+        """Fold in one round of observations; the new document.
+
+        ``homes``: every client key of the peer map and the relay it is (or, lost,
+        was last) published under; without it there are no failover events.
+        ``departed``: relays known to have left the registry after announcing a
+        planned stop (coordinator.state.MeshState.departed).
+        """
+        self._fold_registry(now, registry, departed)
         for relay in self._relays.values():
             self._fold_fetch(now, relay, fetches.get(relay.relay_id))
+        if homes is not None:
+            self._fold_homes(now, homes)
         for rid in [
             rid
             for rid, r in self._relays.items()
@@ -175,8 +210,10 @@ class MeshHealth:
             "stale_after_s": self.t.stale_after_s,
             "healthy": errors == 0,
             "summary": {
-                "relays": len(relays),
+                # Relays that left as planned are listed, not counted.
+                "relays": sum(1 for r in relays if r["state"] != "left"),
                 "relays_up": sum(1 for r in relays if r["state"] == "up"),
+                "relays_left": sum(1 for r in relays if r["state"] == "left"),
                 "regions": len(self._regions),
                 "links": len(links),
                 "links_up": sum(1 for link in links if link["state"] == "up"),
@@ -195,7 +232,9 @@ class MeshHealth:
 
     # ---- relays ---------------------------------------------------------------
 
-    def _fold_registry(self, now: float, registry: Iterable[RelayRecord]) -> None:
+    def _fold_registry(
+        self, now: float, registry: Iterable[RelayRecord], departed: Collection[str]
+    ) -> None:
         present = set()
         for rec in registry:
             present.add(rec.relay_id)
@@ -218,13 +257,31 @@ class MeshHealth:
             relay.region = rec.region
             relay.in_registry = True
             relay.left_at = None
+            relay.planned = False
         for relay in self._relays.values():
             if relay.relay_id not in present and relay.in_registry:
                 relay.in_registry = False
                 relay.left_at = now
-                self._event(
-                    now, "relay_left", relay.relay_id, f"{relay.relay_id} left the registry"
+                relay.planned = relay.state != "down" and (
+                    relay.record.get("leaving_at") is not None
+                    or relay.relay_id in departed
+                    or relay.state == "draining"
                 )
+                if relay.planned:
+                    self._event(
+                        now,
+                        "relay_left",
+                        relay.relay_id,
+                        f"{relay.relay_id}: relay left (planned)",
+                    )
+                else:
+                    self._event(
+                        now,
+                        "relay_left",
+                        relay.relay_id,
+                        f"{relay.relay_id} left the registry unannounced",
+                        WARNING,
+                    )
 
     def _fold_fetch(self, now: float, relay: _Relay, fetch: Fetch | None) -> None:
         if fetch is not None and fetch.doc is not None and relay.in_registry:
@@ -245,38 +302,72 @@ class MeshHealth:
             relay.prev = counters
             for link in doc.get("mesh_links", []):
                 dst, sent = str(link.get("relay_id")), int(link.get("packets_sent", 0))
+                drops = int(link.get("drops", 0))
                 before = relay.links_prev.get(dst)
                 if before is not None and now > before[0]:
-                    relay.links_pps[dst] = max(0, sent - before[1]) / (now - before[0])
-                relay.links_prev[dst] = (now, sent)
+                    dt = now - before[0]
+                    relay.links_pps[dst] = max(0, sent - before[1]) / dt
+                    relay.links_dps[dst] = max(0, drops - before[2]) / dt
+                relay.links_prev[dst] = (now, sent, drops)
             relay.doc, relay.doc_at, relay.error = doc, now, None
         elif fetch is not None:
             relay.error = fetch.error or "no status"
         elif not relay.in_registry:
-            relay.error = "not in the registry"
-        if (
+            relay.error = None if relay.planned else "not in the registry"
+        leaving = relay.in_registry and relay.record.get("leaving_at") is not None
+        if not relay.in_registry and relay.planned:
+            state = "left"
+        elif (
             not relay.in_registry
             or relay.doc_at is None
             or now - relay.doc_at > self.t.stale_after_s
         ):
             state = "down"
+        elif leaving or (relay.doc is not None and relay.doc.get("draining")):
+            # A relay on its way out may stop answering before it deregisters.
+            state = "draining"
         elif relay.doc_at < now:
             state = "stale"
-        elif relay.doc is not None and relay.doc.get("draining"):
-            state = "draining"
         else:
             state = "up"
         if state != relay.state:
             if state == "down" or (relay.state == "down" and relay.ever_up):
                 kind = "relay_down" if state == "down" else "relay_up"
-                self._event(now, kind, relay.relay_id, self._why(relay, state))
+                level = ERROR if state == "down" else INFO
+                self._event(now, kind, relay.relay_id, self._why(relay, state), level)
             relay.state = state
             relay.since = now
         if state != "down":
             relay.ever_up = True
-        if state == "down":
+        if state in ("down", "left"):
             relay.pps_in = relay.pps_out = relay.drops_per_s = 0.0
             relay.links_pps.clear()
+            relay.links_dps.clear()
+
+    def _fold_homes(self, now: float, homes: Iterable[tuple[bytes, str]]) -> None:
+        """Clients whose relay changed since the last round: one event per pair of relays.
+
+        A key gone from the peer map is remembered for ``forget_after_s``, so a
+        client that comes back on a sibling after a while still counts as moved.
+        """
+        moves: Counter[tuple[str, str]] = Counter()
+        known = self._homes
+        for key, relay_id in homes:
+            before = known.get(key)
+            if before is not None and before[0] != relay_id:
+                moves[(before[0], relay_id)] += 1
+            known[key] = (relay_id, now)
+        for key in [k for k, (_, seen) in known.items() if now - seen > self.t.forget_after_s]:
+            del known[key]
+        for (src, dst), n in sorted(moves.items()):
+            old = self._relays.get(src)
+            why = f" ({src} is {old.state})" if old is not None and old.state != "up" else ""
+            if old is not None and old.state == "left":
+                why = f" ({src} left)"
+            clients = "1 client" if n == 1 else f"{n} clients"
+            self._event(
+                now, "failover", f"{src}>{dst}", f"{clients} moved from {src} to {dst}{why}"
+            )
 
     @staticmethod
     def _why(relay: _Relay, state: str) -> str:
@@ -294,7 +385,8 @@ class MeshHealth:
             "region": r.region,
             "state": r.state,
             "since": r.since,
-            "stale": r.state == "stale",
+            "stale": r.state == "stale"
+            or (r.state == "draining" and r.doc_at is not None and r.doc_at < now),
             "updated_at": r.doc_at,
             "error": r.error if r.state != "up" else None,
             "version": r.record.get("version"),
@@ -329,9 +421,10 @@ class MeshHealth:
     # ---- links ------------------------------------------------------------------
 
     def _links(self, now: float) -> list[dict[str, Any]]:
-        """Every directed pair of known relays: link state, throughput, the probe's view."""
+        """Every directed pair of known relays (but those that left as planned): link
+        state, throughput, the probe's view."""
         out = []
-        relays = sorted(self._relays.values(), key=_order)
+        relays = sorted((r for r in self._relays.values() if r.state != "left"), key=_order)
         for src in relays:
             src_doc = src.doc if src.state in ("up", "draining", "stale") else None
             links = {str(x.get("relay_id")): x for x in (src_doc or {}).get("mesh_links", [])}
@@ -358,6 +451,10 @@ class MeshHealth:
                         "since": self._since[("link", f"{key[0]}>{key[1]}")],
                         "connected": bool(link.get("connected")) if link else None,
                         "pps": round(src.links_pps.get(dst.relay_id, 0.0), 2) if link else None,
+                        "drops_per_s": round(src.links_dps.get(dst.relay_id, 0.0), 2)
+                        if link
+                        else None,
+                        "drops": int(link.get("drops", 0)) if link else None,
                         "queued": link.get("queued") if link else None,
                         "rtt_ms": probe.get("rtt_ms") if probe and probe.get("ok") else None,
                         "probe_ok": probe.get("ok") if probe else None,
@@ -379,7 +476,7 @@ class MeshHealth:
         subject = f"{key[0]}>{key[1]}"
         if state == "down" and ends_up:
             self._announced.add(key)
-            self._event(now, "link_down", subject, f"path {key[0]} → {key[1]} down")
+            self._event(now, "link_down", subject, f"path {key[0]} → {key[1]} down", ERROR)
         elif state == "up" and key in self._announced:
             self._announced.discard(key)
             self._event(now, "link_up", subject, f"path {key[0]} → {key[1]} up again")
@@ -425,6 +522,7 @@ class MeshHealth:
                     r.relay_id,
                     f"{r.relay_id}: shared state "
                     + ("reachable again" if ok else f"lost: {shared.get('degraded')}"),
+                    INFO if ok else ERROR,
                 )
             self._etcd_ok[r.relay_id] = ok
             if not ok:
@@ -510,7 +608,7 @@ class MeshHealth:
                         f" ({probe['failures']} probes failed: {probe.get('error')})",
                     )
                 )
-        up_regions = {r.region for r in self._relays.values() if r.state != "down"}
+        up_regions = {r.region for r in self._relays.values() if r.state not in ("down", "left")}
         for region in sorted(self._regions - up_regions):
             found.append(("region_without_relay", region, f"region {region} has no relay up"))
         problems = []
@@ -545,6 +643,7 @@ class MeshHealth:
                     "region": region,
                     "relays": [r.relay_id for r in members],
                     "up": sum(1 for r in members if r.state in ("up", "draining")),
+                    "left": sum(1 for r in members if r.state == "left"),
                 }
             )
         return out
@@ -577,8 +676,10 @@ class MeshHealth:
                 cols[name].append(None if v is None else round(v, 3))
         return cols
 
-    def _event(self, now: float, kind: str, subject: str, message: str) -> None:
-        self.events.append({"at": now, "kind": kind, "subject": subject, "message": message})
+    def _event(self, now: float, kind: str, subject: str, message: str, level: str = INFO) -> None:
+        self.events.append(
+            {"at": now, "kind": kind, "level": level, "subject": subject, "message": message}
+        )
 
 
 def _order(r: _Relay) -> tuple[str, str]:

@@ -25,6 +25,8 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
+from .tls import ServerTLS
+
 __all__ = ["HttpStats", "serve_app"]
 
 log = logging.getLogger(__name__)
@@ -50,24 +52,32 @@ async def serve_app(
     sock: trio.socket.SocketType,
     *,
     stats: HttpStats | None = None,
+    tls: ServerTLS | None = None,
+    tls_handshake_timeout_s: float = 5.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``sock`` (bound and listening) until cancelled; started() at once.
 
     The socket is the caller's: it stays open when this returns, so a restart
     serves the same port with no window in which another process could take it.
+    With ``tls``, each connection is wrapped in TLS with the certificate current
+    at its accept (hypercorn runs the handshake, under ``tls_handshake_timeout_s``).
     """
     stats = stats if stats is not None else HttpStats()
     config = HypercornConfig()
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.ssl_handshake_timeout = tls_handshake_timeout_s
     asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(asgi, config, lifespan_state)
     context = WorkerContext(None)
     listener = trio.SocketListener(sock)
 
-    async def connection(stream: trio.SocketStream) -> None:
+    async def connection(tcp: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = tcp
+        if tls is not None:
+            stream = trio.SSLStream(tcp, tls.context, server_side=True, https_compatible=True)
         try:
             # Annotated as an SSLStream, TCPServer serves a plain one too (as hypercorn does).
             state = ConnectionState(lifespan_state.copy())
@@ -83,7 +93,7 @@ async def serve_app(
                     exc_info=exc if n == 1 else None,
                 )
             with trio.CancelScope(shield=True):
-                await stream.aclose()
+                await tcp.aclose()
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)

@@ -40,17 +40,18 @@ and the other links and the node go on.
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 
 import trio
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
+from relay.protocol.backoff import Backoff
 from relay.protocol.keys import NodeKey, PrivateKey
 
 from .client import RelayClient, RelayClosedError
 from .server import DropReason, RelayServer
-from .supervisor import Backoff
 
 __all__ = ["LinkStats", "Mesh"]
 
@@ -76,6 +77,9 @@ class LinkStats:
     eager: bool
     #: Times this relay's link failed and was reopened since the node started.
     failures: int
+    #: Packets for this relay lost on this link: refused by its full queue, lost in
+    #: flight when a connection broke, or queued in a client that had to be replaced.
+    drops: int
 
 
 @dataclass
@@ -85,6 +89,8 @@ class _Link:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     last_used: float = 0.0
     eager: bool = False
+    # Written by forward() (queue full) and by the link's task (clients replaced).
+    drops: int = 0
 
 
 class Mesh:
@@ -97,8 +103,11 @@ class Mesh:
         *,
         link_idle_s: float = 60.0,
         link_queue_packets: int = 4096,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._server = server
+        #: What wss:// relays are verified with ([mesh] ca_file; None: the system's store).
+        self._ssl_context = ssl_context
         self._state = state
         self._key = key
         self._mesh_key = mesh_key
@@ -129,6 +138,7 @@ class Mesh:
         if link.client.forward_nowait(src, dest, payload):
             self.forwarded_out += 1
         else:
+            link.drops += 1
             self._server.count_drop(DropReason.MESH_QUEUE_FULL)
         return True
 
@@ -142,6 +152,7 @@ class Mesh:
         if link.client.forward_nowait(src, dest, payload):
             self.forwarded_out += 1
         else:
+            link.drops += 1
             self._server.count_drop(DropReason.MESH_QUEUE_FULL)
         return True
 
@@ -162,6 +173,7 @@ class Mesh:
                     queued=st.send_queued,
                     eager=link.eager,
                     failures=self.link_failures.get(link.record.relay_id, 0),
+                    drops=link.drops + st.lost_in_flight,
                 )
             )
         return out
@@ -275,7 +287,10 @@ class Mesh:
                         delay,
                         exc_info=failure,
                     )
-                # Packets for it queue (bounded) in the new client while we wait.
+                # Packets for it queue (bounded) in the new client while we wait;
+                # what the old one still held, or lost in flight, is lost.
+                old = link.client.statistics()
+                link.drops += old.lost_in_flight + old.send_queued
                 link.client = self._new_client(link.record)
                 await trio.sleep(delay)
 
@@ -297,6 +312,7 @@ class Mesh:
             server_key=NodeKey.parse(record.public_key),
             send_queue_packets=self._queue,
             receive_queue_packets=16,
+            ssl_context=self._ssl_context,
         )
 
     def _close(self, relay_id: str, why: str) -> None:

@@ -9,23 +9,27 @@ Every ``interval_s`` a relay's :class:`MeshMonitor`
   this relay itself (sender and echo client both here) proves local delivery.
   One ping per path per round, at most ``max_probe_targets`` paths: the cost
   is one echo connection per probed relay and two small packets per path and
-  round. Each relay probes only its own row of the matrix; the full matrix
+  round. The probe clients prove the mesh key with a probe flag in their
+  handshake (relay/protocol/handshake.py), so relays leave them out of their
+  client counts. Each relay probes only its own row of the matrix; the full matrix
   is assembled from every relay's status, so the mesh as a whole sends each
   probe once, whoever serves the dashboard.
 - reads ``/api/v1/status`` of every relay in the registry (itself included,
   over HTTP like the rest, so its own figures take the same path), at most
   ``_FETCH_CONCURRENCY`` at a time, each under the probe timeout;
-- folds the round into :class:`relay.health.MeshHealth`, whose document is
-  what ``/api/v1/mesh`` serves.
+- folds the round, with the peer map's client homes (for failover events),
+  into :class:`relay.health.MeshHealth`, whose document is what
+  ``/api/v1/mesh`` serves.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,16 +85,26 @@ class ProbeResult:
 class _Echo:
     """The echo probe client on one target relay: answers the sender's pings, nothing else."""
 
-    def __init__(self, record: RelayRecord, sender: NodeKey, timeout_s: float) -> None:
+    def __init__(
+        self,
+        record: RelayRecord,
+        sender: NodeKey,
+        timeout_s: float,
+        probe_key: bytes | None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.record = record
         self.key = PrivateKey.generate()
         self.client = RelayClient(
             [record.ws_url],
             self.key,
+            mesh_key=probe_key,
+            probe=probe_key is not None,
             send_queue_packets=64,
             receive_queue_packets=64,
             connect_timeout_s=timeout_s,
             backoff_max_s=1.0,
+            ssl_context=ssl_context,
         )
         self._sender = sender
         self._sealer = Sealer(self.key)
@@ -124,8 +138,18 @@ class _Echo:
 class Prober:
     """Probes the paths from this relay to each target relay, one ping per path per round."""
 
-    def __init__(self, me: Callable[[], RelayRecord], cfg: HealthConfig) -> None:
+    def __init__(
+        self,
+        me: Callable[[], RelayRecord],
+        cfg: HealthConfig,
+        probe_key: bytes | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``probe_key``: the mesh key (or the lone relay's probe secret) that marks the
+        probe clients as such; without it they count as ordinary clients."""
         self._me = me
+        self._probe_key = probe_key
+        self._ssl_context = ssl_context
         self._timeout = cfg.probe_timeout_s
         self._max_targets = cfg.max_probe_targets
         self.key = PrivateKey.generate()
@@ -143,10 +167,13 @@ class Prober:
         self._sender = RelayClient(
             [me.ws_url],
             self.key,
+            mesh_key=self._probe_key,
+            probe=self._probe_key is not None,
             send_queue_packets=self._max_targets + 16,
             receive_queue_packets=self._max_targets + 16,
             connect_timeout_s=self._timeout,
             backoff_max_s=1.0,
+            ssl_context=self._ssl_context,
         )
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -194,7 +221,13 @@ class Prober:
         if self._nursery is not None and self._sender is not None:
             for rid, record in wanted.items():
                 if rid not in self._echoes:
-                    echo = _Echo(record, self._sender.public_key, self._timeout)
+                    echo = _Echo(
+                        record,
+                        self._sender.public_key,
+                        self._timeout,
+                        self._probe_key,
+                        self._ssl_context,
+                    )
                     self._echoes[rid] = echo
                     self._nursery.start_soon(echo.run)
         return targets
@@ -275,10 +308,21 @@ class MeshMonitor:
         me: Callable[[], RelayRecord],
         relays: Callable[[], list[RelayRecord]],
         regions: list[str] | None = None,
+        homes: Callable[[], Iterable[tuple[bytes, str]]] | None = None,
+        departed: Callable[[], Collection[str]] | None = None,
+        probe_key: bytes | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``homes``: the peer map's client keys and their relays, ``departed``: the
+        relays that left after announcing a planned stop (see MeshHealth.update);
+        ``probe_key``: see :class:`Prober`."""
         self.cfg = cfg
+        #: What wss:// and https:// relays are verified with (None: the system's store).
+        self._ssl_context = ssl_context
         self._me = me
         self._relays = relays
+        self._homes = homes
+        self._departed = departed
         interval = cfg.interval_s
         self.thresholds = HealthThresholds(
             interval_s=interval,
@@ -287,7 +331,7 @@ class MeshMonitor:
             drops_high_per_s=cfg.drops_high_per_s,
             forget_after_s=cfg.forget_after_s,
         )
-        self.prober = Prober(me, cfg)
+        self.prober = Prober(me, cfg, probe_key, ssl_context)
         self.health = MeshHealth(me().relay_id, self.thresholds, regions=regions or [])
         self.rounds = 0
         self._round_done = trio.Event()
@@ -305,7 +349,9 @@ class MeshMonitor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.health.served_by = self._me().relay_id
         async with (
-            httpx.AsyncClient(timeout=self.cfg.probe_timeout_s) as http,
+            httpx.AsyncClient(
+                timeout=self.cfg.probe_timeout_s, verify=self._ssl_context or True
+            ) as http,
             trio.open_nursery() as nursery,
         ):
             await nursery.start(self.prober.run)
@@ -338,7 +384,13 @@ class MeshMonitor:
         async with trio.open_nursery() as nursery:
             for record in registry:
                 nursery.start_soon(fetch, record)
-        self.health.update(time.time(), registry, fetches)
+        self.health.update(
+            time.time(),
+            registry,
+            fetches,
+            self._homes() if self._homes is not None else None,
+            departed=self._departed() if self._departed is not None else (),
+        )
 
 
 async def _fetch_status(http: httpx.AsyncClient, record: RelayRecord) -> Fetch:

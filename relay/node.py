@@ -28,8 +28,9 @@ direct call is the hot path, the mesh's ``forward`` registered with
 from __future__ import annotations
 
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +38,7 @@ from typing import Any
 
 import trio
 from nacl.signing import SigningKey
+from quart_trio import QuartTrio
 
 from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
@@ -45,6 +47,7 @@ from region.model import RegionMap, RegionMapError, load_region_map
 from relay.protocol.keys import NodeKey, PrivateKey, load_or_create_key_file
 
 from . import __version__
+from .addresses import RelayAddresses, relay_addresses
 from .app import create_app
 from .config import ConfigError, RelayConfig, load_tokens
 from .http import HttpStats, serve_app
@@ -53,6 +56,7 @@ from .monitor import MeshMonitor
 from .server import RelayServer
 from .stun_server import StunStats, serve_stun
 from .supervisor import Supervisor
+from .tls import ServerTLS, TLSError, client_context
 
 __all__ = ["ListenError", "NodeInfo", "load_node_key", "serve_relay_node", "shut_down_node"]
 
@@ -76,6 +80,10 @@ class NodeInfo:
     supervisor: Supervisor
     stun_port: int = 0
     monitor: MeshMonitor | None = None
+    #: Where relays and where clients reach this node (relay/addresses.py).
+    addresses: RelayAddresses | None = None
+    #: The certificate both ports serve ([tls]); reload() it on SIGHUP.
+    tls: ServerTLS | None = None
 
 
 class ListenError(Exception):
@@ -107,14 +115,6 @@ def load_node_key(cfg: RelayConfig) -> PrivateKey:
     return load_or_create_key_file(cfg.relay.key_file)
 
 
-def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
 @asynccontextmanager
 async def _store_from_config(cfg: RelayConfig) -> AsyncIterator[Store | None]:
     if not cfg.mesh.etcd_endpoints:
@@ -122,8 +122,33 @@ async def _store_from_config(cfg: RelayConfig) -> AsyncIterator[Store | None]:
         return
     from coordinator.etcd import open_etcd_store
 
-    async with open_etcd_store(cfg.mesh.etcd_endpoints) as store:
+    async with open_etcd_store(cfg.mesh.etcd_endpoints, **_etcd_options(cfg)) as store:
         yield store
+
+
+def _etcd_options(cfg: RelayConfig) -> dict[str, Any]:
+    """TLS and authentication for etcd ([etcd]); the password is read here, never logged."""
+    e = cfg.etcd
+    if any(ep.startswith("https://") for ep in cfg.mesh.etcd_endpoints) and e.ca_file is None:
+        raise ConfigError("[mesh] etcd_endpoints use https://: set [etcd] ca_file")
+    options: dict[str, Any] = {
+        name: str(path)
+        for name, path in (
+            ("ca_file", e.ca_file),
+            ("cert_file", e.cert_file),
+            ("key_file", e.key_file),
+        )
+        if path is not None
+    }
+    if e.user is not None and e.password_file is not None:
+        try:
+            password = e.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{e.password_file}: cannot read the etcd password: {exc.strerror}"
+            ) from None
+        options.update(user=e.user, password=password)
+    return options
 
 
 async def serve_relay_node(
@@ -140,12 +165,8 @@ async def serve_relay_node(
     MemoryStore between the relays of one process).
     """
     key = key or load_node_key(cfg)
-    tokens = (
-        load_tokens(cfg.admission.tokens_file)
-        if cfg.admission.policy == "token" and cfg.admission.tokens_file is not None
-        else frozenset()
-    )
-    server = RelayServer(cfg, key, tokens=tokens, mesh_key=mesh_key)
+    tls, relay_trust = _load_tls(cfg)
+    server = RelayServer(cfg, key, tokens=_admission_tokens(cfg), mesh_key=mesh_key, tls=tls)
     host = cfg.relay.listen_host
     configured_map, signing_key = _load_region_map_config(cfg)
     supervisor = Supervisor()
@@ -155,78 +176,27 @@ async def serve_relay_node(
             http_sock = await _listen_tcp(host, cfg.relay.http_port)
         with http_sock:
             async with trio.open_nursery() as nursery:
-
-                def serve_ws(task_status: trio.TaskStatus[int]) -> Any:
-                    # A restart listens on the port the first run got.
-                    port = server.port if server.port is not None else cfg.relay.port
-                    return server.serve(host, port, task_status=task_status)
-
-                async with _binding("WebSocket", host, cfg.relay.port):
-                    ws_port = await supervisor.start(nursery, "websocket", serve_ws)
+                ws_port = await _start_websocket(nursery, supervisor, server, cfg)
                 stun_stats = StunStats()
-                stun_port = 0
-                if cfg.relay.stun:
-                    stun_box = [cfg.relay.stun_port]
-
-                    def run_stun(task_status: trio.TaskStatus[int]) -> Any:
-                        return serve_stun(
-                            host, stun_box[0], stats=stun_stats, task_status=task_status
-                        )
-
-                    async with _binding("STUN, UDP", host, cfg.relay.stun_port):
-                        stun_port = stun_box[0] = await supervisor.start(nursery, "stun", run_stun)
-                ahost = cfg.mesh.advertise_host or _url_host(host)
-                ws_url = f"ws://{ahost}:{ws_port}/derp"
-                http_url = f"http://{ahost}:{http_sock.getsockname()[1]}"
-                me = RelayRecord(
-                    relay_id=cfg.relay.name,
-                    region=cfg.relay.region,
-                    name=cfg.relay.name,
-                    ws_url=ws_url,
-                    http_url=http_url,
-                    public_key=str(key.public),
-                    started_at=time.time(),
-                    version=__version__,
-                    stun=f"{ahost}:{stun_port}" if stun_port else None,
+                stun_port = await _start_stun(nursery, supervisor, cfg, stun_stats)
+                addr = relay_addresses(
+                    cfg,
+                    ws_port=ws_port,
+                    http_port=http_sock.getsockname()[1],
+                    stun_port=stun_port,
+                    tls=tls is not None,
                 )
-                state: MeshState | None = None
-                mesh: Mesh | None = None
-
+                me = _relay_record(cfg, key, addr)
                 async with _store_from_config(cfg) if store is None else _given(store) as the_store:
-                    if the_store is not None:
-                        state = MeshState(
-                            the_store,
-                            me,
-                            prefix=cfg.mesh.prefix,
-                            lease_ttl_s=cfg.mesh.lease_ttl_s,
-                            keepalive_interval_s=cfg.mesh.keepalive_interval_s,
-                            lost_grace_s=cfg.mesh.lost_grace_s,
-                            presence=server.watch_presence(),
-                        )
-                        if mesh_key is not None:
-                            mesh = Mesh(
-                                server,
-                                state,
-                                key,
-                                mesh_key,
-                                link_idle_s=cfg.mesh.link_idle_s,
-                                link_queue_packets=cfg.mesh.link_queue_packets,
-                            )
+                    state, mesh = _shared_state(
+                        cfg, the_store, me, server, key, mesh_key, relay_trust
+                    )
 
                     def relays() -> list[RelayRecord]:
                         return list(state.relays.values()) if state is not None else [me]
 
-                    monitor = (
-                        MeshMonitor(
-                            cfg.health,
-                            me=lambda: me,
-                            relays=relays,
-                            regions=[r.code for r in configured_map.regions]
-                            if configured_map is not None
-                            else None,
-                        )
-                        if cfg.health.enabled
-                        else None
+                    monitor = _mesh_monitor(
+                        cfg, me, relays, configured_map, state, server, relay_trust
                     )
                     http_stats = HttpStats()
                     app = create_app(
@@ -243,31 +213,23 @@ async def serve_relay_node(
                         monitor=monitor,
                         mesh_key=mesh_key,
                     )
-                    await supervisor.start(
-                        nursery, "http", partial(serve_app, app, http_sock, stats=http_stats)
-                    )
-                    if state is not None:
-                        await supervisor.start(nursery, "state", state.run)
-                        if mesh is not None:
-                            await supervisor.start(nursery, "mesh", mesh.run)
-                        await supervisor.start(
-                            nursery, "health", partial(_report_health, server, state)
-                        )
-                    if monitor is not None:
-                        await supervisor.start(nursery, "monitor", monitor.run)
+                    await _start_http(nursery, supervisor, cfg, app, http_sock, http_stats, tls)
+                    await _start_shared_state(nursery, supervisor, server, state, mesh, monitor)
                     info = NodeInfo(
                         relay_id=cfg.relay.name,
                         region=cfg.relay.region,
                         name=cfg.relay.name,
                         public_key=key.public,
-                        ws_url=ws_url,
-                        http_url=http_url,
+                        ws_url=me.ws_url,
+                        http_url=me.http_url,
                         server=server,
                         state=state,
                         mesh=mesh,
                         supervisor=supervisor,
                         stun_port=stun_port,
                         monitor=monitor,
+                        addresses=addr,
+                        tls=tls,
                     )
                     log.info(
                         "relay %s/%s up: %s %s key %s",
@@ -290,9 +252,176 @@ async def serve_relay_node(
         raise
 
 
+def _admission_tokens(cfg: RelayConfig) -> frozenset[str]:
+    if cfg.admission.policy == "token" and cfg.admission.tokens_file is not None:
+        return load_tokens(cfg.admission.tokens_file)
+    return frozenset()
+
+
+async def _start_websocket(
+    nursery: trio.Nursery, supervisor: Supervisor, server: RelayServer, cfg: RelayConfig
+) -> int:
+    """The data plane, supervised; returns the port it accepts on."""
+    host = cfg.relay.listen_host
+
+    def serve_ws(task_status: trio.TaskStatus[int]) -> Any:
+        # A restart listens on the port the first run got.
+        port = server.port if server.port is not None else cfg.relay.port
+        return server.serve(host, port, task_status=task_status)
+
+    async with _binding("WebSocket", host, cfg.relay.port):
+        port: int = await supervisor.start(nursery, "websocket", serve_ws)
+    return port
+
+
+async def _start_stun(
+    nursery: trio.Nursery, supervisor: Supervisor, cfg: RelayConfig, stats: StunStats
+) -> int:
+    """The STUN server, supervised, if configured; returns its port (0: none)."""
+    if not cfg.relay.stun:
+        return 0
+    host = cfg.relay.listen_host
+    stun_box = [cfg.relay.stun_port]
+
+    def run_stun(task_status: trio.TaskStatus[int]) -> Any:
+        return serve_stun(host, stun_box[0], stats=stats, task_status=task_status)
+
+    async with _binding("STUN, UDP", host, cfg.relay.stun_port):
+        stun_box[0] = await supervisor.start(nursery, "stun", run_stun)
+    return stun_box[0]
+
+
+def _relay_record(cfg: RelayConfig, key: PrivateKey, addr: RelayAddresses) -> RelayRecord:
+    """This relay as the registry publishes it, with the addresses others reach it at."""
+    return RelayRecord(
+        relay_id=cfg.relay.name,
+        region=cfg.relay.region,
+        name=cfg.relay.name,
+        ws_url=addr.ws_url,
+        http_url=addr.http_url,
+        public_key=str(key.public),
+        started_at=time.time(),
+        version=__version__,
+        stun=addr.stun,
+        public_ws_url=addr.client_ws_url if addr.public else None,
+        public_http_url=addr.client_http_url if addr.public else None,
+        public_stun=addr.client_stun if addr.public else None,
+    )
+
+
+def _shared_state(
+    cfg: RelayConfig,
+    store: Store | None,
+    me: RelayRecord,
+    server: RelayServer,
+    key: PrivateKey,
+    mesh_key: bytes | None,
+    relay_trust: ssl.SSLContext,
+) -> tuple[MeshState | None, Mesh | None]:
+    """The state over ``store`` (none without one) and, with a mesh key, the mesh."""
+    if store is None:
+        return None, None
+    state = MeshState(
+        store,
+        me,
+        prefix=cfg.mesh.prefix,
+        lease_ttl_s=cfg.mesh.lease_ttl_s,
+        keepalive_interval_s=cfg.mesh.keepalive_interval_s,
+        lost_grace_s=cfg.mesh.lost_grace_s,
+        presence=server.watch_presence(),
+    )
+    if mesh_key is None:
+        return state, None
+    mesh = Mesh(
+        server,
+        state,
+        key,
+        mesh_key,
+        link_idle_s=cfg.mesh.link_idle_s,
+        link_queue_packets=cfg.mesh.link_queue_packets,
+        ssl_context=relay_trust,
+    )
+    return state, mesh
+
+
+def _mesh_monitor(
+    cfg: RelayConfig,
+    me: RelayRecord,
+    relays: Callable[[], list[RelayRecord]],
+    configured_map: RegionMap | None,
+    state: MeshState | None,
+    server: RelayServer,
+    relay_trust: ssl.SSLContext,
+) -> MeshMonitor | None:
+    if not cfg.health.enabled:
+        return None
+
+    def homes() -> Iterable[tuple[bytes, str]]:
+        # Lost peers keep their last relay: coming back elsewhere is a move.
+        assert state is not None
+        return ((k, e.record.relay_id) for k, e in state.peers.items())
+
+    return MeshMonitor(
+        cfg.health,
+        me=lambda: me,
+        relays=relays,
+        regions=[r.code for r in configured_map.regions] if configured_map is not None else None,
+        homes=homes if state is not None else None,
+        departed=(lambda: state.departed) if state is not None else None,
+        probe_key=server.probe_key,
+        ssl_context=relay_trust,
+    )
+
+
+async def _start_http(
+    nursery: trio.Nursery,
+    supervisor: Supervisor,
+    cfg: RelayConfig,
+    app: QuartTrio,
+    sock: trio.socket.SocketType,
+    stats: HttpStats,
+    tls: ServerTLS | None,
+) -> None:
+    """The HTTP API on the node's own socket and, with TLS, the certificate's reloader."""
+    await supervisor.start(
+        nursery,
+        "http",
+        partial(
+            serve_app,
+            app,
+            sock,
+            stats=stats,
+            tls=tls,
+            tls_handshake_timeout_s=cfg.tls.handshake_timeout_s,
+        ),
+    )
+    if tls is not None and cfg.tls.reload_check_interval_s > 0:
+        await supervisor.start(nursery, "tls", partial(tls.watch, cfg.tls.reload_check_interval_s))
+
+
+async def _start_shared_state(
+    nursery: trio.Nursery,
+    supervisor: Supervisor,
+    server: RelayServer,
+    state: MeshState | None,
+    mesh: Mesh | None,
+    monitor: MeshMonitor | None,
+) -> None:
+    """The components after HTTP, in order: state, mesh, health, monitor."""
+    if state is not None:
+        await supervisor.start(nursery, "state", state.run)
+        if mesh is not None:
+            await supervisor.start(nursery, "mesh", mesh.run)
+        await supervisor.start(nursery, "health", partial(_report_health, server, state))
+    if monitor is not None:
+        await supervisor.start(nursery, "monitor", monitor.run)
+
+
 async def shut_down_node(info: NodeInfo, *, deadline_s: float) -> None:
     """A planned stop, within ``deadline_s``; the caller then cancels the node.
 
+    0. The relay's registry record says it is leaving, so the mesh's health
+       shows the stop as a departure, not as a relay down (docs/health.md).
     1. Every client gets Restarting; those that know other relays move at once,
        while this relay still delivers to them and forwards for them.
     2. The writers of those still here flush; each connection is closed with
@@ -303,11 +432,19 @@ async def shut_down_node(info: NodeInfo, *, deadline_s: float) -> None:
     """
     close_s = min(1.0, deadline_s / 4)
     revoke_s = min(1.0, deadline_s / 4)
+    start = trio.current_time()
     with trio.move_on_after(deadline_s):
-        await info.server.drain(
-            reconnect_in_ms=0, grace_s=deadline_s - close_s - revoke_s, close_s=close_s
-        )
         state = info.state
+        if state is not None:
+            with trio.move_on_after(revoke_s):
+                try:
+                    await state.announce_leaving()
+                except (StoreUnavailable, LeaseNotFound) as exc:
+                    log.info("could not announce the stop (it will look like a failure): %s", exc)
+        spent = trio.current_time() - start
+        await info.server.drain(
+            reconnect_in_ms=0, grace_s=deadline_s - spent - close_s - revoke_s, close_s=close_s
+        )
         if state is not None and state.registered:
             with trio.move_on_after(revoke_s):
                 try:
@@ -334,6 +471,17 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
     return [exc]
+
+
+def _load_tls(cfg: RelayConfig) -> tuple[ServerTLS | None, ssl.SSLContext]:
+    """The certificate to serve ([tls]) and what other relays are verified with ([mesh])."""
+    try:
+        tls = None
+        if cfg.tls.cert_file is not None and cfg.tls.key_file is not None:
+            tls = ServerTLS(cfg.tls.cert_file, cfg.tls.key_file)
+        return tls, client_context(cfg.mesh.ca_file)
+    except TLSError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _load_region_map_config(cfg: RelayConfig) -> tuple[RegionMap | None, SigningKey | None]:

@@ -34,11 +34,11 @@ import enum
 import errno
 import hmac
 import logging
-import struct
+import secrets
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 import wsproto.events
@@ -60,6 +60,7 @@ from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemotePro
 from . import _wsmask
 from .config import RelayConfig
 from .ratelimit import TokenBucket
+from .tls import ServerTLS, describe_tls_error
 
 _wsmask.install()
 
@@ -74,7 +75,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HDR = struct.Struct(">BI")
+_HDR = wire.FRAME_HEADER
 _RECV = FrameType.RECV_PACKET
 _SEND = FrameType.SEND_PACKET
 _FWD = FrameType.FORWARD_PACKET
@@ -128,6 +129,7 @@ class ClientStats:
     key: str
     remote: str
     is_mesh: bool
+    is_probe: bool
     preferred: bool
     connected_at: float
     data_queued: int
@@ -142,8 +144,11 @@ class ClientStats:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RelayStats:
+    #: Clients connected now: neither mesh peers nor the mesh's own probe clients.
     clients: int
     mesh_peers: int
+    #: The health monitors' probe clients connected now (docs/health.md).
+    probe_clients: int
     accepts: int
     handshakes_ok: int
     packets_in: int
@@ -175,6 +180,7 @@ class _Closing(Exception):
 
 #: What ``closes`` counts a connection as when its peer went away, by the stage it was in.
 _GONE = {
+    "tls": "tls_handshake_failed",
     "upgrade": "closed_before_upgrade",
     "handshake": "closed_in_handshake",
     "open": "closed_by_peer",
@@ -304,6 +310,7 @@ class _Client:
         self.node_key = hello.client_key
         self.remote = remote
         self.is_mesh = is_mesh
+        self.is_probe = hello.probe
         self.data_cap = data_cap
         self.ctrl_cap = ctrl_cap
         self.connected_at = trio.current_time()
@@ -348,6 +355,7 @@ class _Client:
             key=str(self.node_key),
             remote=self.remote,
             is_mesh=self.is_mesh,
+            is_probe=self.is_probe,
             preferred=self.preferred,
             connected_at=self.connected_at,
             data_queued=len(self.data),
@@ -388,12 +396,18 @@ class RelayServer:
         *,
         tokens: frozenset[str] = frozenset(),
         mesh_key: bytes | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.cfg = cfg
         self.key = key
+        #: With a certificate, every connection speaks TLS (wss://) from its first byte.
+        self.tls = tls
         self._limits = cfg.limits
         self._tokens = tokens
         self._mesh_key = mesh_key
+        #: What the mesh's probe clients prove themselves with: the mesh key, or
+        #: without one a secret of this process (only its own monitor probes it then).
+        self.probe_key = mesh_key if mesh_key is not None else secrets.token_bytes(32)
         self._clients: dict[bytes, _Client] = {}
         #: Connections that have not finished their handshake, oldest first.
         self._preauth: dict[_Conn, None] = {}
@@ -446,8 +460,9 @@ class RelayServer:
     def statistics(self) -> RelayStats:
         c = self._c
         return RelayStats(
-            clients=sum(1 for cl in self._clients.values() if not cl.is_mesh),
+            clients=sum(1 for cl in self._clients.values() if not cl.is_mesh and not cl.is_probe),
             mesh_peers=sum(1 for cl in self._clients.values() if cl.is_mesh),
+            probe_clients=sum(1 for cl in self._clients.values() if cl.is_probe),
             accepts=c.accepts,
             handshakes_ok=c.handshakes_ok,
             packets_in=c.packets_in + sum(cl.packets_in for cl in self._clients.values()),
@@ -617,22 +632,59 @@ class RelayServer:
             oldest.scope.cancel()
         self._preauth[conn] = None
 
+    async def _tls_handshake(
+        self, tcp: trio.SocketStream, conn: _Conn
+    ) -> trio.SSLStream[Any] | None:
+        """Wrap ``tcp`` in TLS with the certificate current now; None if the handshake fails.
+
+        Runs inside the pre-auth deadline, and under its own bound. A failure
+        (plain HTTP or garbage on the TLS port, an unknown CA on the client's
+        side, a reset) is counted as ``tls_handshake_failed``, a timeout as
+        ``tls_handshake_timeout``, and ends this connection only.
+        """
+        assert self.tls is not None
+        conn.stage = "tls"
+        stream = trio.SSLStream(tcp, self.tls.context, server_side=True, https_compatible=True)
+        with trio.move_on_after(self.cfg.tls.handshake_timeout_s) as bound:
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                self._count_close(conn, "tls_handshake_failed")
+                log.debug(
+                    "connection from %s: %s",
+                    conn.remote,
+                    describe_tls_error(exc) or "TLS handshake failed: connection closed",
+                )
+                return None
+        if bound.cancelled_caught:
+            self._count_close(conn, "tls_handshake_timeout")
+            return None
+        conn.stage = "upgrade"
+        return stream
+
     async def _serve_connection(
-        self, nursery: trio.Nursery, stream: trio.SocketStream, conn: _Conn
+        self, nursery: trio.Nursery, tcp: trio.SocketStream, conn: _Conn
     ) -> None:
         lim = self._limits
-        # Until the handshake is done a message can only carry a ClientInfo: a small
-        # limit keeps what an unauthenticated connection can make us hold small.
-        ws = WebSocketConnection(
-            stream,
-            _ServerWSProto(),
-            max_message_size=wire.MAX_PREAUTH_MESSAGE_BYTES,
-            receive_buffer_size=lim.receive_buffer_bytes,
-        )
         decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
         hello: ClientHello | None = None
         failure: _Closing | None = None
+        ws: WebSocketConnection | None = None
         with conn.scope:
+            stream: trio.abc.Stream = tcp
+            if self.tls is not None:
+                tls_stream = await self._tls_handshake(tcp, conn)
+                if tls_stream is None:
+                    return
+                stream = tls_stream
+            # Until the handshake is done a message can only carry a ClientInfo: a small
+            # limit keeps what an unauthenticated connection can make us hold small.
+            ws = WebSocketConnection(
+                stream,
+                _ServerWSProto(),
+                max_message_size=wire.MAX_PREAUTH_MESSAGE_BYTES,
+                receive_buffer_size=lim.receive_buffer_bytes,
+            )
             request = await self._upgrade_request(nursery, ws)
             if request is None:
                 # The reader stopped first: EOF or reset (ws.closed set) or a request
@@ -668,10 +720,14 @@ class RelayServer:
             if conn.shed:
                 self._count_close(conn, "preauth_shed")
             elif conn.stage == "handshake":
+                assert ws is not None
                 await self._close(conn, ws, CloseReason.HANDSHAKE_TIMEOUT, "no ClientInfo in time")
+            elif conn.stage == "tls":
+                self._count_close(conn, "tls_handshake_timeout")
             else:
                 self._count_close(conn, "upgrade_timeout")
             return
+        assert ws is not None
         if failure is not None:
             await self._close(conn, ws, failure.reason, failure.detail, label=failure.label)
             return
@@ -708,7 +764,7 @@ class RelayServer:
         self, ws: WebSocketConnection, hello: ClientHello, decoder: wire.FrameDecoder, conn: _Conn
     ) -> None:
         self._c.handshakes_ok += 1
-        is_mesh = hello.mesh_proof is not None
+        is_mesh = hello.mesh_proof is not None and not hello.probe
         client = _Client(
             ws,
             hello,
@@ -771,10 +827,12 @@ class RelayServer:
 
     def _admit(self, hello: ClientHello, challenge: bytes) -> None:
         if hello.mesh_proof is not None:
-            # Mesh peers are judged by the mesh key alone, never by client policy.
-            if self._mesh_key is None:
+            # Mesh peers and probe clients are judged by the mesh key alone, never by
+            # client policy.
+            secret = self.probe_key if hello.probe else self._mesh_key
+            if secret is None:
                 raise _Closing(CloseReason.UNAUTHORIZED, "this relay is not part of a mesh")
-            want = mesh_proof(self._mesh_key, challenge, hello.client_key)
+            want = mesh_proof(secret, challenge, hello.client_key)
             if not hmac.compare_digest(want, hello.mesh_proof):
                 # Counted as bad_mesh_key (not unauthorized): a relay of our own mesh
                 # with the wrong key is an operator's problem, not a client's.

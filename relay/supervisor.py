@@ -26,7 +26,6 @@ it serves (the restart factory is called for every run).
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,7 +33,9 @@ from typing import Any
 
 import trio
 
-__all__ = ["Backoff", "Supervisor", "SupervisorStats"]
+from relay.protocol.backoff import Backoff
+
+__all__ = ["Supervisor", "SupervisorStats"]
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +47,6 @@ RESTART_MAX_S = 10.0
 RESTART_STABLE_S = 30.0
 
 Component = Callable[..., Awaitable[Any]]
-
-
-class Backoff:
-    """Jittered exponential backoff: uniform in [c/2, c], c doubling up to ``max_s``."""
-
-    def __init__(self, initial_s: float = RESTART_INITIAL_S, max_s: float = RESTART_MAX_S) -> None:
-        self._initial = initial_s
-        self._max = max_s
-        self._n = 0
-
-    def next(self) -> float:
-        cap = min(self._max, self._initial * 2 ** min(self._n, 30))
-        self._n += 1
-        return random.uniform(cap / 2, cap)
-
-    def reset(self) -> None:
-        self._n = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -40,6 +40,9 @@ from .hints import command_name
 from .urls import UrlError, relay_urls, split_urls, url_kind
 
 __all__ = ["main"]
+
+if TYPE_CHECKING:
+    _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _fail(msg: str, code: int = 1) -> NoReturn:
@@ -142,6 +145,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
             "mesh_key_file": str(args.mesh_key_file) if args.mesh_key_file else None,
             "advertise_host": args.advertise_host,
         },
+        "public": {"host": args.public_host},
     }
     try:
         cfg = load_config(args.config, overrides=overrides)
@@ -165,14 +169,21 @@ def cmd_relay(args: argparse.Namespace) -> int:
     async def run() -> int:
         # Signals are caught from before the first port is bound: a Ctrl-C that lands
         # while the relay starts (or just after its banner) still stops it cleanly.
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # SIGHUP reloads the TLS certificate (relay/tls.py); it never stops the relay.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             got: list[int] = []
             stop = trio.Event()
+            node: list[NodeInfo] = []
             async with trio.open_nursery() as nursery:
                 starting = trio.CancelScope()
 
                 async def watch() -> None:
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            tls = node[0].tls if node else None
+                            if tls is not None:
+                                tls.reload()
+                            continue
                         got.append(signum)
                         starting.cancel()
                         stop.set()
@@ -181,6 +192,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
                 nursery.start_soon(watch)
                 with starting:
                     info = await _start_node(nursery, cfg, key, mesh_key)
+                    node.append(info)
                 if not got:
                     _relay_banner(args, info, prog)
                     await stop.wait()
@@ -231,6 +243,11 @@ async def _start_node(
 
 
 def _relay_banner(args: argparse.Namespace, info: NodeInfo, prog: str) -> None:
+    # Clients are told the public address; the mesh address is shown when it differs.
+    addr = info.addresses
+    ws_url = addr.client_ws_url if addr else info.ws_url
+    http_url = addr.client_http_url if addr else info.http_url
+    stun = addr.client_stun if addr else None
     if args.json:
         print(
             json.dumps(
@@ -238,9 +255,12 @@ def _relay_banner(args: argparse.Namespace, info: NodeInfo, prog: str) -> None:
                     "region": info.region,
                     "name": info.name,
                     "public_key": str(info.public_key),
-                    "ws_url": info.ws_url,
-                    "http_url": info.http_url,
+                    "ws_url": ws_url,
+                    "http_url": http_url,
                     "stun_port": info.stun_port,
+                    "stun": stun,
+                    "mesh_ws_url": info.ws_url,
+                    "mesh_http_url": info.http_url,
                 }
             ),
             flush=True,
@@ -248,14 +268,16 @@ def _relay_banner(args: argparse.Namespace, info: NodeInfo, prog: str) -> None:
         return
     print(f"relay {info.region}/{info.name} is up", flush=True)
     print(f"  key       {info.public_key}")
-    print(f"  websocket {info.ws_url}")
-    print(f"  http      {info.http_url}  (/healthz /metrics /api/v1/status /regionmap)")
-    print(f"  stun      udp port {info.stun_port}" if info.stun_port else "  stun      off")
+    print(f"  websocket {ws_url}")
+    print(f"  http      {http_url}  (/healthz /metrics /api/v1/status /regionmap)")
+    print(f"  stun      udp {stun}" if stun else "  stun      off")
+    if ws_url != info.ws_url:
+        print(f"  mesh      {info.ws_url} {info.http_url}  (relays, monitor, Prometheus)")
     print("connect two terminals through it:")
     print(f"  {prog} keygen --out alice.key; {prog} keygen --out bob.key")
-    print(f"  {prog} listen --url {info.ws_url} --key-file bob.key")
+    print(f"  {prog} listen --url {ws_url} --key-file bob.key")
     print(
-        f"  {prog} send --url {info.ws_url} --key-file alice.key --to <bob's key> hello",
+        f"  {prog} send --url {ws_url} --key-file alice.key --to <bob's key> hello",
         flush=True,
     )
 
@@ -276,6 +298,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 state_file=args.state_file,
                 json=args.json,
                 listen_host=args.listen_host,
+                tls=args.tls,
             )
         )
     except ConfigError as exc:
@@ -284,6 +307,27 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot start the mesh: {exc.strerror or exc}") from None
+
+
+# ---- trust in wss:// and https:// relays -----------------------------------------
+
+
+def _ca_file_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ca-file",
+        type=Path,
+        help="verify wss:// and https:// relays with this CA bundle (PEM) instead of the"
+        " system's (env SSL_CERT_FILE also works)",
+    )
+
+
+def _trust(args: argparse.Namespace) -> Any:
+    from relay.tls import TLSError, client_context
+
+    try:
+        return client_context(args.ca_file)
+    except TLSError as exc:
+        raise UserError(str(exc)) from None
 
 
 # ---- regionmap / netcheck ------------------------------------------------------
@@ -304,7 +348,7 @@ def cmd_regionmap(args: argparse.Namespace) -> int:
     from relaymesh.home import MapFetchError, RegionMapSource
 
     url = _http_base(args.url, "regionmap")
-    source = RegionMapSource(url, verify_key=_verify_key(args.verify_key))
+    source = RegionMapSource(url, verify_key=_verify_key(args.verify_key), ssl_context=_trust(args))
     region_map = _run(source.fetch, MapFetchError)
     if args.json:
         print(json.dumps(region_map.model_dump(mode="json")))
@@ -328,11 +372,12 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
 
     url = _http_base(args.url, "netcheck")
     verify_key = _verify_key(args.verify_key)
+    trust = _trust(args)
 
     async def run() -> Any:
-        source = RegionMapSource(url, verify_key=verify_key)
+        source = RegionMapSource(url, verify_key=verify_key, ssl_context=trust)
         region_map = await source.fetch()
-        return await run_netcheck(region_map, deadline_s=args.deadline)
+        return await run_netcheck(region_map, deadline_s=args.deadline, ssl_context=trust)
 
     report = _run(run, MapFetchError)
     if args.json:
@@ -367,10 +412,11 @@ def cmd_ping(args: argparse.Namespace) -> int:
     url = _http_base(args.url, "ping")
     key = _load_key(args.key_file)
     dest: NodeKey = args.node
+    trust = _trust(args)
 
     async def run() -> int:
         answered = 0
-        async with open_peer(url, key) as peer:
+        async with open_peer(url, key, token=args.token, ssl_context=trust) as peer:
             for seq in range(args.count):
                 if seq:
                     await trio.sleep(args.interval)
@@ -404,11 +450,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
     if len(urls) == 1 and url_kind(urls[0]) == "http":
         return _listen_as_peer(args, key)
     sealer = Sealer(key)
+    trust = _trust(args)
 
     async def run() -> None:
         try:
-            urls = await relay_urls(args.url)
-            async with open_relay_client(urls, key, token=args.token) as client:
+            urls = await relay_urls(args.url, ssl_context=trust)
+            async with open_relay_client(urls, key, token=args.token, ssl_context=trust) as client:
                 if args.json:
                     print(json.dumps({"listening": str(key.public), "url": client.url}), flush=True)
                 else:
@@ -447,8 +494,10 @@ def _listen_as_peer(args: argparse.Namespace, key: PrivateKey) -> int:
     from relaymesh.home import MapFetchError
     from relaymesh.peer import open_peer
 
+    trust = _trust(args)
+
     async def run() -> None:
-        async with open_peer(args.url, key) as peer:
+        async with open_peer(args.url, key, token=args.token, ssl_context=trust) as peer:
             assert peer.home is not None
             where = f"{peer.home.home.region}/{peer.home.home.relay}"
             if args.json:
@@ -483,11 +532,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     except Exception:
         # libsodium refuses a key that is not a point of the curve (all zeros, say).
         raise UserError(f"--to {dest}: not a usable public key (no shared key with it)") from None
+    trust = _trust(args)
 
     async def run() -> None:
         try:
-            urls = await relay_urls(args.url)
-            async with open_relay_client(urls, key, token=args.token) as client:
+            urls = await relay_urls(args.url, ssl_context=trust)
+            async with open_relay_client(urls, key, token=args.token, ssl_context=trust) as client:
                 sent = 0
                 if args.message == "-":
                     # One packet per line, sent as it is read, so a terminal works like a chat.
@@ -534,8 +584,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Exit 0 when healthy, 1 with an error-severity problem (or stale data), 2 unreachable."""
     from .status import fetch_mesh_status, render_status, status_exit_code
 
+    trust = _trust(args)
+
     while True:
-        doc, error = fetch_mesh_status(args.url)
+        doc, error = fetch_mesh_status(args.url, ssl_context=trust)
         if doc is None:
             print(f"relaymesh: error: {args.url}: {error}", file=sys.stderr)
             code = 2
@@ -549,10 +601,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(render_status(doc), flush=True)
         if not args.watch:
             return code
-        try:
-            time.sleep(doc["interval_s"] if doc else 2.0)
-        except KeyboardInterrupt:
-            return code
+        # Ctrl-C here, or in the fetch, ends the watch with 130 (main).
+        time.sleep(doc["interval_s"] if doc else 2.0)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -580,12 +630,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity (default: info for relay, warning otherwise)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_keygen(sub)
+    _add_relay(sub)
+    _add_up(sub)
+    _add_listen_send(sub)
+    _add_regionmap_netcheck(sub)
+    _add_ping(sub)
+    _add_status(sub)
+    _add_bench(sub)
+    return parser
 
+
+def _add_keygen(sub: _Commands) -> None:
     p = sub.add_parser("keygen", help="make a new node key", description="Make a new node key.")
     p.add_argument("--out", type=Path, help="write the private key to this new file (mode 0600)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_keygen)
 
+
+def _add_relay(sub: _Commands) -> None:
     p = sub.add_parser("relay", help="run a relay node", description="Run a relay node.")
     p.add_argument("--config", type=Path, help="TOML config file (see config/relay.example.toml)")
     p.add_argument("--region", help="region id, e.g. eu")
@@ -601,10 +664,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="etcd endpoints of the mesh's shared state (omit: a lone relay)",
     )
     p.add_argument("--mesh-key-file", type=Path, help="file holding the mesh's shared secret")
-    p.add_argument("--advertise-host", help="host others use to reach this relay")
+    p.add_argument("--advertise-host", help="host other relays use to reach this relay")
+    p.add_argument(
+        "--public-host", help="host clients use to reach this relay, if not --advertise-host"
+    )
     p.add_argument("--json", action="store_true", help="print the relay's URLs as JSON")
     p.set_defaults(func=cmd_relay, default_log="info")
 
+
+def _add_up(sub: _Commands) -> None:
     p = sub.add_parser(
         "up",
         help="run a whole local multi-region mesh",
@@ -632,10 +700,17 @@ def build_parser() -> argparse.ArgumentParser:
         " relay; URL: use that etcd, one process per relay",
     )
     p.add_argument("--listen-host", default="127.0.0.1")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve wss:// and https:// with a CA made for this run (its file is printed)",
+    )
     p.add_argument("--state-file", type=Path, help="also write the relays' URLs here as JSON")
     p.add_argument("--json", action="store_true", help="print the relays' URLs as JSON")
     p.set_defaults(func=cmd_up, default_log="warning")
 
+
+def _add_listen_send(sub: _Commands) -> None:
     for name, func, helptext in (
         ("listen", cmd_listen, "print the packets that arrive for a key"),
         ("send", cmd_send, "send a message to a node key"),
@@ -659,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--key-file", type=Path, required=True, help="your private key file")
         p.add_argument("--token", help="admission token, if the relay asks for one")
+        _ca_file_option(p)
         p.add_argument("--json", action="store_true", help="print JSON lines")
         if name == "listen":
             p.add_argument("--count", type=int, help="exit after this many messages")
@@ -673,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("message", help="the message, or - to send each line of stdin")
         p.set_defaults(func=func)
 
+
+def _add_regionmap_netcheck(sub: _Commands) -> None:
     for name, func, helptext in (
         ("regionmap", cmd_regionmap, "show a relay's region map"),
         ("netcheck", cmd_netcheck, "measure the latency to every region"),
@@ -686,11 +764,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="a relay's HTTP base, e.g. http://127.0.0.1:3341 (it serves the region map)",
         )
         p.add_argument("--verify-key", help="refuse a map not signed by this Ed25519 key (hex)")
+        _ca_file_option(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         if name == "netcheck":
             p.add_argument("--deadline", type=float, default=3.0, help="seconds for all probes")
         p.set_defaults(func=func)
 
+
+def _add_ping(sub: _Commands) -> None:
     p = sub.add_parser(
         "ping",
         help="round trips to a peer, relayed or direct",
@@ -702,12 +783,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", required=True, help="a relay's HTTP URL (its region map)")
     p.add_argument("--key-file", type=Path, required=True, help="your private key file")
     p.add_argument("node", type=_parse_nodekey, metavar="NODEKEY", help="the peer to ping")
+    p.add_argument("--token", help="admission token, if the relays ask for one")
     p.add_argument("--count", type=int, default=5, help="pings to send (default 5)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between pings")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each pong")
+    _ca_file_option(p)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=cmd_ping)
 
+
+def _add_status(sub: _Commands) -> None:
     p = sub.add_parser(
         "status",
         help="the mesh's health, problems first",
@@ -717,9 +802,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", required=True, help="a relay's HTTP URL, e.g. http://127.0.0.1:3341")
     p.add_argument("--json", action="store_true", help="print the status document as JSON")
-    p.add_argument("--watch", action="store_true", help="redraw every few seconds until Ctrl-C")
+    p.add_argument(
+        "--watch", action="store_true", help="redraw every interval until Ctrl-C (exit status 130)"
+    )
+    _ca_file_option(p)
     p.set_defaults(func=cmd_status)
 
+
+def _add_bench(sub: _Commands) -> None:
     p = sub.add_parser(
         "bench",
         help="measure the relay against a bare byte-copy relay",
@@ -743,7 +833,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="load: runs per figure, the median is shown")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
-    return parser
 
 
 def _setup_logging(level: str) -> None:

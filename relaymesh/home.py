@@ -16,6 +16,7 @@ fetch.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from region.netcheck import NetcheckReport, StunProber, run_netcheck
 from region.select import HomeChoice, HomeSelector
 from relay.client import RelayClient
 from relay.protocol.keys import PrivateKey
+from relay.tls import client_context, describe_tls_error
 
 __all__ = ["HomeRelay", "MapFetchError", "RegionMapSource", "open_home_relay", "relay_order"]
 
@@ -45,13 +47,20 @@ class RegionMapSource:
     """Fetches the map with If-None-Match; keeps the last good one when a fetch fails."""
 
     def __init__(
-        self, url: str, *, verify_key: nacl.signing.VerifyKey | None = None, timeout_s: float = 5.0
+        self,
+        url: str,
+        *,
+        verify_key: nacl.signing.VerifyKey | None = None,
+        timeout_s: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url.rstrip("/") + (
             "" if url.rstrip("/").endswith("/regionmap") else "/regionmap"
         )
         self.verify_key = verify_key
         self.timeout_s = timeout_s
+        #: What an https:// relay is verified with (None: the system's store).
+        self.ssl_context = ssl_context if ssl_context is not None else client_context()
         self.current: RegionMap | None = None
         self.last_error: str | None = None
         self._etag: str | None = None
@@ -71,10 +80,10 @@ class RegionMapSource:
     async def _fetch(self) -> RegionMap:
         headers = {"If-None-Match": self._etag} if self._etag and self.current else {}
         try:
-            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            async with httpx.AsyncClient(timeout=self.timeout_s, verify=self.ssl_context) as client:
                 resp = await client.get(self.url, headers=headers)
         except httpx.HTTPError as exc:
-            raise MapFetchError(f"{self.url}: {exc}") from None
+            raise MapFetchError(f"{self.url}: {describe_tls_error(exc) or exc}") from None
         if resp.status_code == 304 and self.current is not None:
             return self.current
         if resp.status_code != 200:
@@ -152,14 +161,20 @@ async def open_home_relay(
     selector: HomeSelector | None = None,
     prober: StunProber | None = None,
     endpoints_from: Callable[[NetcheckReport], Sequence[str]] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     **client_options: Any,
 ) -> AsyncIterator[HomeRelay]:
     """``prober``: netcheck from this (the caller's UDP socket, fed by the caller).
     ``endpoints_from``: the endpoint candidates to announce, given a netcheck report.
+    ``ssl_context``: what wss:// and https:// relays are verified with (None: the
+    system's trust store, or ``SSL_CERT_FILE``); see :func:`relay.tls.client_context`.
     """
-    source = RegionMapSource(map_url, verify_key=verify_key)
+    ssl_context = ssl_context if ssl_context is not None else client_context()
+    source = RegionMapSource(map_url, verify_key=verify_key, ssl_context=ssl_context)
     region_map = await source.fetch()
-    report = await run_netcheck(region_map, prober=prober, deadline_s=netcheck_deadline_s)
+    report = await run_netcheck(
+        region_map, prober=prober, deadline_s=netcheck_deadline_s, ssl_context=ssl_context
+    )
     selector = selector or HomeSelector()
     _observe(selector, region_map, report)
     home = selector.choose(trio.current_time(), relays_up=_up(region_map))
@@ -168,7 +183,11 @@ async def open_home_relay(
     if endpoints_from is not None:
         client_options["endpoints"] = tuple(endpoints_from(report))
     client = RelayClient(
-        relay_order(region_map, report, home), key, preferred=True, **client_options
+        relay_order(region_map, report, home),
+        key,
+        preferred=True,
+        ssl_context=ssl_context,
+        **client_options,
     )
     state = HomeRelay(client, source, selector, report, home, [home])
     async with trio.open_nursery() as nursery:
@@ -179,7 +198,11 @@ async def open_home_relay(
                 await trio.sleep(netcheck_interval_s)
                 current_map = await source.fetch()
                 state.report = await run_netcheck(
-                    current_map, prober=prober, stun_probes=1, deadline_s=netcheck_deadline_s
+                    current_map,
+                    prober=prober,
+                    stun_probes=1,
+                    deadline_s=netcheck_deadline_s,
+                    ssl_context=ssl_context,
                 )
                 _observe(selector, current_map, state.report)
                 if endpoints_from is not None:

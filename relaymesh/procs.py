@@ -10,6 +10,9 @@ A relay is started with ``--json`` and prints one line describing itself
 (URLs, ports, key) once it accepts; :meth:`RelayProc.wait_started` reads it.
 Start several with :func:`spawn_relay` first and wait afterwards, and they
 come up in parallel.
+
+``prefix`` runs a process under another command: the network-namespace lab
+(tests/lab/lab.py) starts etcd and relays with ``["ip", "netns", "exec", ns]``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "EtcdCluster",
     "EtcdMember",
     "EtcdMissing",
+    "EtcdTLS",
     "RelayProc",
     "free_port",
     "spawn_relay",
@@ -83,6 +87,29 @@ def stop_processes(procs: Iterable[subprocess.Popen[Any]], timeout_s: float = 10
 # ---- etcd ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Serve etcd's client port over TLS: etcd's --cert-file, --key-file, --trusted-ca-file.
+
+    With ``client_cert_auth`` (--client-cert-auth) every client needs a certificate
+    signed by ``ca_file``; etcdctl here presents ``cert_file`` (it must allow client auth).
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_auth: bool = True
+
+    def etcd_args(self) -> list[str]:
+        args = ["--cert-file", str(self.cert_file), "--key-file", str(self.key_file)]
+        args += ["--trusted-ca-file", str(self.ca_file)]
+        return args + (["--client-cert-auth"] if self.client_cert_auth else [])
+
+    def etcdctl_args(self) -> list[str]:
+        cert, key = str(self.cert_file), str(self.key_file)
+        return ["--cacert", str(self.ca_file), "--cert", cert, "--key", key]
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -91,29 +118,46 @@ class EtcdMember:
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    scheme: str = "http"
+    #: The address it listens on (and is reached at) for clients and peers.
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
 
 
 @dataclass
 class EtcdCluster:
-    """etcd members on loopback; each can be stopped, killed and started again."""
+    """etcd members (on loopback by default); each can be stopped, killed and started again."""
 
     members: list[EtcdMember]
     binary: str
     extra: list[str] = field(default_factory=list)
+    tls: EtcdTLS | None = None
+    #: ``user:password`` for etcdctl, once etcd's auth is enabled.
+    etcdctl_user: str | None = None
+    #: Run etcd (and etcdctl) under this command, e.g. ["ip", "netns", "exec", ns].
+    prefix: list[str] = field(default_factory=list)
+
+    def _etcdctl_args(self) -> list[str]:
+        args = self.tls.etcdctl_args() if self.tls is not None else []
+        return args + (["--user", self.etcdctl_user] if self.etcdctl_user else [])
 
     @property
     def endpoints(self) -> list[str]:
         return [m.url for m in self.members]
 
     def start(self, member: EtcdMember, *, state: str = "new") -> None:
-        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         member.log = member.data_dir.with_suffix(".log")
         member.proc = subprocess.Popen(
             [
+                *self.prefix,
                 self.binary,
                 "--name",
                 member.name,
@@ -124,9 +168,9 @@ class EtcdCluster:
                 "--advertise-client-urls",
                 member.url,
                 "--listen-peer-urls",
-                f"http://127.0.0.1:{member.peer_port}",
+                member.peer_url,
                 "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{member.peer_port}",
+                member.peer_url,
                 "--initial-cluster",
                 initial,
                 "--initial-cluster-state",
@@ -137,6 +181,7 @@ class EtcdCluster:
                 "50",
                 "--election-timeout",
                 "500",
+                *(self.tls.etcd_args() if self.tls is not None else []),
                 *self.extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -150,7 +195,15 @@ class EtcdCluster:
             if etcdctl:
                 ok = (
                     subprocess.run(
-                        [etcdctl, "--endpoints", member.url, "endpoint", "health"],
+                        [
+                            *self.prefix,
+                            etcdctl,
+                            "--endpoints",
+                            member.url,
+                            *self._etcdctl_args(),
+                            "endpoint",
+                            "health",
+                        ],
                         capture_output=True,
                         env={"ETCDCTL_API": "3"},
                     ).returncode
@@ -158,7 +211,7 @@ class EtcdCluster:
                 )
             else:
                 with socket.socket() as s:
-                    ok = s.connect_ex(("127.0.0.1", member.client_port)) == 0
+                    ok = s.connect_ex((member.host, member.client_port)) == 0
             if ok:
                 return
             if member.proc is not None and member.proc.poll() is not None:
@@ -186,7 +239,14 @@ class EtcdCluster:
         if etcdctl is None:
             raise RuntimeError("etcdctl is not on PATH (Debian package etcd-client)")
         out = subprocess.run(
-            [etcdctl, "--endpoints", ",".join(self.endpoints), *args],
+            [
+                *self.prefix,
+                etcdctl,
+                "--endpoints",
+                ",".join(self.endpoints),
+                *self._etcdctl_args(),
+                *args,
+            ],
             capture_output=True,
             text=True,
             env={"ETCDCTL_API": "3"},
@@ -195,16 +255,27 @@ class EtcdCluster:
         return out.stdout
 
 
-def start_etcd(workdir: Path, size: int = 1) -> EtcdCluster:
-    """A new etcd cluster of ``size`` members under ``workdir``, healthy when this returns."""
+def start_etcd(workdir: Path, size: int = 1, *, tls: EtcdTLS | None = None) -> EtcdCluster:
+    """A new etcd cluster of ``size`` members under ``workdir``, healthy when this returns.
+
+    With ``tls`` its client URLs are https:// (members talk to each other in the clear,
+    on loopback).
+    """
     binary = shutil.which("etcd")
     if binary is None:
         raise EtcdMissing("the etcd binary is not on PATH (Debian: apt-get install etcd-server)")
     workdir.mkdir(parents=True, exist_ok=True)
     members = [
-        EtcdMember(f"m{i}", free_port(), free_port(), workdir / f"m{i}.etcd") for i in range(size)
+        EtcdMember(
+            f"m{i}",
+            free_port(),
+            free_port(),
+            workdir / f"m{i}.etcd",
+            scheme="https" if tls is not None else "http",
+        )
+        for i in range(size)
     ]
-    cluster = EtcdCluster(members, binary)
+    cluster = EtcdCluster(members, binary, tls=tls)
     try:
         for m in members:
             cluster.start(m)
@@ -290,17 +361,20 @@ def spawn_relay(
     http_port: int = 0,
     stun_port: int = 0,
     listen_host: str | None = None,
+    advertise_host: str | None = None,
     log_level: str | None = None,
     log: Path | bool | None = True,
     extra: Sequence[str] = (),
+    prefix: Sequence[str] = (),
 ) -> RelayProc:
     """Start ``relaymesh relay --json`` for one relay; call :meth:`RelayProc.wait_started`.
 
     ``log``: True writes its stderr to ``workdir/<name>.log``, a path writes it
-    there, None leaves it on ours, False discards it. Without ``etcd`` it is a lone
-    relay (no shared state, no mesh).
+    there, None leaves it on ours, False discards it. ``prefix`` goes before
+    the command (``ip netns exec NS``). Without ``etcd`` it is a lone relay (no
+    shared state, no mesh).
     """
-    argv = [*RELAYMESH]
+    argv = [*prefix, *RELAYMESH]
     if log_level:
         argv += ["--log-level", log_level]
     argv += ["relay", "--json", "--region", region, "--name", name]
@@ -309,6 +383,8 @@ def spawn_relay(
     argv += ["--port", str(port), "--http-port", str(http_port), "--stun-port", str(stun_port)]
     if listen_host is not None:
         argv += ["--listen-host", listen_host]
+    if advertise_host is not None:
+        argv += ["--advertise-host", advertise_host]
     if etcd:
         argv += ["--etcd", etcd if isinstance(etcd, str) else ",".join(etcd)]
     if mesh_key_file is not None:

@@ -6,10 +6,13 @@ reads it, decides the exit status and lays it out, problems first.
 
 from __future__ import annotations
 
+import ssl
 import time
 from typing import Any
 
 import httpx
+
+from relay.tls import describe_tls_error
 
 __all__ = ["fetch_mesh_status", "render_status", "status_exit_code"]
 
@@ -17,7 +20,9 @@ __all__ = ["fetch_mesh_status", "render_status", "status_exit_code"]
 _KNOWN_VERSIONS = {1}
 
 
-def fetch_mesh_status(url: str, *, timeout_s: float = 5.0) -> tuple[dict[str, Any] | None, str]:
+def fetch_mesh_status(
+    url: str, *, timeout_s: float = 5.0, ssl_context: ssl.SSLContext | None = None
+) -> tuple[dict[str, Any] | None, str]:
     """The document, or None and a one-line reason (the relay is unreachable for us)."""
     base = url.rstrip("/")
     if not base.startswith(("http://", "https://")):
@@ -25,11 +30,12 @@ def fetch_mesh_status(url: str, *, timeout_s: float = 5.0) -> tuple[dict[str, An
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            resp = httpx.get(base + "/api/v1/mesh", timeout=timeout_s)
+            resp = httpx.get(base + "/api/v1/mesh", timeout=timeout_s, verify=ssl_context or True)
         except httpx.TimeoutException:
             return None, f"no answer within {timeout_s:g} s"
         except httpx.HTTPError as exc:
-            return None, f"cannot reach the relay ({type(exc).__name__})"
+            tls = describe_tls_error(exc)
+            return None, tls or f"cannot reach the relay ({type(exc).__name__})"
         if resp.status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.5)  # the relay's monitor has not finished its first round yet
             continue
@@ -75,7 +81,8 @@ def render_status(doc: dict[str, Any]) -> str:
     )
     lines.append(
         f"mesh {verdict}, {s['warnings']} warning(s) · relays up {s['relays_up']}/{s['relays']}"
-        f" · paths up {s['links_up']}/{s['links']} · served by {doc['served_by']},"
+        + (f" ({s['relays_left']} left as planned)" if s.get("relays_left") else "")
+        + f" · paths up {s['links_up']}/{s['links']} · served by {doc['served_by']},"
         f" collected {_ago(doc, doc['generated_at'])} ago"
     )
     if is_stale(doc):
@@ -103,15 +110,21 @@ def render_status(doc: dict[str, Any]) -> str:
             f"{_n(r['clients']):>9}{_n(r['pps_in']):>10}{_n(r['pps_out']):>8}"
             f"{_n(r['drops_per_s'], 1):>9}{rtt:>10}"
         )
-    down = [link for link in doc["links"] if link["state"] != "up"]
+    # Paths that are not up, or that lose packets on their mesh link.
+    down = [
+        link for link in doc["links"] if link["state"] != "up" or (link.get("drops_per_s") or 0) > 0
+    ]
     rtts = sorted(link["rtt_ms"] for link in doc["links"] if link["rtt_ms"] is not None)
     median = f", median round trip {rtts[len(rtts) // 2]:.1f} ms" if rtts else ""
     lines.append("")
     lines.append(f"PATHS  {s['links_up']}/{s['links']} up{median}")
+    if down:
+        lines.append(f"  {'PATH':<30}{'STATE':<9}{'SINCE':>7}{'PKT/S':>9}{'DROPS/S':>9}")
     for link in down:
         lines.append(
             f"  {link['src'] + ' → ' + link['dst']:<30}{link['state']:<9}"
-            f"{_ago(doc, link['since']):>7}  {link['probe_error'] or ''}"
+            f"{_ago(doc, link['since']):>7}{_n(link.get('pps')):>9}"
+            f"{_n(link.get('drops_per_s'), 1):>9}  {link['probe_error'] or ''}"
         )
     e = doc["etcd"]
     lag = {k: v for k, v in e["revision_lag"].items() if v}
@@ -125,7 +138,8 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append("")
         lines.append("RECENT EVENTS")
         for ev in doc["events"][:8]:
-            lines.append(f"  {_ago(doc, ev['at']):>7} ago  {ev['message']}")
+            level = ev.get("level", "info")
+            lines.append(f"  {_ago(doc, ev['at']):>7} ago  {level:<8}{ev['message']}")
     return "\n".join(lines)
 
 

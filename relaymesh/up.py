@@ -9,6 +9,10 @@ Two ways to run it:
   (``auto``, needs the ``etcd`` binary on PATH) or the one given. This is the
   same topology as docker-compose.yml, on loopback.
 
+With ``--tls`` the relays serve wss:// and https:// with certificates from a
+CA made up for the run (trustme), whose file ``up`` prints for clients
+(``--ca-file`` or ``SSL_CERT_FILE``); the relays trust it for their mesh links.
+
 It prints the WebSocket and HTTP URLs of every relay (``--json`` for
 scripts; ``--state-file`` writes the same JSON to a file) and stops cleanly on
 Ctrl-C or SIGTERM: relays tell their clients to move, then exit.
@@ -47,6 +51,26 @@ class UpOptions:
     state_file: Path | None
     json: bool
     listen_host: str = "127.0.0.1"
+    #: Serve wss:// and https:// with a CA made up for the run.
+    tls: bool = False
+
+
+def _make_tls(opts: UpOptions, where: Path) -> dict[str, dict[str, str]]:
+    """A CA for this run and one certificate for every relay; the config sections for them."""
+    import trustme
+
+    where.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA(organization_name="relaymesh up")
+    ca.cert_pem.write_to_path(str(where / "ca.pem"))
+    names = ["127.0.0.1", "localhost"]
+    if opts.listen_host not in ("0.0.0.0", "::", "", *names):
+        names.append(opts.listen_host)
+    leaf = ca.issue_cert(*names)
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(where / "relay.pem"))
+    return {
+        "tls": {"cert_file": str(where / "relay.pem"), "key_file": str(where / "relay.pem")},
+        "mesh": {"ca_file": str(where / "ca.pem")},
+    }
 
 
 #: STUN (UDP) ports start this far above the base port: 3478, STUN's own port, for
@@ -73,8 +97,14 @@ def _layout(opts: UpOptions) -> list[dict[str, Any]]:
     return relays
 
 
-def _report(opts: UpOptions, mode: str, relays: list[dict[str, Any]], etcd: list[str]) -> None:
-    doc = {"mode": mode, "etcd": etcd, "relays": relays}
+def _report(
+    opts: UpOptions,
+    mode: str,
+    relays: list[dict[str, Any]],
+    etcd: list[str],
+    ca_file: str | None = None,
+) -> None:
+    doc = {"mode": mode, "etcd": etcd, "relays": relays, "ca_file": ca_file}
     if opts.state_file is not None:
         tmp = opts.state_file.with_suffix(opts.state_file.suffix + ".tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
@@ -100,17 +130,22 @@ def _report(opts: UpOptions, mode: str, relays: list[dict[str, Any]], etcd: list
     first = relays[0]
     print(f"status: {first['http_url']}/api/v1/status   metrics: {first['http_url']}/metrics")
     prog = command_name()
+    trust = ""
+    if ca_file is not None:
+        print(f"TLS: certificates from a CA made for this run: {ca_file}")
+        print(f"  clients trust it with --ca-file {ca_file} (or env SSL_CERT_FILE={ca_file})")
+        trust = f" --ca-file {ca_file}"
     print("try, in two more terminals (b listens, a pings and sends):")
     print(
         f"  {prog} keygen --out b.key && {prog} listen --url"
-        f" {relays[-1]['http_url']} --key-file b.key"
+        f" {relays[-1]['http_url']} --key-file b.key{trust}"
     )
     print(
         f"  {prog} keygen --out a.key && {prog} ping --url"
-        f" {first['http_url']} --key-file a.key <b's nodekey>"
+        f" {first['http_url']} --key-file a.key{trust} <b's nodekey>"
     )
     print(
-        f"  {prog} send --url {first['http_url']} --key-file a.key --to <b's nodekey> hello",
+        f"  {prog} send --url {first['http_url']} --key-file a.key{trust} --to <b's nodekey> hello",
     )
     print("Ctrl-C stops the mesh.", flush=True)
 
@@ -125,6 +160,16 @@ def run_up(opts: UpOptions) -> int:
 
 
 async def _embedded(opts: UpOptions) -> int:
+    if not opts.tls:
+        return await _embedded_with(opts, {})
+    tls_dir = Path(tempfile.mkdtemp(prefix="relaymesh-up-tls-"))
+    try:
+        return await _embedded_with(opts, _make_tls(opts, tls_dir))
+    finally:
+        shutil.rmtree(tls_dir, ignore_errors=True)
+
+
+async def _embedded_with(opts: UpOptions, tls: dict[str, dict[str, str]]) -> int:
     from coordinator.store import open_memory_store
     from relay.node import ListenError, NodeInfo, serve_relay_node, shut_down_node
 
@@ -149,7 +194,7 @@ async def _embedded(opts: UpOptions) -> int:
             with starting:
                 for spec in _layout(opts):
                     cfg = load_config(
-                        overrides={"relay": {**spec, "listen_host": opts.listen_host}}
+                        overrides={"relay": {**spec, "listen_host": opts.listen_host}, **tls}
                     )
                     cfgs.append(cfg)
                     try:
@@ -172,7 +217,13 @@ async def _embedded(opts: UpOptions) -> int:
                     for info in infos:
                         assert info.state is not None
                         await info.state.wait_synced()
-                _report(opts, "embedded", [_describe(i) for i in infos], [])
+                _report(
+                    opts,
+                    "embedded",
+                    [_describe(i) for i in infos],
+                    [],
+                    tls["mesh"]["ca_file"] if tls else None,
+                )
             await stop.wait()
             async with trio.open_nursery() as draining:
                 for info, cfg in zip(infos, cfgs, strict=False):
@@ -222,6 +273,18 @@ def _processes(opts: UpOptions) -> int:
         else:
             endpoints = opts.etcd
         mesh_key_file = write_mesh_key(workdir / "mesh.key")
+        config = None
+        ca_file = None
+        if opts.tls:
+            tls = _make_tls(opts, workdir / "tls")
+            ca_file = tls["mesh"]["ca_file"]
+            config = workdir / "relay.toml"
+            config.write_text(
+                "".join(
+                    f"[{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+                    for section, keys in tls.items()
+                )
+            )
         for spec in _layout(opts):
             relays.append(
                 spawn_relay(
@@ -236,6 +299,7 @@ def _processes(opts: UpOptions) -> int:
                     stun_port=spec["stun_port"],
                     listen_host=opts.listen_host,
                     log=True,
+                    config=config,
                 )
             )
         described = []
@@ -255,7 +319,7 @@ def _processes(opts: UpOptions) -> int:
                     "pid": relay.pid,
                 }
             )
-        _report(opts, "processes", described, endpoints.split(","))
+        _report(opts, "processes", described, endpoints.split(","), ca_file)
         if not opts.json:
             print(f"relay logs: {workdir}/<relay>.log", flush=True)
         while not stop and all(r.proc.poll() is None for r in relays):

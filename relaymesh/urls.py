@@ -15,6 +15,7 @@ moves down the list when a relay restarts.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -46,8 +47,13 @@ def split_urls(text: str) -> list[str]:
     return urls
 
 
-async def relay_urls(text: str, *, verify_key: Any = None) -> list[str]:
-    """WebSocket URLs for ``text``: ws URLs as given, http bases through their region map."""
+async def relay_urls(
+    text: str, *, verify_key: Any = None, ssl_context: ssl.SSLContext | None = None
+) -> list[str]:
+    """WebSocket URLs for ``text``: ws URLs as given, http bases through their region map.
+
+    ``ssl_context`` verifies an https:// base (None: the system's trust store).
+    """
     from .home import RegionMapSource
 
     out: list[str] = []
@@ -55,7 +61,9 @@ async def relay_urls(text: str, *, verify_key: Any = None) -> list[str]:
         if url_kind(url) == "ws":
             candidates = [url]
         else:
-            region_map = await RegionMapSource(url, verify_key=verify_key).fetch()
+            region_map = await RegionMapSource(
+                url, verify_key=verify_key, ssl_context=ssl_context
+            ).fetch()
             base = url.rstrip("/").removesuffix("/regionmap")
             nodes = [(r, n) for r in region_map.regions for n in r.nodes if n.up]
             home = next((r for r, n in nodes if n.http_url == base), None)

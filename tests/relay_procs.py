@@ -10,7 +10,9 @@ from pathlib import Path
 
 from relaymesh.procs import RelayProc, start_relay
 
-__all__ = ["MESH_TEST_CONFIG", "RelayProc", "start_relay_proc"]
+__all__ = ["MESH_TEST_CONFIG", "TEST_MESH_KEY", "RelayProc", "start_relay_proc"]
+
+TEST_MESH_KEY = "test-mesh-key-0123456789abcdef"
 
 MESH_TEST_CONFIG = """
 [mesh]
@@ -30,7 +32,7 @@ def start_relay_proc(
     region: str,
     name: str,
     *,
-    mesh_key: str = "test-mesh-key-0123456789abcdef",
+    mesh_key: str = TEST_MESH_KEY,
 ) -> RelayProc:
     cfg = tmp / "relay-test.toml"
     if not cfg.exists():

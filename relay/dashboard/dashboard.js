@@ -77,7 +77,9 @@ function renderRegions(doc) {
     const relays = g.relays.map((id) => byId.get(id)).filter(Boolean);
     const rows = relays.map((r) => {
       const probe = r.probe ? (r.probe.ok ? `probe ${num(r.probe.rtt_ms, 1)} ms` : "probe FAILED") : "no probe";
-      const figs = r.state === "down"
+      const figs = r.state === "left"
+        ? "stopped as planned: left the mesh"
+        : r.state === "down"
         ? esc(r.error || "no status")
         : `${num(r.clients)} clients · ${num(r.pps_in)}/${num(r.pps_out)} pkt/s in/out · ` +
           `${num(r.drops_per_s, 1)} drops/s · queued ${num(r.queued)} · ${probe} · v${esc(r.version)}`;
@@ -86,14 +88,17 @@ function renderRegions(doc) {
         `<span class="state">${esc(r.state)}${r.stale ? " (stale)" : ""} <span class="muted">${ago(r.since)}</span></span>` +
         `<span class="figs">${figs}</span></div>`;
     }).join("");
-    const cls = g.up === 0 ? "bad" : g.up < g.relays.length ? "warn" : "ok";
+    // Relays that left as planned are listed, not counted.
+    const left = g.left || 0, total = g.relays.length - left;
+    const cls = g.up === 0 ? "bad" : g.up < total ? "warn" : "ok";
     return `<div class="region" data-region="${esc(g.region)}"><h3>${esc(g.region)}` +
-      `<span class="badge ${cls} small">${g.up} / ${g.relays.length} up</span></h3>${rows}</div>`;
+      `<span class="badge ${cls} small">${g.up} / ${total} up${left ? ` · ${left} left` : ""}</span></h3>${rows}</div>`;
   }).join("");
 }
 
 function renderMatrix(doc) {
-  const ids = doc.relays.map((r) => r.relay_id);
+  // A relay that left as planned has no paths any more.
+  const ids = doc.relays.filter((r) => r.state !== "left").map((r) => r.relay_id);
   const links = new Map(doc.links.map((l) => [`${l.src}>${l.dst}`, l]));
   const selfProbe = new Map(doc.relays.map((r) => [r.relay_id, r.probe]));
   const relayState = new Map(doc.relays.map((r) => [r.relay_id, r.state]));
@@ -116,13 +121,18 @@ function renderMatrix(doc) {
       }
       const l = links.get(`${src}>${dst}`);
       const st = l ? l.state : "unknown";
-      const text = !l ? "" : l.state === "down" ? "down" : l.rtt_ms != null ? num(l.rtt_ms, 1) : "?";
+      const lossy = l && l.drops_per_s > 0;
+      let text = !l ? "" : l.state === "down" ? "down" : l.rtt_ms != null ? num(l.rtt_ms, 1) : "?";
+      if (lossy) text += ` <span class="drops">−${num(l.drops_per_s, l.drops_per_s < 10 ? 1 : 0)}/s</span>`;
       const title = !l ? "no data" : `${src} → ${dst}: ${l.state}` +
         (l.rtt_ms != null ? `, round trip ${num(l.rtt_ms, 2)} ms` : "") +
         (l.pps != null ? `, ${num(l.pps, 1)} pkt/s` : "") +
+        (l.drops_per_s != null ? `, ${num(l.drops_per_s, 1)} drops/s (${num(l.drops)} in all)` : "") +
         (l.probe_error ? `, probe: ${l.probe_error}` : "") + `, since ${ago(l.since)}`;
-      const cls = l && l.rtt_ms != null && l.rtt_ms > slow ? "slow" : "";
-      html += `<td class="${cls}" data-link="${esc(src)}>${esc(dst)}" data-state="${esc(st)}" title="${esc(title)}">${text}</td>`;
+      const cls = lossy ? "lossy" : l && l.rtt_ms != null && l.rtt_ms > slow ? "slow" : "";
+      html += `<td class="${cls}" data-link="${esc(src)}>${esc(dst)}" data-state="${esc(st)}"` +
+        ` data-pps="${l && l.pps != null ? l.pps : ""}" data-drops="${l && l.drops_per_s != null ? l.drops_per_s : ""}"` +
+        ` title="${esc(title)}">${text}</td>`;
     }
     html += "</tr>";
   }
@@ -145,7 +155,7 @@ function renderEtcd(doc) {
 
 function renderEvents(doc) {
   $("events").innerHTML = doc.events.length
-    ? doc.events.map((ev) => `<li data-kind="${esc(ev.kind)}"><span class="muted small">${clock(ev.at)}</span> ${esc(ev.message)}</li>`).join("")
+    ? doc.events.map((ev) => `<li data-kind="${esc(ev.kind)}" data-level="${esc(ev.level || "info")}"><span class="muted small">${clock(ev.at)}</span> ${esc(ev.message)}</li>`).join("")
     : '<li class="muted">nothing has changed since this relay started watching</li>';
 }
 

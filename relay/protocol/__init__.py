@@ -11,6 +11,7 @@ that in a fresh interpreter.
 - :mod:`.keys`: Curve25519 node keys, key files, end-to-end sealing
 - :mod:`.stun`: STUN binding requests and responses (RFC 5389)
 - :mod:`.disco`: disco Ping/Pong/CallMeMaybe sealed between disco keys
+- :mod:`.backoff`: the jittered retry schedule every reconnecting loop follows
 """
 
 from . import disco, handshake, keys, stun, wire

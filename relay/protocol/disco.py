@@ -45,9 +45,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import nacl.exceptions
-import nacl.public
 
-from relay.protocol.keys import NodeKey, PrivateKey
+from relay.protocol.keys import BoxCache, NodeKey, PrivateKey
 
 __all__ = [
     "DATA_MAGIC",
@@ -77,6 +76,8 @@ _KEY = 32
 _NONCE = 24
 _TXID = 12
 _ADDR = struct.Struct(">16sH")
+#: Boxes kept per disco key, one per peer talked to recently.
+_BOX_CACHE_SIZE = 4096
 
 
 class DiscoError(Exception):
@@ -232,22 +233,14 @@ class DiscoCodec:
         self.key = key
         self._window = replay_window
         self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._boxes: dict[NodeKey, nacl.public.Box] = {}
+        self._boxes = BoxCache(key, size=_BOX_CACHE_SIZE)
 
     @property
     def public(self) -> NodeKey:
         return self.key.public
 
-    def _box(self, peer: NodeKey) -> nacl.public.Box:
-        box = self._boxes.get(peer)
-        if box is None:
-            if len(self._boxes) > 4096:
-                self._boxes.clear()
-            box = self._boxes[peer] = self.key.box(peer)
-        return box
-
     def seal(self, peer: NodeKey, msg: Message) -> bytes:
-        sealed = self._box(peer).encrypt(encode_plain(msg))
+        sealed = self._boxes.get(peer).encrypt(encode_plain(msg))
         return DISCO_MAGIC + self.key.public.raw + bytes(sealed)
 
     def open(self, data: bytes) -> tuple[NodeKey, Message]:
@@ -258,7 +251,7 @@ class DiscoCodec:
         sender = NodeKey(data[head : head + _KEY])
         nonce = data[head + _KEY : head + _KEY + _NONCE]
         try:
-            plain = self._box(sender).decrypt(data[head + _KEY :])
+            plain = self._boxes.get(sender).decrypt(data[head + _KEY :])
         except (nacl.exceptions.CryptoError, ValueError) as exc:
             raise DiscoError("disco box did not open (forged, or not for us)") from exc
         seen_key = sender.raw + nonce

@@ -9,13 +9,16 @@
 3. Relay → client: ServerInfo(nonce, box(JSON)) sealed to the client.
 
 ClientInfo JSON: ``{"version": 2, "challenge": "<hex>", "token": "...",
-"mesh_proof": "<hex>", "preferred": true, "disco_key": "nodekey:<hex>",
-"endpoints": ["ip:port", ...]}`` (all but version and challenge optional; hex
-is lower-case). Its size, depth and every field's type and form are checked
-before use: hostile input raises :class:`RemoteProtocolError`, never anything else.
+"mesh_proof": "<hex>", "probe": true, "preferred": true, "disco_key":
+"nodekey:<hex>", "endpoints": ["ip:port", ...]}`` (all but version and
+challenge optional; hex is lower-case; ``probe`` only with ``mesh_proof``).
+Its size, depth and every field's type and form are checked before use:
+hostile input raises :class:`RemoteProtocolError`, never anything else.
 A mesh peer proves the shared mesh key with
 ``HMAC-SHA256(mesh_key, "relaymesh mesh v1" | challenge | client key)``: the
-key itself never crosses the wire.
+key itself never crosses the wire. With ``"probe": true`` the same proof marks
+one of the mesh's own probe clients instead: an ordinary client for routing,
+left out of client counts (a lone relay proves with a secret of its own).
 
 ServerInfo JSON: ``{"version": 2, "rate_bytes_per_s": int, "rate_burst_bytes": int,
 "keepalive_s": float}``.
@@ -93,6 +96,8 @@ class ClientHello:
     token: str | None
     mesh_proof: bytes | None
     preferred: bool
+    #: A probe client of the mesh's health monitor (proved by ``mesh_proof``), not a relay.
+    probe: bool = False
     #: For direct paths: the client's disco key and endpoint candidates ("ip:port").
     disco_key: str | None = None
     endpoints: tuple[str, ...] = ()
@@ -104,10 +109,14 @@ def seal_client_info(
     *,
     token: str | None = None,
     mesh_key: bytes | None = None,
+    probe: bool = False,
     preferred: bool = False,
     disco_key: NodeKey | None = None,
     endpoints: tuple[str, ...] = (),
 ) -> ClientInfo:
+    """``probe``: a health probe client, proved by ``mesh_key`` (required with it)."""
+    if probe and mesh_key is None:
+        raise ValueError("a probe client proves itself with the mesh key")
     info: dict[str, Any] = {"version": PROTOCOL_VERSION, "challenge": server.challenge.hex()}
     if disco_key is not None:
         info["disco_key"] = str(disco_key)
@@ -117,6 +126,8 @@ def seal_client_info(
         info["token"] = token
     if mesh_key is not None:
         info["mesh_proof"] = mesh_proof(mesh_key, server.challenge, key.public).hex()
+    if probe:
+        info["probe"] = True
     if preferred:
         info["preferred"] = True
     sealed = key.box(NodeKey(server.public_key)).encrypt(json.dumps(info).encode())
@@ -204,6 +215,11 @@ def open_client_info(key: PrivateKey, challenge: bytes, event: ClientInfo) -> Cl
     proof = info.get("mesh_proof")
     if proof is not None and (not isinstance(proof, str) or not _HEX64.fullmatch(proof)):
         raise _bad("mesh_proof must be 64 lower-case hex digits")
+    probe = info.get("probe", False)
+    if not isinstance(probe, bool):
+        raise _bad("probe must be true or false")
+    if probe and proof is None:
+        raise _bad("probe needs mesh_proof")
     preferred = info.get("preferred", False)
     if not isinstance(preferred, bool):
         raise _bad("preferred must be true or false")
@@ -228,6 +244,7 @@ def open_client_info(key: PrivateKey, challenge: bytes, event: ClientInfo) -> Cl
         token=token,
         mesh_proof=bytes.fromhex(proof) if proof is not None else None,
         preferred=preferred,
+        probe=probe,
         disco_key=disco,
         endpoints=tuple(raw_eps),
     )

@@ -24,6 +24,7 @@ import nacl.utils
 
 __all__ = [
     "KEY_BYTES",
+    "BoxCache",
     "KeyFileError",
     "NodeKey",
     "PrivateKey",
@@ -113,36 +114,53 @@ class PrivateKey:
         return f"PrivateKey(public={self.public})"
 
 
-class Sealer:
-    """Seals and opens payloads between one private key and many peers.
+class BoxCache:
+    """The NaCl boxes between one private key and its peers, the last ``size`` used kept.
 
-    Keeps the last ``cache_size`` boxes, since setting one up costs a scalar
-    multiplication (tens of microseconds) and a conversation reuses its box.
+    Setting a box up costs a scalar multiplication (tens of microseconds) and a
+    conversation reuses its box, so :class:`Sealer` (end-to-end payloads) and
+    the disco codec (disco.py) both keep theirs here.
     """
 
-    def __init__(self, key: PrivateKey, *, cache_size: int = 1024) -> None:
+    def __init__(self, key: PrivateKey, *, size: int) -> None:
         self._key = key
-        self._cache_size = cache_size
+        self._size = size
         self._boxes: OrderedDict[NodeKey, nacl.public.Box] = OrderedDict()
 
-    def _box(self, peer: NodeKey) -> nacl.public.Box:
+    def get(self, peer: NodeKey) -> nacl.public.Box:
         box = self._boxes.get(peer)
         if box is None:
             box = self._key.box(peer)
             self._boxes[peer] = box
-            if len(self._boxes) > self._cache_size:
+            if len(self._boxes) > self._size:
                 self._boxes.popitem(last=False)
         else:
             self._boxes.move_to_end(peer)
         return box
 
+    def __contains__(self, peer: NodeKey) -> bool:
+        return peer in self._boxes
+
+    def __len__(self) -> int:
+        return len(self._boxes)
+
+
+class Sealer:
+    """Seals and opens payloads between one private key and many peers.
+
+    Keeps the boxes of the last ``cache_size`` peers (:class:`BoxCache`).
+    """
+
+    def __init__(self, key: PrivateKey, *, cache_size: int = 1024) -> None:
+        self._boxes = BoxCache(key, size=cache_size)
+
     def seal(self, peer: NodeKey, payload: bytes) -> bytes:
         """Nonce (24 bytes) + ciphertext; only ``peer`` can open it."""
-        return bytes(self._box(peer).encrypt(payload))
+        return bytes(self._boxes.get(peer).encrypt(payload))
 
     def open(self, peer: NodeKey, sealed: bytes) -> bytes:
         try:
-            return bytes(self._box(peer).decrypt(sealed))
+            return bytes(self._boxes.get(peer).decrypt(sealed))
         except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
             raise SealError(f"payload from {peer.short()} did not open") from exc
 

@@ -6,7 +6,6 @@ import contextlib
 
 import trio
 
-from coordinator.peermap import PeerState
 from coordinator.store import open_memory_store
 from relay.client import RelayClosedError, open_relay_client
 from relay.config import load_config
@@ -62,36 +61,6 @@ async def test_clients_on_two_relays_talk_through_the_mesh(nursery: trio.Nursery
         # Clean disconnects delete the records: the peers are GONE, not LOST.
         with trio.fail_after(5):
             await wait_until(lambda: not eu.state.peers and not us.state.peers)
-
-
-async def test_relay_death_marks_its_peers_lost(nursery: trio.Nursery) -> None:
-    async with open_memory_store() as store:
-        eu = await start(nursery, store, "eu", "eu-1")
-        scope = trio.CancelScope()
-        us_box: list[NodeInfo] = []
-
-        async def run_us(*, task_status: trio.TaskStatus[None]) -> None:
-            with scope:
-                async with trio.open_nursery() as inner:
-                    us_box.append(await start(inner, store, "us", "us-1"))
-                    task_status.started()
-                    await trio.sleep_forever()
-
-        await nursery.start(run_us)
-        us = us_box[0]
-        b = PrivateKey.generate()
-        async with open_relay_client(us.ws_url, b):
-            assert eu.state is not None
-            with trio.fail_after(5):
-                await wait_until(lambda: eu.state.route(b.public.raw) is not None)
-            # The relay dies without saying goodbye: its lease keepalives stop.
-            us.state.client_disconnected = lambda key: None  # type: ignore[method-assign]
-            scope.cancel()
-            with trio.fail_after(10):
-                await wait_until(lambda: "us-1" not in eu.state.relays)
-            entry = eu.state.peers[b.public.raw]
-            assert entry.state is PeerState.LOST
-            assert eu.state.route(b.public.raw) is None
 
 
 async def test_lost_lease_means_register_again_and_republish(nursery: trio.Nursery) -> None:
@@ -188,3 +157,61 @@ async def test_expired_leases_of_live_relays_cost_no_packets(nursery: trio.Nurse
         assert missing == [], f"{len(missing)} of {sent} lost"
         assert received == list(range(sent))
         assert eu.server.statistics().drops["unknown_dest"] == 0
+
+
+async def test_a_planned_stop_is_remembered_as_a_departure(nursery: trio.Nursery) -> None:
+    from coordinator.registry import RelayRecord
+    from coordinator.state import MeshState
+
+    def record(name: str) -> RelayRecord:
+        return RelayRecord(
+            relay_id=name,
+            region=name.split("-")[0],
+            name=name,
+            ws_url=f"ws://{name}/derp",
+            http_url=f"http://{name}",
+            public_key=str(PrivateKey.generate().public),
+            started_at=1.0,
+            version="test",
+        )
+
+    async with open_memory_store() as store:
+
+        async def run(name: str) -> tuple[MeshState, trio.CancelScope]:
+            state = MeshState(store, record(name), lease_ttl_s=2, keepalive_interval_s=0.5)
+            scope = trio.CancelScope()
+
+            async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+                with scope:
+                    await state.run(task_status=task_status)
+
+            await nursery.start(serve)
+            with trio.fail_after(5):
+                await state.wait_registered()
+            return state, scope
+
+        async def stop(state: MeshState, scope: trio.CancelScope) -> None:
+            scope.cancel()  # first, or its keepalive would register it again
+            await store.revoke(state.lease)
+
+        seen, _ = await run("eu-1")
+        planned, planned_scope = await run("us-1")
+        crashed, crashed_scope = await run("us-2")
+        with trio.fail_after(5):
+            await wait_until(lambda: len(seen.relays) == 3)
+
+        assert await planned.announce_leaving() is True
+        with trio.fail_after(5):
+            await wait_until(lambda: seen.relays["us-1"].leaving_at is not None)
+        await stop(planned, planned_scope)
+        await stop(crashed, crashed_scope)
+        with trio.fail_after(5):
+            await wait_until(lambda: set(seen.relays) == {"eu-1"})
+        assert list(seen.departed) == ["us-1"]
+        assert seen.departed["us-1"].leaving_at == planned.me.leaving_at
+
+        # Back under the same name: no longer a departure.
+        await run("us-1")
+        with trio.fail_after(5):
+            await wait_until(lambda: "us-1" in seen.relays)
+        assert not seen.departed

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 import trio
+import trio.testing
 
 from coordinator.etcd import open_etcd_store
 from coordinator.peermap import PeerRecord
@@ -88,7 +89,7 @@ async def check_no_update_lost(store: Store, prefix: str) -> None:
 
 
 @pytest.mark.parametrize("round_", range(3))
-async def test_race_memory_store(round_: int) -> None:
+async def test_race_memory_store(round_: int, autojump_clock: trio.testing.MockClock) -> None:
     async with open_memory_store() as store:
         await check_no_update_lost(store, f"/race{round_}/")
 
@@ -99,7 +100,9 @@ async def test_race_etcd(etcd: EtcdCluster, round_: int) -> None:
         await check_no_update_lost(store, f"/race-{uuid.uuid4().hex[:6]}/")
 
 
-async def test_cache_converges_after_its_watch_breaks() -> None:
+async def test_cache_converges_after_its_watch_breaks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """A broken watch (overflow, lost connection) means: snapshot again, watch again."""
     async with open_memory_store() as store:
         state = MeshState(store, me(), prefix="/brk/", lease_ttl_s=5, keepalive_interval_s=1)

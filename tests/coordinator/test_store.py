@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from coordinator.etcd import open_etcd_store
 from coordinator.store import (
@@ -27,6 +28,18 @@ def store_factory(request: pytest.FixtureRequest):  # type: ignore[no-untyped-de
         return lambda: open_memory_store()
     cluster: EtcdCluster = request.getfixturevalue("etcd")
     return lambda: open_etcd_store(cluster.endpoints)
+
+
+@pytest.fixture
+def store_clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
+    """Virtual time (autojump) where the store keeps time with trio's clock: MemoryStore.
+
+    A real etcd keeps its own time, and its calls run in threads that the
+    autojump clock would not wait for, so it gets the real clock.
+    """
+    if request.node.callspec.params["store_factory"] == "memory":
+        return trio.testing.MockClock(autojump_threshold=0)
+    return None
 
 
 @pytest.fixture
@@ -126,13 +139,17 @@ async def test_lease_keys_vanish_together_on_revoke(store_factory, prefix: str) 
             await store.put(prefix + "late", b"x", lease=lease)
 
 
-async def test_lease_expires_without_keepalive(store_factory, prefix: str) -> None:  # type: ignore[no-untyped-def]
+async def test_lease_expires_without_keepalive(store_factory, prefix: str, store_clock) -> None:  # type: ignore[no-untyped-def]
     async with opened(store_factory) as store:
         lease = await store.grant_lease(1)
         await store.put(prefix + "k", b"v", lease=lease)
+        granted = trio.current_time()
         with trio.fail_after(10):
             while (await store.get_prefix(prefix)).items:  # noqa: ASYNC110 - polls the store
                 await trio.sleep(0.1)
+        if store_clock is not None:
+            # Virtual time is exact: not before the TTL, and within one poll after it.
+            assert 1.0 <= trio.current_time() - granted <= 1.1
         with pytest.raises(LeaseNotFound):
             await store.keepalive(lease)
 

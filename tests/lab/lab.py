@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from relaymesh.procs import EtcdCluster, EtcdMember, spawn_relay, stop_processes, write_mesh_key
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -175,14 +177,7 @@ class Lab:
         return proc
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs)
         if self.wan is not None and self.wan.poll() is None:
             self.wan.kill()
             self.wan.wait()
@@ -193,33 +188,19 @@ class Lab:
 
 
 def start_etcd(lab: Lab, host: str, workdir: Path) -> str:
-    ip = lab.ips[host]
-    url = f"http://{ip}:2379"
+    """One etcd member on ``host`` (ports 2379, 2380 of its lab address); its client URL.
+
+    Not waited for: the relays retry until it answers.
+    """
     binary = shutil.which("etcd")
     if binary is None:
         pytest.skip("the etcd binary is not installed (Debian package etcd-server)")
-    log = (workdir / "etcd.log").open("wb")
-    lab.spawn(
-        host,
-        binary,
-        "--name",
-        "lab",
-        "--data-dir",
-        str(workdir / "etcd"),
-        "--listen-client-urls",
-        url,
-        "--advertise-client-urls",
-        url,
-        "--listen-peer-urls",
-        f"http://{ip}:2380",
-        "--initial-advertise-peer-urls",
-        f"http://{ip}:2380",
-        "--initial-cluster",
-        f"lab=http://{ip}:2380",
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    return url
+    member = EtcdMember("lab", 2379, 2380, workdir / "etcd", host=lab.ips[host])
+    cluster = EtcdCluster([member], binary, prefix=lab.cmd(host))
+    cluster.start(member)
+    assert member.proc is not None
+    lab.procs.append(member.proc)
+    return member.url
 
 
 def start_relay(
@@ -232,45 +213,26 @@ def start_relay(
     *,
     config: Path | None = None,
 ) -> dict[str, Any]:
+    """``relaymesh relay`` on ``host`` (ports 3340, 3341, 3478); the JSON line it printed."""
     mesh_key = workdir / "mesh.key"
     if not mesh_key.exists():
-        mesh_key.write_text("lab-mesh-key-0123456789abcdef\n")
+        write_mesh_key(mesh_key)
     cfg = workdir / "lab-relay.toml"
     if not cfg.exists():
         cfg.write_text("[mesh]\nlease_ttl_s = 3\nkeepalive_interval_s = 1.0\n")
-    argv = [
-        sys.executable,
-        "-m",
-        "relaymesh.cli",
-        "relay",
-        "--json",
-        "--config",
-        str(config or cfg),
-        "--region",
-        region,
-        "--name",
-        name,
-        "--listen-host",
-        "0.0.0.0",
-        "--advertise-host",
-        lab.ips[host],
-        "--port",
-        "3340",
-        "--http-port",
-        "3341",
-        "--stun-port",
-        "3478",
-        "--etcd",
-        etcd,
-        "--mesh-key-file",
-        str(mesh_key),
-    ]
-    proc = lab.spawn(
-        host, *argv, stdout=subprocess.PIPE, stderr=(workdir / f"{name}.log").open("w"), text=True
+    relay = spawn_relay(
+        workdir,
+        region=region,
+        name=name,
+        etcd=etcd,
+        mesh_key_file=mesh_key,
+        config=config or cfg,
+        port=3340,
+        http_port=3341,
+        stun_port=3478,
+        listen_host="0.0.0.0",
+        advertise_host=lab.ips[host],
+        prefix=lab.cmd(host),
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"relay {name}: {(workdir / f'{name}.log').read_text()[-2000:]}")
-    info: dict[str, Any] = json.loads(line)
-    return info
+    lab.procs.append(relay.proc)
+    return relay.wait_started().info

@@ -179,6 +179,46 @@ def test_live_map_from_registry_alone() -> None:
     )
 
 
+def test_live_map_lists_a_registered_public_address() -> None:
+    from dataclasses import replace
+
+    key = str(PrivateKey.generate().public)
+    published = replace(
+        record("eu-1", "eu", key),
+        public_ws_url="ws://203.0.113.7:3342/derp",
+        public_http_url="http://203.0.113.7:3343",
+        public_stun="203.0.113.7:3479",
+    )
+    for configured in (parse_region_map(good()), None):
+        _, n = live_map(configured, [published]).node("eu-1") or (None, None)
+        assert n is not None and n.up
+        assert (n.host, n.ws_port, n.http_port, n.stun_port) == ("203.0.113.7", 3342, 3343, 3479)
+        assert n.ws_url == "ws://203.0.113.7:3342/derp"
+    # Without a public address the configured one stands, and a node that is down keeps it.
+    m = live_map(parse_region_map(good()), [record("eu-1", "eu", key)])
+    _, n = m.node("eu-1") or (None, None)
+    assert n is not None and (n.host, n.ws_port) == ("eu1.example", 443)
+
+
+def test_with_public_host_drops_stale_address_hints() -> None:
+    _, n = parse_region_map(good()).node("eu-2") or (None, None)
+    assert n is not None
+    moved = n.with_public_host("ws://relay.example:443/derp", None, None)
+    assert (moved.host, moved.ws_port, moved.http_port, moved.stun_port) == (
+        "relay.example",
+        443,
+        443,
+        0,
+    )
+    assert moved.ipv4 is None and moved.ipv6 is None and not moved.tls
+    secure = n.with_public_host("wss://relay.example/derp", "https://relay.example", None)
+    assert (secure.ws_port, secure.http_port, secure.tls) == (443, 443, True)
+    assert secure.ws_url == "wss://relay.example:443/derp"
+    same = n.with_public_host(f"ws://[{n.host}]:1/derp", f"http://[{n.host}]:2", "x:3")
+    assert (same.ws_port, same.http_port, same.stun_port) == (1, 2, 3)
+    assert same.ipv6 == n.ipv6
+
+
 def test_etag_and_signature() -> None:
     import nacl.signing
 

@@ -84,3 +84,54 @@ def test_example_config_loads() -> None:
     example = Path(__file__).resolve().parents[2] / "config" / "relay.example.toml"
     cfg = load_config(example)
     assert cfg.relay.region == "eu"
+
+
+def _example_keys(text: str) -> dict[str, set[str]]:
+    """``[section]`` → the keys shown under it, set or commented out (``# key = ...``)."""
+    import re
+
+    keys: dict[str, set[str]] = {}
+    section = ""
+    for line in text.splitlines():
+        header = re.match(r"^\[([a-z_]+)\]", line)
+        if header:
+            section = header.group(1)
+            keys.setdefault(section, set())
+            continue
+        key = re.match(r"^#?\s*([a-z_][a-z0-9_]*)\s*=", line)
+        if key and section:
+            keys[section].add(key.group(1))
+    return keys
+
+
+def test_example_config_lists_every_key() -> None:
+    from relay.config import RelayConfig
+
+    example = Path(__file__).resolve().parents[2] / "config" / "relay.example.toml"
+    shown = _example_keys(example.read_text())
+    for section, field in RelayConfig.model_fields.items():
+        model = field.annotation
+        assert model is not None and hasattr(model, "model_fields"), section
+        missing = set(model.model_fields) - shown.get(section, set())
+        assert not missing, f"relay.example.toml [{section}] lacks {sorted(missing)}"
+    assert set(shown) == set(RelayConfig.model_fields)
+
+
+def test_region_map_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        '[region_map]\nfile = "regions.toml"\nsigning_key_file = "sign.key"\n'
+        '[mesh]\nmesh_key_file = "mesh.key"\n',
+    )
+    cfg = load_config(p)
+    assert cfg.region_map.file == tmp_path / "regions.toml"
+    assert cfg.region_map.signing_key_file == tmp_path / "sign.key"
+    assert cfg.mesh.mesh_key_file == tmp_path / "mesh.key"
+
+
+def test_public_address_is_optional_and_checked(tmp_path: Path) -> None:
+    assert not load_config().public.configured
+    cfg = load_config(write(tmp_path, '[public]\nhost = "relay.example.com"\nws_port = 443\n'))
+    assert cfg.public.configured and cfg.public.host == "relay.example.com"
+    with pytest.raises(ConfigError, match=r"public\.stun_port: "):
+        load_config(write(tmp_path, "[public]\nstun_port = 0\n"))

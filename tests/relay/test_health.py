@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from coordinator.registry import RelayRecord
@@ -34,6 +35,8 @@ def status(
     failures: int = 0,
     degraded: str | None = None,
     revision: int = 10,
+    link_drops: int = 0,
+    draining: bool = False,
 ) -> dict[str, Any]:
     """What /api/v1/status says for relay ``rid`` probing itself and ``peers``."""
     return {
@@ -45,7 +48,7 @@ def status(
             "drops": {"queue_full": drops},
             "rate_limited_s": 0.0,
         },
-        "draining": False,
+        "draining": draining,
         "queues": {"data_queued": 0, "data_queued_max": 0},
         "shared_state": {
             "registered": degraded is None,
@@ -54,7 +57,13 @@ def status(
             "revision": revision,
         },
         "mesh_links": [
-            {"relay_id": p, "connected": connected, "packets_sent": packets, "queued": 0}
+            {
+                "relay_id": p,
+                "connected": connected,
+                "packets_sent": packets,
+                "queued": 0,
+                "drops": link_drops,
+            }
             for p in peers
             if p != rid
         ],
@@ -96,6 +105,7 @@ def test_healthy_mesh_has_no_problem_and_every_path_up() -> None:
     assert doc["summary"] == {
         "relays": 2,
         "relays_up": 2,
+        "relays_left": 0,
         "regions": 2,
         "links": 2,
         "links_up": 2,
@@ -135,6 +145,80 @@ def test_relay_gone_from_registry_is_down_at_once_then_forgotten() -> None:
     assert [r["relay_id"] for r in doc["relays"]] == ["eu-1"]
     # The region stays known: it has no relay now, and that is a problem.
     assert codes(doc) == {("region_without_relay", "us")}
+
+
+def test_relay_that_drained_then_left_is_left_not_down() -> None:
+    h = MeshHealth("eu-1", T)
+    reg = [record("eu-1", "eu"), record("us-1", "us"), record("us-2", "us")]
+    ids = ["eu-1", "us-1", "us-2"]
+    h.update(100.0, reg, healthy(ids))
+    # us-1 announces its stop: its record says leaving, then its status says draining.
+    leaving = [reg[0], replace(reg[1], leaving_at=100.5), reg[2]]
+    doc = h.update(101.0, leaving, healthy(ids))
+    assert doc["relays"][1]["state"] == "draining"
+    # Its HTTP port closes before its record goes: still draining, not stale.
+    doc = h.update(102.0, leaving, {**healthy(ids), "us-1": Fetch(error="status unreachable")})
+    assert doc["relays"][1]["state"] == "draining" and doc["relays"][1]["stale"] is True
+    assert codes(doc) == {("relay_draining", "us-1")}
+    doc = h.update(103.0, [reg[0], reg[2]], healthy(["eu-1", "us-2"]))
+    us1 = doc["relays"][1]
+    assert (us1["relay_id"], us1["state"], us1["since"], us1["error"]) == (
+        "us-1",
+        "left",
+        103.0,
+        None,
+    )
+    assert doc["problems"] == [] and doc["healthy"] is True
+    assert doc["events"][0] == {
+        "at": 103.0,
+        "kind": "relay_left",
+        "level": "info",
+        "subject": "us-1",
+        "message": "us-1: relay left (planned)",
+    }
+    assert "relay_down" not in [e["kind"] for e in doc["events"]]
+    # Out of the path matrix and of the counts; still listed, in its region.
+    assert {(x["src"], x["dst"]) for x in doc["links"]} == {("eu-1", "us-2"), ("us-2", "eu-1")}
+    assert (doc["summary"]["relays"], doc["summary"]["relays_left"]) == (2, 1)
+    assert next(g for g in doc["regions"] if g["region"] == "us") == {
+        "region": "us",
+        "relays": ["us-1", "us-2"],
+        "up": 1,
+        "left": 1,
+    }
+    doc = h.update(104.0, [reg[0], reg[2]], healthy(["eu-1", "us-2"]))
+    assert doc["problems"] == [] and doc["relays"][1]["since"] == 103.0
+    # Restarted under the same name: back, and up.
+    doc = h.update(105.0, [reg[0], record("us-1", "us", started_at=2.0), reg[2]], healthy(ids))
+    assert doc["relays"][1]["state"] == "up" and doc["problems"] == []
+    assert doc["events"][0]["message"] == "us-1 is back"
+
+
+def test_announcement_between_two_rounds_still_counts_through_departed() -> None:
+    h, reg = two_relays()
+    h.update(100.0, reg, healthy())
+    # Its leaving record and its deletion both came and went since the last round.
+    doc = h.update(101.0, reg[:1], healthy(["eu-1"]), departed={"us-1"})
+    assert doc["relays"][1]["state"] == "left"
+    assert doc["events"][0]["message"] == "us-1: relay left (planned)"
+    # The last relay of its region has gone, planned or not: that is a problem.
+    assert codes(doc) == {("region_without_relay", "us")}
+    assert "relay_down" not in {c for c, _ in codes(doc)}
+
+
+def test_relay_that_vanished_unannounced_is_down() -> None:
+    h = MeshHealth("eu-1", T)
+    reg = [record("eu-1", "eu"), record("us-1", "us"), record("us-2", "us")]
+    ids = ["eu-1", "us-1", "us-2"]
+    h.update(100.0, reg, healthy(ids))
+    # Another relay's planned stop does not make this one's disappearance planned.
+    doc = h.update(101.0, [reg[0], reg[2]], healthy(["eu-1", "us-2"]), departed={"us-9"})
+    assert doc["relays"][1]["state"] == "down"
+    assert codes(doc) == {("relay_down", "us-1")}
+    assert [(e["kind"], e["level"]) for e in doc["events"][:2]] == [
+        ("relay_down", "error"),
+        ("relay_left", "warning"),
+    ]
 
 
 def test_restarted_relay_comes_back_up_and_the_problem_clears() -> None:
@@ -198,6 +282,61 @@ def test_rates_from_counters_and_drops_high() -> None:
     assert all(p["severity"] == "warning" for p in doc["problems"])
     assert doc["healthy"] is True  # warnings only
     assert doc["history"]["pps_in"][-1] == 400.0
+
+
+def test_each_directed_link_has_its_packets_and_drops_per_second() -> None:
+    h, reg = two_relays()
+    h.update(100.0, reg, healthy())
+    fetches = {
+        "eu-1": Fetch(doc=status("eu-1", ["us-1"], packets=300, link_drops=40)),
+        "us-1": Fetch(doc=status("us-1", ["eu-1"], packets=100)),
+    }
+    doc = h.update(102.0, reg, fetches)
+    links = {(x["src"], x["dst"]): x for x in doc["links"]}
+    assert links["eu-1", "us-1"]["pps"] == 150.0 and links["eu-1", "us-1"]["drops_per_s"] == 20.0
+    assert links["eu-1", "us-1"]["drops"] == 40
+    assert links["us-1", "eu-1"]["pps"] == 50.0 and links["us-1", "eu-1"]["drops_per_s"] == 0.0
+    # A relay that restarts starts its counters again: no negative rate, no spike.
+    again = [reg[0], record("us-1", "us", started_at=2.0)]
+    doc = h.update(104.0, again, healthy())
+    assert all(x["drops_per_s"] == 0.0 for x in doc["links"])
+
+
+def test_clients_moving_to_a_sibling_are_a_failover_event() -> None:
+    h = MeshHealth("eu-1", T)
+    reg = [record("eu-1", "eu"), record("us-1", "us"), record("us-2", "us")]
+    ids = ["eu-1", "us-1", "us-2"]
+    a, b, c, d = (bytes([n]) * 32 for n in range(4))
+    homes = [(a, "us-1"), (b, "us-1"), (c, "us-1"), (d, "eu-1")]
+    doc = h.update(100.0, reg, healthy(ids), homes)
+    assert "failover" not in [e["kind"] for e in doc["events"]]  # first sight is no move
+    # us-1 drains: two of its clients are already on us-2, one is between relays.
+    fetches = {**healthy(ids), "us-1": Fetch(doc=status("us-1", ["eu-1", "us-2"], draining=True))}
+    doc = h.update(101.0, reg, fetches, [(a, "us-2"), (b, "us-2"), (d, "eu-1")])
+    failovers = [e for e in doc["events"] if e["kind"] == "failover"]
+    assert failovers == [
+        {
+            "at": 101.0,
+            "kind": "failover",
+            "level": "info",
+            "subject": "us-1>us-2",
+            "message": "2 clients moved from us-1 to us-2 (us-1 is draining)",
+        }
+    ]
+    assert doc["relays"][1]["state"] == "draining"
+    assert ("relay_draining", "us-1") in codes(doc)
+    # The third comes back a round later, elsewhere; nothing that stays put is an event.
+    doc = h.update(102.0, reg, healthy(ids), [(a, "us-2"), (b, "us-2"), (c, "eu-1"), (d, "eu-1")])
+    assert next(e["message"] for e in doc["events"] if e["kind"] == "failover") == (
+        "1 client moved from us-1 to eu-1"
+    )
+    doc = h.update(103.0, reg, healthy(ids), [(a, "us-2"), (b, "us-2"), (c, "eu-1"), (d, "eu-1")])
+    assert len([e for e in doc["events"] if e["kind"] == "failover"]) == 2
+    # A key not seen for forget_after_s is forgotten: its return is not a move.
+    later = 103.0 + T.forget_after_s + 1
+    h.update(later, reg, healthy(ids), [])
+    doc = h.update(later + 1, reg, healthy(ids), [(a, "eu-1")])
+    assert len([e for e in doc["events"] if e["kind"] == "failover"]) == 2
 
 
 def test_revision_lag_against_the_most_advanced_watch() -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 import trio
 
 from relay.client import open_relay_client
 from relay.config import load_config
 from relay.node import NodeInfo, serve_relay_node
 from relay.protocol.keys import PrivateKey
+from tests.conftest import wait_until
 
 
 async def http_get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -19,7 +21,9 @@ async def http_get(url: str) -> tuple[int, dict[str, str], bytes]:
     return r.status_code, dict(r.headers), r.content
 
 
-async def start_node(nursery: trio.Nursery, **relay: object) -> NodeInfo:
+async def start_node(
+    nursery: trio.Nursery, health: dict[str, object] | None = None, **relay: object
+) -> NodeInfo:
     cfg = load_config(
         overrides={
             "relay": {
@@ -30,8 +34,9 @@ async def start_node(nursery: trio.Nursery, **relay: object) -> NodeInfo:
                 "name": "eu-1",
                 **relay,
             },
-            # The mesh monitor's probe clients would count among the clients.
-            "health": {"enabled": False},
+            # Not among the clients, but the monitor's probe packets would count among the
+            # packets (test_probe_clients_are_not_counted_as_clients runs it).
+            "health": health or {"enabled": False},
         }
     )
     info: NodeInfo = await nursery.start(serve_relay_node, cfg)
@@ -68,6 +73,40 @@ async def test_health_status_and_metrics_reflect_traffic(nursery: trio.Nursery) 
         'relaymesh_connections_closed_total{reason="closed_by_peer",region="eu",relay="eu-1"} 2.0'
         in text
     )
+
+
+async def test_probe_clients_are_not_counted_as_clients(nursery: trio.Nursery) -> None:
+    from relay.client import ConnectError
+    from tests.relay.hostile import closes_total
+
+    info = await start_node(nursery, health={"enabled": True})
+    server = info.server
+    # A lone relay's monitor probes it with two clients: a sender and an echo.
+    with trio.fail_after(10):
+        await wait_until(lambda: server.statistics().probe_clients == 2)
+    a = PrivateKey.generate()
+    async with open_relay_client(info.ws_url, a):
+        _, _, body = await http_get(info.http_url + "/api/v1/status")
+        stats = json.loads(body)["stats"]
+        assert (stats["clients"], stats["probe_clients"]) == (1, 2)
+        _, _, body = await http_get(info.http_url + "/metrics")
+        text = body.decode()
+        assert 'relaymesh_clients{region="eu",relay="eu-1"} 1.0' in text
+        assert 'relaymesh_probe_clients{region="eu",relay="eu-1"} 2.0' in text
+        assert {c.is_probe for c in server.client_statistics()} == {True, False}
+
+    # Only the relay's own probe secret (the mesh key in a mesh) makes a probe client.
+    with pytest.raises(ConnectError, match="4007"):
+        async with open_relay_client(
+            info.ws_url, PrivateKey.generate(), mesh_key=b"x" * 32, probe=True
+        ):
+            pass  # pragma: no cover
+    assert closes_total(server, "bad_mesh_key") == 1
+    async with open_relay_client(
+        info.ws_url, PrivateKey.generate(), mesh_key=server.probe_key, probe=True
+    ):
+        assert server.statistics().probe_clients == 3
+        assert server.statistics().clients == 0
 
 
 async def test_latency_probe_endpoints(nursery: trio.Nursery) -> None:

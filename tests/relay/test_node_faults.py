@@ -185,7 +185,8 @@ async def test_mesh_link_error_is_reopened_and_counted(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def is_link(client: RelayClient) -> bool:
-        return client._mesh_key is not None
+        # Mesh links and the monitor's probe clients both hold the mesh key.
+        return client._mesh_key is not None and not client._probe
 
     monkeypatch.setattr(RelayClient, "receive", fail_once(RelayClient.receive, is_link))
     async with open_memory_store() as store:

@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,23 @@ async def test_a_planned_restart_moves_clients_to_a_sibling_with_little_loss(
     # Measured: 0-5 of 2000 here; 6-71 before clients moved on Restarting and the
     # relay waited for them.
     assert lost <= 20, f"{lost} of {sent} lost"
+
+
+def test_sigterm_of_a_relay_on_etcd_logs_no_traceback(tmp_path: Path, etcd: EtcdCluster) -> None:
+    # Its own deregistration reaches its watch while it stops: what used to end in etcd3's
+    # "Watch callback failed" and a traceback, on every clean stop.
+    relay = start_relay_proc(tmp_path, etcd.endpoints, "eu", "quiet-stop")
+    try:
+        deadline = time.monotonic() + 30
+        while relay.ready()[0] != 200:  # registered and watching
+            assert time.monotonic() < deadline, relay.ready()
+            time.sleep(0.05)
+        relay.proc.send_signal(signal.SIGTERM)
+        assert relay.proc.wait(timeout=30) == 0
+    finally:
+        relay.stop()
+    assert relay.log is not None
+    err = relay.log.read_text()
+    assert "shutting down" in err  # the log is the relay's stderr, and it got the SIGTERM
+    assert "Traceback" not in err, err
+    assert "Watch callback failed" not in err, err

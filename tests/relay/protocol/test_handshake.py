@@ -85,6 +85,9 @@ def _sealed(obj: object) -> wire.ClientInfo:
         ({"version": 2, "challenge": "CH", "token": 7}, CloseReason.BAD_HANDSHAKE),
         ({"version": 2, "challenge": "CH", "token": "t" * 257}, CloseReason.BAD_HANDSHAKE),
         ({"version": 2, "challenge": "CH", "preferred": "yes"}, CloseReason.BAD_HANDSHAKE),
+        ({"version": 2, "challenge": "CH", "probe": 1}, CloseReason.BAD_HANDSHAKE),
+        # A probe client is one only with the mesh's proof.
+        ({"version": 2, "challenge": "CH", "probe": True}, CloseReason.BAD_HANDSHAKE),
         ({"version": 2, "challenge": "CH", "disco_key": "nodekey:" + "AB" * 32}, 4005),
         ({"version": 2, "challenge": "CH", "endpoints": ["1.2.3.4:5"] * 33}, 4005),
         ({"version": 2, "challenge": "CH", "endpoints": [["1.2.3.4:5"]]}, 4005),
@@ -117,6 +120,19 @@ def test_mesh_proof_is_an_hmac_not_the_key() -> None:
     assert mesh_proof(mesh_key, new_challenge(), CLIENT.public) != got.mesh_proof
 
 
+def test_probe_flag_rides_on_the_mesh_proof() -> None:
+    sk = hello()
+    mesh_key = b"m" * 32
+    got = open_client_info(RELAY, sk.challenge, seal_client_info(CLIENT, sk, mesh_key=mesh_key))
+    assert got.probe is False
+    info = seal_client_info(CLIENT, sk, mesh_key=mesh_key, probe=True)
+    got = open_client_info(RELAY, sk.challenge, info)
+    assert got.probe is True
+    assert got.mesh_proof == mesh_proof(mesh_key, sk.challenge, CLIENT.public)
+    with pytest.raises(ValueError, match="mesh key"):
+        seal_client_info(CLIENT, sk, probe=True)
+
+
 def test_server_info_from_another_relay_does_not_open() -> None:
     reply = seal_server_info(PrivateKey.generate(), CLIENT.public, {})
     with pytest.raises(RemoteProtocolError):
@@ -141,12 +157,21 @@ _json = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=12,
 )
-_FIELDS = ["version", "challenge", "token", "mesh_proof", "preferred", "disco_key", "endpoints"]
+_FIELDS = [
+    "version",
+    "challenge",
+    "token",
+    "mesh_proof",
+    "probe",
+    "preferred",
+    "disco_key",
+    "endpoints",
+]
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
 @given(
-    fields=st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=7),
+    fields=st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=len(_FIELDS)),
     raw=st.binary(max_size=64) | st.none(),
 )
 def test_hostile_client_info_only_ever_raises_remote_protocol_error(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.protocol.keys import (
+    BoxCache,
     KeyFileError,
     NodeKey,
     PrivateKey,
@@ -102,3 +103,15 @@ def test_sealer_cache_is_bounded() -> None:
     # The first peer was evicted and is rebuilt on demand.
     assert Sealer(peers[0]).open(me.public, sealer.seal(peers[0].public, b"y")) == b"y"
     assert Sealer(peers[0]).open(me.public, sealer.seal(peers[0].public, b"z")) == b"z"
+
+
+def test_box_cache_keeps_the_last_used_boxes_only() -> None:
+    me = PrivateKey.generate()
+    a, b, c = (PrivateKey.generate().public for _ in range(3))
+    cache = BoxCache(me, size=2)
+    first = cache.get(a)
+    cache.get(b)
+    assert cache.get(a) is first  # reused, and now the most recently used
+    cache.get(c)
+    assert len(cache) == 2
+    assert a in cache and c in cache and b not in cache

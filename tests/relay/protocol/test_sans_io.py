@@ -40,6 +40,7 @@ PROTOCOL_MODULES = [
     "relay.protocol.keys",
     "relay.protocol.stun",
     "relay.protocol.disco",
+    "relay.protocol.backoff",
 ]
 
 
