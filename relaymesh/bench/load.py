@@ -352,7 +352,7 @@ def run_load(
 ) -> dict[str, Any]:
     if runs < 1:
         raise ValueError("--runs must be at least 1")
-    nofile = _raise_nofile(max(*clients, *preauth) + _FD_MARGIN)
+    nofile = _raise_nofile(max((*clients, *preauth), default=0) + _FD_MARGIN)
     result: dict[str, Any] = {
         "scenario": "load",
         "runs": runs,
