@@ -733,7 +733,6 @@ class RelayServer:
             return
         assert hello is not None
         conn.stage = "open"
-        ws._max_message_size = lim.max_receive_message_bytes
         await self._run_client(ws, hello, decoder, conn)
 
     async def _upgrade_request(
@@ -822,6 +821,9 @@ class RelayServer:
                 "keepalive_s": lim.keepalive_interval_s,
                 "max_packet_bytes": wire.MAX_PACKET_BYTES,
             }
+            # Raised before ServerInfo leaves: a client may send full-size messages as soon
+            # as it has read it, and the pre-auth bound holds only until then (PROTOCOL.md).
+            ws._max_message_size = lim.max_receive_message_bytes
             await ws.send_message(wire.encode(seal_server_info(self.key, hello.client_key, info)))
             return hello
 

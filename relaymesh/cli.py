@@ -612,8 +612,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise UserError(f"--seconds must be more than 0, not {args.seconds:g}")
     if args.pairs < 1:
         raise UserError(f"--pairs must be at least 1, not {args.pairs}")
-    if args.size < 0:
-        raise UserError(f"--size must be at least 0 bytes, not {args.size}")
+    if args.runs < 1:
+        raise UserError(f"--runs must be at least 1, not {args.runs}")
     return cmd_bench(args)
 
 
@@ -810,27 +810,33 @@ def _add_status(sub: _Commands) -> None:
 
 
 def _add_bench(sub: _Commands) -> None:
+    from .bench.command import SCENARIOS
+
     p = sub.add_parser(
         "bench",
-        help="measure the relay against a bare byte-copy relay",
-        description="Measure packets/s, MB/s and latency through a relay process, "
-        "and the same for a bare trio relay that copies bytes, same run.",
+        help="measure the relay against bare byte-copy relays",
+        description="Measure packets/s, MB/s, loss, CPU and latency through a relay process,"
+        " and the same for two bare relays that copy bytes (over TCP, and WebSocket"
+        " message by message), in the same run; each figure --runs times.",
     )
-    p.add_argument("--size", type=int, default=1200, help="packet payload bytes (default 1200)")
+    p.add_argument(
+        "--size",
+        type=int,
+        action="append",
+        help="packet payload bytes; repeat for several (default: 1200 and 65536;"
+        " 1200 for --scenario mesh)",
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per throughput run")
+    p.add_argument("--runs", type=int, default=5, help="runs of each figure (default 5)")
     p.add_argument("--pairs", type=int, default=1, help="sender/receiver pairs")
-    p.add_argument("--no-baseline", action="store_true", help="skip the byte-copy baseline")
+    p.add_argument("--no-baseline", action="store_true", help="skip the byte-copy relays")
     p.add_argument(
         "--scenario",
         default="relay",
-        choices=["relay", "mesh", "registration", "failover", "load"],
-        help="relay: one relay vs the baseline (default); mesh: across a mesh hop vs"
-        " within one relay; registration: peer visible in every relay's cache;"
-        " failover: relay killed until its clients are reachable again;"
-        " load: memory per idle client, handshakes/s, connect latency while"
-        " pre-auth connections are held. The mesh scenarios need the etcd binary.",
+        choices=list(SCENARIOS),
+        help="; ".join(f"{name}: {s.help}" for name, s in SCENARIOS.items())
+        + " (default relay). The mesh scenarios need the etcd binary.",
     )
-    p.add_argument("--runs", type=int, default=3, help="load: runs per figure, the median is shown")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
 

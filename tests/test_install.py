@@ -135,7 +135,8 @@ def test_every_subcommand_from_a_fresh_install(
     assert relay.wait(timeout=30) == 0
 
     bench = run(
-        fresh, "bench", "--seconds", "0.2", "--size", "100", "--no-baseline", "--json",
+        fresh, "bench", "--seconds", "0.2", "--size", "100", "--runs", "1", "--no-baseline",
+        "--json",
         cwd=tmp_path,
     )  # fmt: skip
     assert json.loads(bench.stdout)

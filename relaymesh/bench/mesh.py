@@ -3,9 +3,11 @@
 All three run real relay processes (``relaymesh relay``) against a local etcd
 started for the run (the ``etcd`` binary must be on PATH), on loopback:
 
-- **mesh**: the same sender/receiver streams as the plain bench, once with
-  both clients on one relay and once across a mesh hop (sender on eu-1,
-  receiver on us-1), in the same invocation. Reports both and the ratio.
+- **mesh**: the same sender/receiver streams as the plain bench, with both
+  clients on one relay and across a mesh hop (sender on eu-1, receiver on
+  us-1), alternating, ``--runs`` times on one mesh. Reports both (min, median,
+  max over the runs; loss, the relays' drops by reason and their CPU over the
+  steady window, per run) and the ratio.
 - **registration**: clients connect to eu-1 one after another; for each, the
   time from starting to connect to its record being PRESENT in the cache of
   every other relay (us-1, ap-1), read back to back from their
@@ -26,6 +28,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -49,9 +52,9 @@ from ..procs import (
     stop_processes,
     write_mesh_key,
 )
-from .relay import percentiles, stream
+from .relay import check_size, percentiles, ratio, stream, summarize
 
-__all__ = ["run_scenario"]
+__all__ = ["run_failover", "run_mesh", "run_registration"]
 
 _TEST_MESH = """
 [mesh]
@@ -129,28 +132,64 @@ def _wait_peers(relay: dict[str, Any], n: int, timeout_s: float = 15) -> None:
     raise RuntimeError(f"relay {relay['name']} did not learn {n} peers in {timeout_s} s")
 
 
-def run_mesh(size: int, seconds: float) -> dict[str, Any]:
+def _drops(relays: list[dict[str, Any]]) -> dict[str, int]:
+    """The relays' drop counters, summed by reason."""
+    total: dict[str, int] = {}
+    for relay in relays:
+        for reason, n in _status(relay["http_url"])["stats"]["drops"].items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
+
+def run_mesh(size: int, seconds: float, runs: int = 5, progress: bool = True) -> dict[str, Any]:
+    """``runs`` runs on one mesh, each within one relay and then across the hop."""
+    check_size(size)
+    within: list[dict[str, Any]] = []
+    across: list[dict[str, Any]] = []
     with _mesh([("eu", "eu-1"), ("us", "us-1")]) as (relays, _):
         eu, us = relays
         base = ["--target", "relay", "--size", str(size)]
-        within = stream(
-            [*base, "--url", eu["ws_url"]], [*base, "--url", eu["ws_url"]], seconds, 1, [eu["pid"]]
-        )
-        across = stream(
-            [*base, "--url", eu["ws_url"]],
-            [*base, "--url", us["ws_url"]],
-            seconds,
-            1,
-            [eu["pid"], us["pid"]],
-            before_send=lambda keys: _wait_peers(eu, 1),
-        )
+        for i in range(runs):
+            within.append(
+                stream(
+                    [*base, "--url", eu["ws_url"]],
+                    [*base, "--url", eu["ws_url"]],
+                    seconds,
+                    1,
+                    [eu["pid"]],
+                    drops=lambda: _drops([eu]),
+                )
+            )
+            across.append(
+                stream(
+                    [*base, "--url", eu["ws_url"]],
+                    [*base, "--url", us["ws_url"]],
+                    seconds,
+                    1,
+                    [eu["pid"], us["pid"]],
+                    before_send=lambda keys: _wait_peers(eu, 1),
+                    drops=lambda: _drops([eu, us]),
+                )
+            )
+            if progress:
+                for name, r in (("within one relay", within[-1]), ("across", across[-1])):
+                    print(
+                        f"mesh, run {i + 1}/{runs}, {name}: {r['pps']:,} packets/s,"
+                        f" loss {r['loss_pct']}%, cpu {r['server_cpu_pct_each']}%",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     return {
         "scenario": "mesh",
         "size": size,
         "seconds": seconds,
-        "within_one_relay": within,
-        "across_mesh_hop": across,
-        "mesh_vs_within_pct": round(100 * across["pps"] / within["pps"], 1),
+        "runs": runs,
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d"),
+        "within_one_relay": {"runs": within, "summary": summarize(within)},
+        "across_mesh_hop": {"runs": across, "summary": summarize(across)},
+        "mesh_vs_within": ratio(across, within),
     }
 
 
@@ -245,13 +284,3 @@ def run_failover(n: int) -> dict[str, Any]:
         **result,
         "note": "SIGKILL of us-1 → first probe from eu-1 received again via us-2",
     }
-
-
-def run_scenario(name: str, *, size: int, seconds: float) -> dict[str, Any]:
-    if name == "mesh":
-        return run_mesh(size, seconds)
-    if name == "registration":
-        return run_registration(200)
-    if name == "failover":
-        return run_failover(20)
-    raise ValueError(f"unknown scenario {name!r}")

@@ -2,18 +2,25 @@
 
 Everything runs in separate processes so both cores work: one relay process,
 and a receiver and a sender process per pair. The same client code measures
-two relays in the same invocation:
+three relays in the same invocation, one after the other in each run:
 
 - ``relay``: relaymesh's RelayServer, clients speak the real protocol over
   WebSocket (handshake, framing, coalescing);
-- ``baseline``: a bare trio relay that pairs two TCP sockets and copies bytes
+- ``tcp_copy``: a bare trio relay that pairs two TCP sockets and copies bytes
   from one to the other without parsing: the ceiling for any trio relay here.
-  The clients send the same frames over plain TCP.
+  The clients send the same frames over plain TCP;
+- ``ws_copy``: a trio-websocket relay that pairs two WebSocket connections and
+  forwards each message as it came, without parsing it: the ceiling for a
+  relay whose clients speak WebSocket with this stack (trio-websocket, wsproto,
+  the same C masking as the relay).
 
 Each target gets a throughput run (the sender sends as fast as the path
 takes, for ``--seconds``) and then a latency run at ~10% of the throughput
 measured, where every packet carries its send time (CLOCK_MONOTONIC is one
-clock for all processes on the machine).
+clock for all processes on the machine). Senders connect first and start
+together on a "go" line; CPU is read from /proc/<pid>/stat over the steady
+window only: from a short warm-up after "go" to the moment the senders stop,
+so process start-up and the drain are not in the divisor.
 
 Packet payload: phase (u8) | sequence (u64) | send time ns (u64) | padding.
 
@@ -40,7 +47,16 @@ import trio
 from relay.protocol import wire
 from relay.protocol.keys import PrivateKey
 
-__all__ = ["percentiles", "run_bench", "stream"]
+__all__ = [
+    "TARGETS",
+    "check_size",
+    "percentiles",
+    "ratio",
+    "run_bench",
+    "spread",
+    "stream",
+    "summarize",
+]
 
 _HDR = struct.Struct(">BI")
 _PAY = struct.Struct(">BQQ")
@@ -89,24 +105,48 @@ class _TcpTransport(_Transport):
 
 
 async def _with_transport(args: argparse.Namespace, key: PrivateKey, role: str, body: Any) -> None:
-    if args.target == "relay":
+    if args.target in ("relay", "ws_copy"):
         from trio_websocket import open_websocket_url
 
+        from relay import _wsmask
         from relay.client import client_handshake
 
+        _wsmask.install()
+        relay = args.target == "relay"
         async with open_websocket_url(
-            args.url,
-            subprotocols=[wire.SUBPROTOCOL],
+            args.url if relay else f"{args.url}/{role}/{args.pair}",
+            subprotocols=[wire.SUBPROTOCOL] if relay else None,
             receive_buffer_size=256 * 1024,
             max_message_size=4 * 1024 * 1024,
         ) as ws:
-            await client_handshake(ws, wire.FrameDecoder(), key)
+            if relay:
+                decoder = wire.FrameDecoder()
+                await client_handshake(ws, decoder, key)
+                await _ping(ws, decoder)
             await body(_WsTransport(ws))
     else:
         stream = await trio.open_tcp_stream("127.0.0.1", args.port)
         async with stream:
             await stream.send_all(f"{role} {args.pair}\n".encode())
             await body(_TcpTransport(stream))
+
+
+async def _ping(ws: Any, decoder: wire.FrameDecoder) -> None:
+    """Ping the relay and wait for its Pong.
+
+    The relay raises a connection's message size limit from the handshake's
+    to the data path's after it has sent ServerInfo; a 64 KiB batch sent at
+    once can reach it before that and be closed as too big (1009). The Pong
+    comes from the relay's read loop, which starts after the raise.
+    """
+    data = os.urandom(wire.PING_BYTES)
+    await ws.send_message(wire.encode(wire.Ping(data=data)))
+    while True:
+        event = decoder.next_event()
+        if isinstance(event, wire.NeedData):
+            decoder.receive_data(await ws.get_message())
+        elif event == wire.Pong(data=data):
+            return
 
 
 # ---- receiver --------------------------------------------------------------
@@ -231,6 +271,10 @@ async def _sender(args: argparse.Namespace) -> None:
     phase = 1 if args.rate == 0 else 2
 
     async def body(t: _Transport) -> None:
+        # Connected (and past the handshake): wait for the others, then start together.
+        print(json.dumps({"ready": True}), flush=True)
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        await stdin.receive_some(64)
         sent = 0
         clock = time.monotonic_ns
         deadline = clock() + int(args.seconds * 1e9)
@@ -258,14 +302,14 @@ async def _sender(args: argparse.Namespace) -> None:
                         sent += 1
                     await t.send(b"".join(frames))
                 await trio.sleep(interval_s)
-        # Let the last batch drain before the connection closes.
+        # The end of the steady window; then let the last batch drain before closing.
+        print(json.dumps({"sent": sent}), flush=True)
         await trio.sleep(0.3)
-        print(json.dumps({"sent": sent, "cpu_s": _own_cpu()}), flush=True)
 
     await _with_transport(args, key, "send", body)
 
 
-# ---- the two relays under test --------------------------------------------
+# ---- the relays under test -------------------------------------------------
 
 
 async def _relay(args: argparse.Namespace) -> None:
@@ -282,26 +326,40 @@ async def _relay(args: argparse.Namespace) -> None:
         }
     )
     server = RelayServer(cfg, PrivateKey.generate())
+
+    def report() -> dict[str, Any]:
+        stats = server.statistics()
+        return {
+            "drops": stats.drops,
+            "messages_out": stats.messages_out,
+            "packets_out": stats.packets_out,
+        }
+
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, "127.0.0.1", 0)
         print(json.dumps({"port": port}), flush=True)
-        await _wait_stdin_closed()
-        stats = server.statistics()
-        print(
-            json.dumps(
-                {
-                    "drops": stats.drops,
-                    "messages_out": stats.messages_out,
-                    "packets_out": stats.packets_out,
-                }
-            ),
-            flush=True,
-        )
+        await _answer_stdin(report)
         nursery.cancel_scope.cancel()
 
 
-async def _baseline(args: argparse.Namespace) -> None:
-    waiting: dict[str, dict[str, trio.SocketStream]] = {}
+class _Pairs:
+    """Where a sender's copier finds its pair's receiver, once the receiver is there."""
+
+    def __init__(self) -> None:
+        self._receivers: dict[str, Any] = {}
+        self._arrived: dict[str, trio.Event] = {}
+
+    def add_receiver(self, pair: str, receiver: Any) -> None:
+        self._receivers[pair] = receiver
+        self._arrived.setdefault(pair, trio.Event()).set()
+
+    async def receiver(self, pair: str) -> Any:
+        await self._arrived.setdefault(pair, trio.Event()).wait()
+        return self._receivers[pair]
+
+
+async def _tcp_copy(args: argparse.Namespace) -> None:
+    pairs = _Pairs()
 
     async def handle(stream: trio.SocketStream) -> None:
         line = b""
@@ -311,12 +369,10 @@ async def _baseline(args: argparse.Namespace) -> None:
                 return
             line += chunk
         role, pair = line.decode().split()
-        waiting.setdefault(pair, {})[role] = stream
         if role == "recv":
+            pairs.add_receiver(pair, stream)
             await trio.sleep_forever()  # the sender's task copies into us
-        while "recv" not in waiting[pair]:  # noqa: ASYNC110 - once per pair, at start
-            await trio.sleep(0.01)
-        dest = waiting[pair]["recv"]
+        dest = await pairs.receiver(pair)
         while True:
             data = await stream.receive_some(256 * 1024)
             if not data:
@@ -326,18 +382,71 @@ async def _baseline(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
         print(json.dumps({"port": listeners[0].socket.getsockname()[1]}), flush=True)
-        await _wait_stdin_closed()
-        print(json.dumps({}), flush=True)
+        await _answer_stdin(dict)
         nursery.cancel_scope.cancel()
 
 
-async def _wait_stdin_closed() -> None:
+async def _ws_copy(args: argparse.Namespace) -> None:
+    from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+    from relay import _wsmask
+    from relay.config import LimitsConfig
+
+    _wsmask.install()
+    lim = LimitsConfig()
+    pairs = _Pairs()
+
+    async def handle(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        _, role, pair = request.path.split("/")
+        if role == "recv":
+            pairs.add_receiver(pair, ws)
+            await trio.sleep_forever()  # the sender's task forwards into us
+        dest = await pairs.receiver(pair)
+        try:
+            while True:
+                await dest.send_message(await ws.get_message())
+        except ConnectionClosed:
+            return
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(
+                serve_websocket,
+                handle,
+                "127.0.0.1",
+                0,
+                ssl_context=None,
+                max_message_size=lim.max_receive_message_bytes,
+                receive_buffer_size=lim.receive_buffer_bytes,
+            )
+        )
+        print(json.dumps({"port": server.port}), flush=True)
+        await _answer_stdin(dict)
+        nursery.cancel_scope.cancel()
+
+
+async def _answer_stdin(report: Any) -> None:
+    """Print ``report()`` as JSON for every line on stdin; return at EOF."""
     stdin = trio.lowlevel.FdStream(os.dup(0))
-    while await stdin.receive_some(1024):
-        pass
+    pending = b""
+    while data := await stdin.receive_some(1024):
+        pending += data
+        while b"\n" in pending:
+            _, pending = pending.split(b"\n", 1)
+            print(json.dumps(report()), flush=True)
 
 
 # ---- orchestration ---------------------------------------------------------
+
+#: The targets of the plain bench, in the order each run measures them.
+TARGETS = {
+    "relay": "relaymesh relay",
+    "tcp_copy": "TCP byte copy",
+    "ws_copy": "WebSocket byte copy",
+}
+#: The figures each target's runs are summarised by (min, median, max).
+SUMMARY_FIELDS = ("pps", "mbps", "loss_pct", "server_cpu_pct", "p50_ms", "p99_ms")
 
 
 def _spawn(*argv: str) -> subprocess.Popen[str]:
@@ -358,39 +467,48 @@ def _readjson(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return result
 
 
-def _ask(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
+def _tell(proc: subprocess.Popen[str], what: str) -> None:
     assert proc.stdin is not None
     proc.stdin.write(what + "\n")
     proc.stdin.flush()
+
+
+def _ask(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
+    _tell(proc, what)
     return _readjson(proc)
 
 
 def _cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads), from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _measure(target: str, size: int, seconds: float, pairs: int, queue: int) -> dict[str, Any]:
-    server = _spawn("relay" if target == "relay" else "baseline", "--queue", str(queue))
+    role = {"relay": "relay", "tcp_copy": "tcp-copy", "ws_copy": "ws-copy"}[target]
+    server = _spawn(role, "--queue", str(queue))
     try:
         port = _readjson(server)["port"]
-        where = (
-            ["--url", f"ws://127.0.0.1:{port}/derp"] if target == "relay" else ["--port", str(port)]
-        )
+        where = {
+            "relay": ["--url", f"ws://127.0.0.1:{port}/derp"],
+            "ws_copy": ["--url", f"ws://127.0.0.1:{port}"],
+            "tcp_copy": ["--port", str(port)],
+        }[target]
         common = ["--target", target, *where, "--size", str(size)]
-        result = stream(common, common, seconds, pairs, [server.pid])
+        drops = (lambda: _ask(server, "stats")["drops"]) if target == "relay" else None
+        result = stream(common, common, seconds, pairs, [server.pid], drops=drops)
         assert server.stdin is not None
         server.stdin.close()
-        extra = _readjson(server)
         server.wait(timeout=10)
-        if target == "relay":
-            result["relay_drops"] = extra["drops"]
-            result["messages_out"] = extra["messages_out"]
         return result
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def _pct(part: float, whole: float) -> float:
+    return round(100 * part / whole, 1) if whole else 0.0
 
 
 def stream(
@@ -401,15 +519,21 @@ def stream(
     server_pids: list[int],
     *,
     before_send: Any = None,
+    drops: Any = None,
 ) -> dict[str, Any]:
-    """A throughput run then a latency run at ~10% of it, through servers already up."""
+    """A throughput run then a latency run at ~10% of it, through servers already up.
+
+    ``drops``, if given, returns the servers' cumulative drop counters by reason;
+    the run reports what it added during the throughput run.
+    """
     receivers = [_spawn("receiver", *recv_args, "--pair", str(i)) for i in range(pairs)]
     try:
         keys = [_readjson(r)["key"] for r in receivers]
         if before_send is not None:
             before_send(keys)
 
-        def run_senders(rate: float, secs: float) -> tuple[int, float]:
+        def run_senders(rate: float, secs: float) -> tuple[int, dict[str, Any]]:
+            """Senders at ``rate`` (0: as fast as they can): sent, CPU % over the steady window."""
             senders = [
                 _spawn(
                     "sender",
@@ -425,20 +549,44 @@ def stream(
                 )
                 for i in range(pairs)
             ]
-            outs = [_readjson(s) for s in senders]
-            for s in senders:
-                s.wait()
-            return sum(int(o["sent"]) for o in outs), sum(o["cpu_s"] for o in outs)
+            try:
+                for s in senders:
+                    _readjson(s)  # connected, waiting for "go"
+                for s in senders:
+                    _tell(s, "go")
+                # The steady window starts after a warm-up and ends when the senders stop.
+                time.sleep(min(1.0, secs * 0.2))
+                groups = {
+                    "server": server_pids,
+                    "senders": [s.pid for s in senders],
+                    "receivers": [r.pid for r in receivers],
+                }
+                pids = [p for g in groups.values() for p in g]
+                cpu0 = {p: _cpu_seconds(p) for p in pids}
+                t0 = time.monotonic()
+                outs = [_readjson(s) for s in senders]
+                t1 = time.monotonic()
+                cpu1 = {p: _cpu_seconds(p) for p in pids}
+                for s in senders:
+                    s.wait(timeout=30)
+            finally:
+                for s in senders:
+                    if s.poll() is None:
+                        s.kill()
+            window = max(t1 - t0, 1e-3)
+            cpu = {
+                f"{g}_cpu_pct": _pct(sum(cpu1[p] - cpu0[p] for p in ps), window)
+                for g, ps in groups.items()
+            }
+            cpu["server_cpu_pct_each"] = [_pct(cpu1[p] - cpu0[p], window) for p in server_pids]  # type: ignore[assignment]
+            cpu["steady_s"] = round(window, 3)
+            return sum(int(o["sent"]) for o in outs), cpu
 
-        cpu0 = sum(_cpu_seconds(pid) for pid in server_pids)
-        wall0 = time.monotonic()
-        recv_cpu0 = sum(_cpu_seconds(r.pid) for r in receivers)
-        sent, send_cpu = run_senders(0, seconds)
+        drops0 = drops() if drops is not None else {}
+        sent, cpu = run_senders(0, seconds)
         time.sleep(0.2)
-        wall = time.monotonic() - wall0
-        cpu = (sum(_cpu_seconds(pid) for pid in server_pids) - cpu0) / wall
-        recv_cpu = (sum(_cpu_seconds(r.pid) for r in receivers) - recv_cpu0) / wall
         reports = [_ask(r, "tput") for r in receivers]
+        drops1 = drops() if drops is not None else {}
         received = sum(r["count"] for r in reports)
         duration = max(r["duration_s"] for r in reports)
         pps = received / duration
@@ -447,27 +595,31 @@ def stream(
 
         lat_pps = max(100.0, pps * 0.10)
         lat_seconds = max(1.0, min(3.0, seconds / 2))
-        run_senders(lat_pps / pairs, lat_seconds)
+        lat_sent, _ = run_senders(lat_pps / pairs, lat_seconds)
         time.sleep(0.2)
         lat_reports = [_ask(r, "latency") for r in receivers]
         lat = lat_reports[0]["latency_ms"]
         lat_received = sum(r["count"] for r in lat_reports)
-        return {
+        result: dict[str, Any] = {
             "pps": round(pps),
             "mbps": round(mbps, 1),
             "sent": sent,
             "received": received,
             "loss_pct": round(100 * (1 - received / sent), 3) if sent else 0.0,
             "reordered": reordered,
-            "server_cpu_pct": round(100 * cpu, 1),
-            "receivers_cpu_pct": round(100 * recv_cpu, 1),
-            "senders_cpu_pct": round(100 * send_cpu / wall, 1),
+            **cpu,
             "latency_load_pps": round(lat_pps),
+            "latency_sent": lat_sent,
             "latency_received": lat_received,
             "p50_ms": round(lat["p50"], 3),
             "p99_ms": round(lat["p99"], 3),
             "max_ms": round(lat["max"], 3),
         }
+        if drops is not None:
+            result["drops"] = {
+                k: v - drops0.get(k, 0) for k, v in drops1.items() if v - drops0.get(k, 0)
+            }
+        return result
     finally:
         for r in receivers:
             if r.stdin is not None and not r.stdin.closed:
@@ -479,30 +631,93 @@ def stream(
                 r.kill()
 
 
-def run_bench(
-    *, size: int, seconds: float, pairs: int = 1, baseline: bool = True, queue: int = 4096
+def spread(values: list[float]) -> dict[str, float]:
+    """min, median and max of one figure over the runs."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def summarize(
+    runs: list[dict[str, Any]], fields: tuple[str, ...] = SUMMARY_FIELDS
 ) -> dict[str, Any]:
+    return {f: spread([r[f] for r in runs]) for f in fields}
+
+
+def ratio(part: list[dict[str, Any]], whole: list[dict[str, Any]]) -> dict[str, Any]:
+    """``part``'s packets/s as a % of ``whole``'s: per run (same run), and of the medians."""
+    per_run = [_pct(p["pps"], w["pps"]) for p, w in zip(part, whole, strict=True)]
+    return {
+        "per_run": per_run,
+        **spread(per_run),
+        "of_medians": _pct(
+            statistics.median(r["pps"] for r in part), statistics.median(r["pps"] for r in whole)
+        ),
+    }
+
+
+def check_size(size: int) -> None:
     if size < _MIN_SIZE or size > wire.MAX_PACKET_BYTES:
         raise ValueError(f"--size must be between {_MIN_SIZE} and {wire.MAX_PACKET_BYTES}")
+
+
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_bench(
+    *,
+    sizes: list[int],
+    seconds: float,
+    runs: int = 5,
+    pairs: int = 1,
+    ceilings: bool = True,
+    queue: int = 4096,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Each size: ``runs`` runs, each measuring the relay and then (``ceilings``) both copies."""
+    for size in sizes:
+        check_size(size)
+    targets = list(TARGETS) if ceilings else ["relay"]
     result: dict[str, Any] = {
-        "size": size,
+        "scenario": "relay",
         "seconds": seconds,
+        "runs": runs,
         "pairs": pairs,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d"),
+        "sizes": [],
     }
-    result["relay"] = _measure("relay", size, seconds, pairs, queue)
-    if baseline:
-        base = _measure("baseline", size, seconds, pairs, queue)
-        result["baseline"] = {"name": "trio TCP byte copy", **base}
-        result["relay_vs_baseline_pct"] = round(100 * result["relay"]["pps"] / base["pps"], 1)
+    for size in sizes:
+        measured: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
+        for i in range(runs):
+            for t in targets:
+                r = _measure(t, size, seconds, pairs, queue)
+                measured[t].append(r)
+                if progress:
+                    _note(
+                        f"{size} B, run {i + 1}/{runs}, {TARGETS[t]}: {r['pps']:,} packets/s,"
+                        f" loss {r['loss_pct']}%, cpu {r['server_cpu_pct']}%"
+                    )
+        entry: dict[str, Any] = {
+            "size": size,
+            "targets": {
+                t: {"name": TARGETS[t], "runs": rs, "summary": summarize(rs)}
+                for t, rs in measured.items()
+            },
+        }
+        if ceilings:
+            entry["relay_vs"] = {
+                c: ratio(measured["relay"], measured[c]) for c in targets if c != "relay"
+            }
+        result["sizes"].append(entry)
     return result
 
 
 def _worker_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m relaymesh.bench.relay")
-    p.add_argument("role", choices=["relay", "baseline", "receiver", "sender"])
-    p.add_argument("--target", choices=["relay", "baseline"], default="relay")
+    p.add_argument("role", choices=["relay", "tcp-copy", "ws-copy", "receiver", "sender"])
+    p.add_argument("--target", choices=list(TARGETS), default="relay")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--url", default="")
     p.add_argument("--pair", default="0")
@@ -512,7 +727,13 @@ def _worker_main(argv: list[str]) -> None:
     p.add_argument("--rate", type=float, default=0.0)
     p.add_argument("--queue", type=int, default=4096)
     args = p.parse_args(argv)
-    role = {"relay": _relay, "baseline": _baseline, "receiver": _receiver, "sender": _sender}
+    role = {
+        "relay": _relay,
+        "tcp-copy": _tcp_copy,
+        "ws-copy": _ws_copy,
+        "receiver": _receiver,
+        "sender": _sender,
+    }
     trio.run(role[args.role], args)
 
 

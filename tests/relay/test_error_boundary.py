@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from relay.client import client_handshake, open_relay_client
 from relay.config import load_config
@@ -201,3 +201,31 @@ async def test_mesh_proof_mismatch_is_counted_once(nursery: trio.Nursery) -> Non
     await wait_all_counted(server)
     closes = server.statistics().closes
     assert closes == {"bad_mesh_key": 1}
+
+
+async def test_full_size_message_right_after_server_info_is_accepted(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pre-auth message bound ends before ServerInfo is sent, not after: a client that
+    sends a full-size message the moment it has read ServerInfo is served even when the
+    relay's handler is descheduled right after sending it (a busy relay)."""
+    send_message = WebSocketConnection.send_message
+
+    async def slow_after_server_info(self: WebSocketConnection, message: bytes | str) -> None:
+        await send_message(self, message)
+        if not self.is_client and isinstance(message, bytes) and message[:1] == b"\x03":
+            await trio.sleep(0.2)  # the reader task runs meanwhile, as on a loaded machine
+
+    monkeypatch.setattr(WebSocketConnection, "send_message", slow_after_server_info)
+    server, url = await start_relay(nursery)
+    sink = PrivateKey.generate()
+    payload = b"x" * wire.MAX_PACKET_BYTES
+    async with (
+        open_relay_client(url, sink) as receiver,
+        open_websocket_url(url, subprotocols=["derp"]) as ws,
+    ):
+        await client_handshake(ws, wire.FrameDecoder(), PrivateKey.generate())
+        await ws.send_message(wire.encode(wire.SendPacket(dest=sink.public.raw, payload=payload)))
+        with trio.fail_after(10):
+            assert (await receiver.receive()).payload == payload
+    assert server.statistics().closes.get("message_too_big", 0) == 0

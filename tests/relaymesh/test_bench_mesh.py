@@ -77,3 +77,19 @@ def test_sigterm_mid_run_leaves_no_work_directory(tmp_root: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert _workdirs(tmp_root) == []
+
+
+def test_mesh_scenario_reports_each_run(tmp_root: Path) -> None:
+    result = bench_mesh.run_mesh(1200, 0.3, runs=2, progress=False)
+    for path in ("within_one_relay", "across_mesh_hop"):
+        runs = result[path]["runs"]
+        assert len(runs) == 2
+        for r in runs:
+            assert 0 < r["received"] <= r["sent"] and r["reordered"] == 0
+            assert isinstance(r["drops"], dict)
+        assert result[path]["summary"]["pps"]["min"] <= result[path]["summary"]["pps"]["max"]
+    # Both relays' CPU is read across the hop, one relay's within it.
+    assert [len(r["server_cpu_pct_each"]) for r in result["across_mesh_hop"]["runs"]] == [2, 2]
+    assert [len(r["server_cpu_pct_each"]) for r in result["within_one_relay"]["runs"]] == [1, 1]
+    assert len(result["mesh_vs_within"]["per_run"]) == 2
+    assert _workdirs(tmp_root) == []

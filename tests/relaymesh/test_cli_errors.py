@@ -173,6 +173,7 @@ MISTAKES: list[tuple[str, list[str], str]] = [
     ),
     ("bench for no time", ["bench", "--seconds", "0"], r"--seconds must be more than 0"),
     ("bench with no pairs", ["bench", "--pairs", "0"], r"--pairs must be at least 1"),
+    ("bench with no runs", ["bench", "--runs", "0"], r"--runs must be at least 1"),
 ]
 
 
