@@ -31,10 +31,12 @@ client that sends too fast, which pushes back through TCP instead of dropping.
 from __future__ import annotations
 
 import enum
+import errno
 import hmac
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -86,6 +88,12 @@ _CLOSE_TIMEOUT_S = 2.0
 _MAX_SENDERS_TRACKED = 4096
 #: A failing forwarder is logged at most this often (every failure is counted).
 _FORWARD_ERROR_LOG_INTERVAL_S = 10.0
+#: accept() errors that mean "out of descriptors or memory for now", not "broken".
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: How long to wait before accepting again after such an error.
+_ACCEPT_PAUSE_S = 0.1
+#: Failing accepts are logged at most this often (every failure is counted).
+_ACCEPT_ERROR_LOG_INTERVAL_S = 10.0
 
 
 class DropReason(enum.Enum):
@@ -174,6 +182,8 @@ class RelayStats:
     rate_limited_s: float
     #: Packets other relays forwarded to clients here.
     forwarded_in: int
+    #: accept() failures by errno name (EMFILE: out of file descriptors), each waited out.
+    accept_errors: dict[str, int]
 
 
 class _Closing(Exception):
@@ -214,12 +224,57 @@ class _Conn:
         self.closed_as: str | None = None
 
 
+class _PatientListener(trio.abc.Listener[trio.SocketStream]):
+    """A listener whose accept() waits out running out of descriptors or memory.
+
+    ``trio.serve_listeners`` would wait too, but it logs a traceback on every try
+    (ten a second) and counts nothing; this reports each failure to ``on_error``.
+    """
+
+    def __init__(self, inner: trio.SocketListener, on_error: Callable[[OSError], None]) -> None:
+        self.inner = inner
+        self._on_error = on_error
+
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            try:
+                return await self.inner.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self._on_error(exc)
+                await trio.sleep(_ACCEPT_PAUSE_S)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Upgraded:
+    """What stands in for wsproto's HTTP handshake once the WebSocket is open."""
+
+    @staticmethod
+    def events() -> Iterator[wsproto.events.Event]:
+        return iter(())
+
+
+_UPGRADED = _Upgraded()
+
+
 class _ServerWSProto(WSConnection):
     """wsproto's server side, with the 1009 close (a message over the limit, which
-    trio-websocket sends itself) given a reason text that follows our rule."""
+    trio-websocket sends itself) given a reason text that follows our rule.
+
+    Once the WebSocket is open and the handshake has said all it had to, the
+    handshake (h11's connection, its buffers and queues: about 2.5 KB) is let go:
+    wsproto only asks it for events then, and it has none."""
 
     def __init__(self) -> None:
         super().__init__(ConnectionType.SERVER)
+
+    def events(self) -> Generator[wsproto.events.Event, None, None]:
+        yield from super().events()
+        if self.connection is not None:
+            self.handshake = _UPGRADED  # type: ignore[assignment]
 
     def send(self, event: wsproto.events.Event) -> bytes:
         if (
@@ -341,6 +396,7 @@ class _Counters:
     rate_limited_s: float = 0.0
     drops: Counter[DropReason] = field(default_factory=Counter)
     closes: Counter[str] = field(default_factory=Counter)
+    accept_errors: Counter[str] = field(default_factory=Counter)
 
 
 class RelayServer:
@@ -378,6 +434,7 @@ class RelayServer:
         # Set by add_forwarder(): who carries packets for keys not connected here.
         self._forwarder: PacketForwarder | None = None
         self._forward_error_logged_at = -_FORWARD_ERROR_LOG_INTERVAL_S
+        self._accept_error_logged_at = -_ACCEPT_ERROR_LOG_INTERVAL_S
         #: Set once drain() has begun: the relay is on its way out.
         self.draining = False
 
@@ -389,14 +446,32 @@ class RelayServer:
         """Accept WebSocket clients on ``host:port`` until cancelled; started() with the port.
 
         Our own accept loop rather than trio-websocket's ``serve_websocket``: see
-        :meth:`_connection` and docs/architecture.md. ``trio.serve_listeners`` keeps
-        accepting after EMFILE/ENFILE (it waits 100 ms and tries again).
+        :meth:`_connection` and docs/architecture.md. Out of file descriptors
+        (EMFILE, ENFILE) or memory, accept waits and tries again every 100 ms, each
+        failure counted in ``accept_errors``: connections already open are served
+        meanwhile, and accepting resumes as soon as one closes.
         """
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
+        patient = [_PatientListener(listener, self._accept_failed) for listener in listeners]
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            await nursery.start(trio.serve_listeners, self._connection, patient)
             task_status.started(self.port)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        c = self._c
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        c.accept_errors[name] += 1
+        now = trio.current_time()
+        if now - self._accept_error_logged_at >= _ACCEPT_ERROR_LOG_INTERVAL_S:
+            self._accept_error_logged_at = now
+            log.warning(
+                "cannot accept connections: %s (%d failed accepts so far); open"
+                " connections are still served, accepting again every %g s",
+                exc.strerror or name,
+                sum(c.accept_errors.values()),
+                _ACCEPT_PAUSE_S,
+            )
 
     def statistics(self) -> RelayStats:
         c = self._c
@@ -418,6 +493,7 @@ class RelayServer:
             skipped_frames=c.skipped_frames,
             rate_limited_s=c.rate_limited_s,
             forwarded_in=c.forwarded_in,
+            accept_errors=dict(c.accept_errors),
         )
 
     def _drops(self) -> dict[str, int]:
@@ -649,6 +725,8 @@ class RelayServer:
                 await request.reject(400, body=b"the WebSocket subprotocol must be 'derp'\n")
                 return
             await request.accept(subprotocol=wire.SUBPROTOCOL)
+            # Its headers would stay alive in this frame for the connection's whole life.
+            del request
             conn.stage = "handshake"
             try:
                 hello = await self._handshake(ws, decoder, conn)
@@ -730,10 +808,14 @@ class RelayServer:
         decoder.max_body = wire.MAX_FRAME_BODY if is_mesh else wire.MAX_CLIENT_FRAME_BODY
         self._register(client)
         try:
-            with client.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._run_reader, client, decoder, nursery.cancel_scope)
-                    nursery.start_soon(self._run_writer, client, nursery.cancel_scope)
+            async with trio.open_nursery() as nursery:
+                # From here the nursery's scope is the one end() cancels: a scope (and its
+                # cancel status) less to hold for every open connection.
+                if client.cancel_scope.cancel_called:
+                    nursery.cancel_scope.cancel()
+                client.cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._run_reader, client, decoder, nursery.cancel_scope)
+                nursery.start_soon(self._run_writer, client, nursery.cancel_scope)
         finally:
             self._unregister(client)
         reason = client.close_reason or CloseReason.CLOSED_BY_PEER
