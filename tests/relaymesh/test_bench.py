@@ -103,6 +103,7 @@ def test_bench_rejects_a_size_it_cannot_carry() -> None:
     assert out.returncode == 1 and "--size must be between" in out.stderr
 
 
+@pytest.mark.slow
 def test_fairness_scenario_reports_the_victim_alone_and_under_a_flood() -> None:
     result = run_fairness(size=1200, seconds=0.3, runs=1, floods=("keepalive", "preauth"))
     assert result["scenario"] == "fairness"
