@@ -46,6 +46,7 @@ from relay.protocol.keys import PrivateKey
 
 from ..procs import RelayProc, spawn_relay, stop_processes
 from .relay import percentiles
+from .workers import read_json, spawn
 
 __all__ = ["run_load"]
 
@@ -175,21 +176,7 @@ async def _wait_stdin_closed() -> None:
 
 
 def _spawn(*argv: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "relaymesh.bench.load", *argv],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _readjson(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"bench worker {proc.args!r} exited ({proc.wait()})")
-    result: dict[str, Any] = json.loads(line)
-    return result
+    return spawn("relaymesh.bench.load", *argv)
 
 
 def _finish(proc: subprocess.Popen[str]) -> None:
@@ -286,7 +273,7 @@ def _memory_run(workdir: Path, count: int, concurrency: int) -> dict[str, Any]:
             "clients", "--url", url, "--count", str(count), "--concurrency", str(concurrency)
         )
         try:
-            got = _readjson(holder)
+            got = read_json(holder)
             _wait_for(
                 f"{got['connected']} clients in the relay's count",
                 lambda: relay.clients() >= base_clients + got["connected"],
@@ -309,14 +296,14 @@ def _preauth_run(workdir: Path, count: int, probes: int) -> dict[str, Any]:
         url = relay.proc.ws_url
         flood = _spawn("preauth", "--url", url, "--count", str(count))
         try:
-            filled = _readjson(flood)
+            filled = read_json(flood)
             connect = _connect_times(url, probes, _PROBE_INTERVAL_S)
             alive = relay.alive()
             served_after = _connect_times(url, 1)["n"] == 1 if alive else False
         finally:
             if flood.stdin is not None:
                 flood.stdin.close()
-            churn = _readjson(flood) if flood.poll() is None else {}
+            churn = read_json(flood) if flood.poll() is None else {}
             _finish(flood)
         closes = relay.closes() if relay.alive() else {}
     return {
