@@ -92,6 +92,29 @@ _MAX_SENDERS_TRACKED = 4096
 _FORWARD_ERROR_LOG_INTERVAL_S = 10.0
 #: accept() errors that mean "out of descriptors or memory for now", not "broken".
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: accept() errors about that one connection only (the peer gave up first): accept the
+#: next. The list trio.SocketListener ignores.
+_ACCEPT_IGNORED_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "ECONNRESET",
+        "EHOSTDOWN",
+        "EHOSTUNREACH",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "ENONET",
+        "ENOPROTOOPT",
+        "ENOSR",
+        "EOPNOTSUPP",
+        "EPERM",
+        "EPROTO",
+        "EPROTONOSUPPORT",
+        "ESOCKTNOSUPPORT",
+        "ETIMEDOUT",
+    )
+    if hasattr(errno, name)
+)
 #: How long to wait before accepting again after such an error.
 _ACCEPT_PAUSE_S = 0.1
 #: Failing accepts are logged at most this often (every failure is counted).
@@ -273,28 +296,37 @@ class _PreauthTable:
             self._heaviest = n - 1
 
 
-class _PatientListener(trio.abc.Listener[trio.SocketStream]):
-    """A listener whose accept() waits out running out of descriptors or memory.
+class _PatientListener:
+    """A listening socket whose accept() waits out running out of descriptors or memory.
 
-    ``trio.serve_listeners`` would wait too, but it logs a traceback on every try
-    (ten a second) and counts nothing; this reports each failure to ``on_error``.
+    It hands back the bare socket and the peer's address (what accept() gives):
+    a connection the pre-auth cap refuses costs accept() and close() only, not
+    a ``trio.SocketStream``'s socket options. ``trio.serve_listeners`` would
+    wait too, but it logs a traceback on every try (ten a second) and counts
+    nothing; this reports each failure to ``on_error``.
     """
 
     def __init__(self, inner: trio.SocketListener, on_error: Callable[[OSError], None]) -> None:
         self.inner = inner
         self._on_error = on_error
 
-    async def accept(self) -> trio.SocketStream:
+    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
         while True:
             try:
-                return await self.inner.accept()
+                return await self.inner.socket.accept()
             except OSError as exc:
+                if exc.errno in _ACCEPT_IGNORED_ERRNOS:
+                    # The peer gave up before we got to it (as trio.SocketListener does).
+                    continue
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
                 self._on_error(exc)
                 await trio.sleep(_ACCEPT_PAUSE_S)
 
-    async def aclose(self) -> None:
+    async def __aenter__(self) -> _PatientListener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         await self.inner.aclose()
 
 
@@ -337,13 +369,9 @@ class _ServerWSProto(WSConnection):
         return super().send(event)
 
 
-def _peer(stream: trio.SocketStream) -> tuple[str, str]:
-    """``ip:port`` of the peer, and its source as the pre-auth cap groups peers: the
-    IPv4 address, or the IPv6 /64. A peer that is already gone has no name (ENOTCONN)."""
-    try:
-        addr = stream.socket.getpeername()
-    except OSError:
-        return "(gone)", "(gone)"
+def _peer(addr: Any) -> tuple[str, str]:
+    """``ip:port`` of a peer from its address as accept() gives it, and its source as
+    the pre-auth cap groups peers: the IPv4 address, or the IPv6 /64."""
     host, port = addr[0], addr[1]
     if ":" not in host:
         return f"{host}:{port}", host
@@ -527,16 +555,16 @@ class RelayServer:
         """
         async with listener:
             while True:
-                stream = await listener.accept()
+                sock, addr = await listener.accept()
                 self._c.accepts += 1
-                remote, source = _peer(stream)
+                remote, source = _peer(addr)
                 if self._preauth.refuses(source):
                     self._c.closes["preauth_refused"] += 1
-                    stream.socket.close()
+                    sock.close()
                     continue
                 conn = _Conn(remote, source, trio.current_time() + self._limits.handshake_timeout_s)
                 self._preauth.add(conn)
-                nursery.start_soon(self._connection, stream, conn)
+                nursery.start_soon(self._connection, trio.SocketStream(sock), conn)
 
     def _accept_failed(self, exc: OSError) -> None:
         c = self._c

@@ -16,8 +16,8 @@ ROLE ...``, not part of the user-facing CLI):
   it refuses or sheds the flood's, and closes each after
   ``handshake_timeout_s``) is opened again at once, as an attacker holding N
   would. The flood comes from 127.0.1.x (200 addresses, for ephemeral ports),
-  the timed clients from 127.0.0.1. Meanwhile this process starts a normal client's connect every 0.5 s
-  and times each, from TCP connect to the relay's ServerInfo.
+  the timed clients from 127.0.0.1. Meanwhile this process starts a normal
+  client's connect every 0.5 s and times each, from TCP connect to the relay's ServerInfo.
 
 Each figure is the median over ``runs`` runs. N thousand connections need
 that many file descriptors on each side: the soft RLIMIT_NOFILE of this

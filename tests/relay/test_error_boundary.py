@@ -175,7 +175,7 @@ async def test_preauth_cap_sheds_the_heaviest_sources_oldest_for_another_source(
     nursery: trio.Nursery,
 ) -> None:
     cap = 8
-    server, url = await start_relay(nursery, max_preauth_connections=cap, handshake_timeout_s=60)
+    server, _ = await start_relay(nursery, max_preauth_connections=cap, handshake_timeout_s=60)
     held = [await open_raw(server, "127.0.0.1") for _ in range(cap)]
     # Half of them even got as far as the relay's ServerKey.
     for s in held[cap // 2 :]:
