@@ -201,6 +201,31 @@ async def test_preauth_cap_sheds_the_heaviest_sources_oldest_for_another_source(
     assert server.statistics().closes.get("internal_error", 0) == 0
 
 
+async def test_preauth_cap_sheds_from_the_heaviest_source_not_the_overall_oldest(
+    nursery: trio.Nursery,
+) -> None:
+    server, _ = await start_relay(nursery, max_preauth_connections=4, handshake_timeout_s=60)
+    lone = await open_raw(server, "127.0.0.3")
+    heavy = [await open_raw(server, "127.0.0.1") for _ in range(3)]
+    with trio.fail_after(5):
+        await wait_until(lambda: server.statistics().accepts == 4)
+    with trio.fail_after(5):
+        ws = await handshake_from(nursery, server, "127.0.0.2", PrivateKey.generate())
+    # The heaviest source's oldest made room, not the oldest of all (127.0.0.3's).
+    with trio.fail_after(5):
+        assert await receive_or_reset(heavy[0]) == b""
+    assert server.statistics().closes["preauth_shed"] == 1
+    # 127.0.0.3's connection is still held: it can still upgrade.
+    await lone.send_all(upgrade_request())
+    with trio.fail_after(5):
+        assert (await lone.receive_some(1024)).startswith(b"HTTP/1.1 101 ")
+    await ws.aclose()
+    for s in [lone, *heavy]:
+        await s.aclose()
+    await wait_all_counted(server)
+    assert server.statistics().closes.get("internal_error", 0) == 0
+
+
 async def test_reopening_preauth_flood_from_one_host_never_sheds_another_hosts_client(
     nursery: trio.Nursery,
 ) -> None:
