@@ -13,8 +13,9 @@ everything queued as one WebSocket message, control frames first.
 Any number of tasks may call ``send``, ``receive``, ``ping``, ``wait_sent``
 and ``wait_connected`` at once. Waiters park in trio ``ParkingLot``s (or a
 memory channel, or an Event of their own) and are woken by whoever changes
-what they wait for: the writer wakes as many blocked senders as it freed
-slots, and every ``wait_sent`` caller after each message. When the client
+what they wait for: the writer wakes every blocked sender once it freed room
+(the send queue is bounded in packets and in bytes, relay/queue.py), and
+every ``wait_sent`` caller after each message. When the client
 stops (its ``run`` ends: cancelled, or replaced by a newer connection with
 the same key) every waiter, and every later call, raises
 :class:`RelayClosedError` instead of waiting for ever. A client runs once.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -49,6 +49,7 @@ from relay.protocol.keys import NodeKey, PrivateKey
 from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
 
 from . import _wsmask
+from .queue import FrameQueue, Outbox
 from .tls import describe_tls_error
 
 _wsmask.install()
@@ -67,6 +68,9 @@ log = logging.getLogger(__name__)
 
 _HDR = wire.FRAME_HEADER
 _K = wire.KEY_BYTES
+_PONG_HEADER = wire.frame_header(FrameType.PONG, wire.PING_BYTES)
+#: Pongs (answers to the relay's Pings) queued at most; beyond, a Ping goes unanswered.
+_CONTROL_QUEUE_FRAMES = 64
 
 
 class ConnectError(Exception):
@@ -87,6 +91,7 @@ class ClientStatistics:
     packets_sent: int
     packets_received: int
     send_queued: int
+    send_queued_bytes: int
     lost_in_flight: int
     last_close: str | None
 
@@ -122,6 +127,7 @@ class RelayClient:
         server_key: NodeKey | None = None,
         preferred: bool = False,
         send_queue_packets: int = 1024,
+        send_queue_bytes: int = 4 * 1024 * 1024,
         receive_queue_packets: int = 1024,
         max_message_bytes: int = 64 * 1024,
         connect_timeout_s: float = 5.0,
@@ -143,18 +149,17 @@ class RelayClient:
         self.disco_key = disco_key
         self.endpoints: tuple[str, ...] = tuple(endpoints)
         self._preferred = preferred
-        self._send_cap = send_queue_packets
         self._max_message = max_message_bytes
         self._connect_timeout = connect_timeout_s
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         #: What wss:// relays are verified with (None: the system's trust store).
         self._ssl_context = ssl_context
         # Written by send()/ping() (any task); drained by the connection's writer.
-        self._data: deque[bytes] = deque()
-        self._ctrl: deque[bytes] = deque()
-        # The writer's alone: it replaces this Event itself, only while both queues are empty.
-        self._wake = trio.Event()
-        # Senders waiting for room in _data; wait_sent() callers waiting for the writer.
+        self._out = Outbox(
+            FrameQueue(send_queue_packets, send_queue_bytes),
+            FrameQueue(_CONTROL_QUEUE_FRAMES, max_message_bytes),
+        )
+        # Senders waiting for room in the data queue; wait_sent() callers waiting for the writer.
         self._space = trio.lowlevel.ParkingLot()
         self._progress = trio.lowlevel.ParkingLot()
         self._recv_send, self._recv_receive = trio.open_memory_channel[Packet](
@@ -190,7 +195,7 @@ class RelayClient:
 
     def send_nowait(self, dest: NodeKey, payload: bytes) -> bool:
         """Queue a packet; False if the send queue is full (nothing queued)."""
-        if len(self._data) >= self._send_cap:
+        if not self._out.data.has_room(_HDR.size + _K + len(payload)):
             return False
         self._queue(dest, payload)
         return True
@@ -201,7 +206,7 @@ class RelayClient:
         Cancelled, it has queued nothing; returned, the packet is queued.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        while len(self._data) >= self._send_cap:
+        while not self._out.data.has_room(_HDR.size + _K + len(payload)):
             if self.closed_reason is not None:
                 raise RelayClosedError(self.closed_reason)
             await self._space.park()
@@ -213,12 +218,12 @@ class RelayClient:
 
         Never blocks: a relay's reader calls this on its hot path.
         """
-        if len(self._data) >= self._send_cap or self.closed_reason is not None:
+        if self.closed_reason is not None:
             return False
-        self._data.append(
-            _HDR.pack(FrameType.FORWARD_PACKET, 2 * _K + len(payload)) + src + dest + payload
-        )
-        self._wake.set()
+        frame = _HDR.pack(FrameType.FORWARD_PACKET, 2 * _K + len(payload)) + src + dest + payload
+        if not self._out.data.offer(frame):
+            return False
+        self._out.poke()
         return True
 
     def _queue(self, dest: NodeKey, payload: bytes) -> None:
@@ -226,8 +231,10 @@ class RelayClient:
             raise RelayClosedError(self.closed_reason)
         if len(payload) > wire.MAX_PACKET_BYTES:
             raise ValueError(f"payload of {len(payload)} bytes is over {wire.MAX_PACKET_BYTES}")
-        self._data.append(_HDR.pack(FrameType.SEND_PACKET, _K + len(payload)) + dest.raw + payload)
-        self._wake.set()
+        self._out.data.append_unchecked(
+            _HDR.pack(FrameType.SEND_PACKET, _K + len(payload)) + dest.raw + payload
+        )
+        self._out.poke()
 
     async def receive(self) -> Packet:
         """The next packet for us. Raises :class:`RelayClosedError` once the client stopped."""
@@ -249,8 +256,8 @@ class RelayClient:
                     raise RelayClosedError(self.closed_reason)
                 wait = self._pings[data] = _PingWait()
                 start = trio.current_time()
-                self._ctrl.append(frame)
-                self._wake.set()
+                self._out.control.append_unchecked(frame)
+                self._out.poke()
                 await wait.done.wait()
                 if wait.answered:
                     return trio.current_time() - start
@@ -271,8 +278,8 @@ class RelayClient:
 
     def note_preferred(self, preferred: bool) -> None:
         self._preferred = preferred
-        self._ctrl.append(wire.encode(wire.NotePreferred(preferred=preferred)))
-        self._wake.set()
+        self._out.control.append_unchecked(wire.encode(wire.NotePreferred(preferred=preferred)))
+        self._out.poke()
 
     async def wait_connected(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -284,7 +291,7 @@ class RelayClient:
     async def wait_sent(self) -> None:
         """Until everything queued so far has been handed to the socket."""
         await trio.lowlevel.checkpoint()
-        while self._data or self._ctrl or self._in_flight or not self.connected:
+        while self._out or self._in_flight or not self.connected:
             if self.closed_reason is not None:
                 raise RelayClosedError(self.closed_reason)
             await self._progress.park()
@@ -296,7 +303,8 @@ class RelayClient:
             connects=self._connects,
             packets_sent=self._packets_sent,
             packets_received=self._packets_received,
-            send_queued=len(self._data),
+            send_queued=len(self._out.data),
+            send_queued_bytes=self._out.data.bytes,
             lost_in_flight=self._lost_in_flight,
             last_close=self._last_close,
         )
@@ -502,8 +510,8 @@ class RelayClient:
                     wait.answered = True
                     wait.done.set()
             case wire.Ping(data=data):
-                self._ctrl.append(wire.encode(wire.Pong(data=data)))
-                self._wake.set()
+                if self._out.control.offer(_PONG_HEADER + data):
+                    self._out.poke()
             case wire.PeerGone(peer=peer, reason=reason):
                 self.peer_gone[NodeKey(peer)] = reason
             case wire.Health(problem=problem):
@@ -522,41 +530,21 @@ class RelayClient:
     async def _writer(
         self, ws: WebSocketConnection, scope: trio.CancelScope, result: list[_Disconnect]
     ) -> None:
-        data = self._data
-        ctrl = self._ctrl
+        out = self._out
         max_bytes = self._max_message
         keepalive = wire.encode(wire.KeepAlive())
         interval = self._keepalive_s()
         try:
             while True:
-                if not data and not ctrl:
-                    self._wake = trio.Event()
-                    with trio.move_on_after(interval):
-                        await self._wake.wait()
-                    if not data and not ctrl:
-                        ctrl.append(keepalive)
-                # Control frames first. A message never exceeds max_bytes, unless its
-                # first frame alone does: then that frame goes alone.
-                if ctrl:
-                    chunks = [ctrl.popleft()]
-                    packets = 0
-                else:
-                    chunks = [data.popleft()]
-                    packets = 1
-                size = len(chunks[0])
-                while ctrl and size + len(ctrl[0]) <= max_bytes:
-                    chunks.append(ctrl.popleft())
-                    size += len(chunks[-1])
-                while data and size + len(data[0]) <= max_bytes:
-                    frame = data.popleft()
-                    chunks.append(frame)
-                    size += len(frame)
-                    packets += 1
+                if not await out.wait(interval):
+                    out.control.append_unchecked(keepalive)
+                message, packets = out.next_message(max_bytes)
                 if packets:
-                    self._space.unpark(count=packets)
+                    # Room was freed (frames, bytes or both): every blocked sender looks.
+                    self._space.unpark_all()
                 self._in_flight = packets or 1
                 try:
-                    await ws.send_message(b"".join(chunks))
+                    await ws.send_message(message)
                 except BaseException:
                     self._lost_in_flight += packets
                     raise

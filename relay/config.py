@@ -98,6 +98,10 @@ class LimitsConfig(_Frozen):
     keepalive_interval_s: float = Field(30.0, gt=0)
     #: Packets queued per client before the oldest is dropped.
     send_queue_packets: int = Field(512, ge=1, le=1_000_000)
+    #: Bytes queued per client (frames, headers included) before the oldest are dropped.
+    send_queue_bytes: int = Field(2 * 1024 * 1024, ge=70 * 1024, le=1024**3)
+    #: Bytes queued for all clients together; over it new packets are dropped.
+    total_queue_bytes: int = Field(256 * 1024 * 1024, ge=70 * 1024, le=64 * 1024**3)
     #: Control frames (pong, peer gone, health) queued per client.
     control_queue_frames: int = Field(64, ge=1, le=100_000)
     #: The writer coalesces queued frames into WebSocket messages of at most this size
@@ -110,6 +114,15 @@ class LimitsConfig(_Frozen):
     rate_bytes_per_s: int = Field(0, ge=0)
     #: Bytes a client may send at once above the rate; 0 means one second of rate.
     rate_burst_bytes: int = Field(0, ge=0)
+    #: Against the rate, a frame counts as at least this many bytes (tiny frames cost work).
+    rate_frame_min_bytes: int = Field(64, ge=0, le=65_536)
+    #: Frames that deliver nothing (KeepAlive, Ping, unknown types, packets for keys not
+    #: here) a client may send per second, a second's worth at once; over it its reader
+    #: pauses like for rate_bytes_per_s. 0 means unlimited. Mesh peers are not limited.
+    noop_frames_per_s: int = Field(1000, ge=0)
+    #: A reader handles at most this many frames (and max_message_bytes) of a message
+    #: before it lets the other connections run.
+    frames_per_turn: int = Field(64, ge=1, le=1_000_000)
     #: A sender is told a destination is gone at most this often per destination.
     peer_gone_interval_s: float = Field(1.0, ge=0)
 
@@ -127,6 +140,8 @@ class MeshConfig(_Frozen):
     #: Links to other regions close after this long unused.
     link_idle_s: float = Field(60.0, gt=0)
     link_queue_packets: int = Field(4096, ge=1, le=1_000_000)
+    #: Bytes queued per mesh link; over it (or link_queue_packets) new packets are dropped.
+    link_queue_bytes: int = Field(16 * 1024 * 1024, ge=70 * 1024, le=16 * 1024**3)
     #: The host others use to reach this relay (default: the listen host, or 127.0.0.1).
     advertise_host: str | None = None
     #: `relaymesh relay` exits with an error if it is not registered in etcd this soon.

@@ -12,8 +12,9 @@ link each way.
   between them must be instant); links to other regions are opened on first
   use and closed after ``link_idle_s`` without traffic.
 - A link that drops reconnects with jittered backoff (RelayClient's). Packets
-  queued for it meanwhile wait, bounded; beyond the bound they are dropped
-  and counted (``mesh_queue_full``).
+  queued for it meanwhile wait, bounded in packets and bytes
+  (``link_queue_packets``, ``link_queue_bytes``); beyond the bound new ones are
+  dropped and counted (``mesh_queue_full``).
 - A forwarded packet is never forwarded again: the receiving relay delivers
   it to a local client or drops it (``mesh_not_here``).
 - A relay whose lease expired (its record left the registry, its peers are
@@ -103,6 +104,7 @@ class Mesh:
         *,
         link_idle_s: float = 60.0,
         link_queue_packets: int = 4096,
+        link_queue_bytes: int = 16 * 1024 * 1024,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._server = server
@@ -113,6 +115,7 @@ class Mesh:
         self._mesh_key = mesh_key
         self._idle_s = link_idle_s
         self._queue = link_queue_packets
+        self._queue_bytes = link_queue_bytes
         self._me = state.me
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None
@@ -311,6 +314,7 @@ class Mesh:
             mesh_key=self._mesh_key,
             server_key=NodeKey.parse(record.public_key),
             send_queue_packets=self._queue,
+            send_queue_bytes=self._queue_bytes,
             receive_queue_packets=16,
             ssl_context=self._ssl_context,
         )

@@ -177,11 +177,18 @@ def _traffic(s: RelayStats, ident: list[str]) -> Iterator[GaugeMetricFamily | Co
     yield _counter(
         ident,
         "relaymesh_rate_limited_seconds",
-        "Seconds client readers were paused by the rate limit.",
+        "Seconds client readers were paused by the rate limits (bytes, frames that deliver"
+        " nothing).",
         s.rate_limited_s,
     )
     yield _counter(
         ident, "relaymesh_frames_skipped", "Frames of unknown type skipped.", s.skipped_frames
+    )
+    yield _gauge(
+        ident,
+        "relaymesh_queued_bytes",
+        "Bytes queued for clients now (bounded by limits.total_queue_bytes).",
+        s.queued_bytes,
     )
     drops = CounterMetricFamily(
         "relaymesh_packets_dropped", "Packets dropped, by reason.", labels=[*_LABELS, "reason"]

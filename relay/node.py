@@ -339,6 +339,7 @@ def _shared_state(
         mesh_key,
         link_idle_s=cfg.mesh.link_idle_s,
         link_queue_packets=cfg.mesh.link_queue_packets,
+        link_queue_bytes=cfg.mesh.link_queue_bytes,
         ssl_context=relay_trust,
     )
     return state, mesh

@@ -39,7 +39,7 @@ import hmac
 import ipaddress
 import logging
 import secrets
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -63,6 +63,7 @@ from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemotePro
 
 from . import _wsmask
 from .config import RelayConfig
+from .queue import ByteBudget, Drop, FrameQueue, Outbox
 from .ratelimit import TokenBucket
 from .tls import ServerTLS, describe_tls_error
 
@@ -84,6 +85,7 @@ _RECV = FrameType.RECV_PACKET
 _SEND = FrameType.SEND_PACKET
 _FWD = FrameType.FORWARD_PACKET
 _K = wire.KEY_BYTES
+_PONG_HEADER = wire.frame_header(FrameType.PONG, wire.PING_BYTES)
 #: How long a close handshake may take before the socket is just closed.
 _CLOSE_TIMEOUT_S = 2.0
 #: Remember at most this many recent senders per client (for PeerGone on disconnect).
@@ -122,8 +124,12 @@ _ACCEPT_ERROR_LOG_INTERVAL_S = 10.0
 
 
 class DropReason(enum.Enum):
-    #: The destination's queue was full: its oldest packet was dropped for a new one.
+    #: The destination's queue held send_queue_packets: its oldest packet was dropped.
     QUEUE_FULL = "queue_full"
+    #: The destination's queue held send_queue_bytes: its oldest packets were dropped.
+    QUEUE_BYTES_FULL = "queue_bytes_full"
+    #: All clients' queues together held total_queue_bytes: the new packet was dropped.
+    RELAY_QUEUE_FULL = "relay_queue_full"
     #: No client with that key is connected here.
     UNKNOWN_DEST = "unknown_dest"
     #: The destination was closing; the packet arrived too late.
@@ -138,6 +144,14 @@ class DropReason(enum.Enum):
     MESH_QUEUE_FULL = "mesh_queue_full"
     #: The forwarder raised instead of taking or refusing the packet.
     FORWARD_ERROR = "forward_error"
+
+
+#: How the drops the data queues count themselves are reported.
+_QUEUE_DROPS = {
+    Drop.OLDEST_FOR_FRAMES: DropReason.QUEUE_FULL,
+    Drop.OLDEST_FOR_BYTES: DropReason.QUEUE_BYTES_FULL,
+    Drop.NEW_FOR_BUDGET: DropReason.RELAY_QUEUE_FULL,
+}
 
 
 class PacketForwarder(Protocol):
@@ -161,6 +175,8 @@ class ClientStats:
     connected_at: float
     data_queued: int
     data_capacity: int
+    data_queued_bytes: int
+    data_capacity_bytes: int
     control_queued: int
     packets_in: int
     bytes_in: int
@@ -185,6 +201,9 @@ class RelayStats:
     messages_out: int
     drops: dict[str, int]
     closes: dict[str, int]
+    #: Bytes waiting in all clients' data queues now, and their bound (total_queue_bytes).
+    queued_bytes: int
+    queued_bytes_limit: int
     skipped_frames: int
     #: Seconds readers spent paused by the per-client rate limit.
     rate_limited_s: float
@@ -218,7 +237,7 @@ class _Conn:
     """One accepted TCP connection, from accept to close. Owned by its guard task,
     except ``shed``, set by whichever accept sheds it (see ``_PreauthTable``)."""
 
-    __slots__ = ("closed_as", "remote", "scope", "shed", "source", "stage")
+    __slots__ = ("closed_as", "over_budget", "remote", "scope", "shed", "source", "stage")
 
     def __init__(self, remote: str, source: str, preauth_deadline: float) -> None:
         self.remote = remote
@@ -228,6 +247,8 @@ class _Conn:
         self.scope = trio.CancelScope(deadline=preauth_deadline)
         self.stage = "upgrade"
         self.shed = False
+        #: It sent more than it may before its ClientInfo: no longer read.
+        self.over_budget = False
         #: The label it was counted under in ``closes``, once it was.
         self.closed_as: str | None = None
 
@@ -405,8 +426,7 @@ class _Client:
         remote: str,
         *,
         is_mesh: bool,
-        data_cap: int,
-        ctrl_cap: int,
+        out: Outbox,
     ) -> None:
         # Fixed once the handshake is done.
         self.ws = ws
@@ -415,15 +435,10 @@ class _Client:
         self.remote = remote
         self.is_mesh = is_mesh
         self.is_probe = hello.probe
-        self.data_cap = data_cap
-        self.ctrl_cap = ctrl_cap
         self.connected_at = trio.current_time()
         self.cancel_scope = trio.CancelScope()
-        # Appended to by any reader task (routing); drained by this client's writer.
-        self.data: deque[bytes] = deque()
-        self.ctrl: deque[bytes] = deque()
-        self.wake = trio.Event()
-        self.writer_waiting = False
+        # Queued to by any reader task (routing); drained by this client's writer.
+        self.out = out
         self.closing = False
         self.senders: set[bytes] = set()
         # Owned by this client's reader task.
@@ -449,12 +464,8 @@ class _Client:
         self.closing = True
         self.cancel_scope.cancel()
 
-    def _poke(self) -> None:
-        if self.writer_waiting:
-            self.writer_waiting = False
-            self.wake.set()
-
     def stats(self) -> ClientStats:
+        data, ctrl = self.out.data, self.out.control
         return ClientStats(
             key=str(self.node_key),
             remote=self.remote,
@@ -462,9 +473,11 @@ class _Client:
             is_probe=self.is_probe,
             preferred=self.preferred,
             connected_at=self.connected_at,
-            data_queued=len(self.data),
-            data_capacity=self.data_cap,
-            control_queued=len(self.ctrl),
+            data_queued=len(data),
+            data_capacity=data.max_frames,
+            data_queued_bytes=data.bytes,
+            data_capacity_bytes=data.max_bytes,
+            control_queued=len(ctrl),
             packets_in=self.packets_in,
             bytes_in=self.bytes_in,
             packets_out=self.packets_out,
@@ -513,6 +526,9 @@ class RelayServer:
         #: without one a secret of this process (only its own monitor probes it then).
         self.probe_key = mesh_key if mesh_key is not None else secrets.token_bytes(32)
         self._clients: dict[bytes, _Client] = {}
+        #: What all clients' data queues hold together, and what they dropped (by Drop).
+        self._queued = ByteBudget(cfg.limits.total_queue_bytes)
+        self._queue_drops: Counter[Drop] = Counter()
         #: Connections that have not finished their handshake, oldest first.
         self._preauth = _PreauthTable(self._limits.max_preauth_connections)
         self._c = _Counters()
@@ -594,13 +610,21 @@ class RelayServer:
             packets_out=c.packets_out + sum(cl.packets_out for cl in self._clients.values()),
             bytes_out=c.bytes_out + sum(cl.bytes_out for cl in self._clients.values()),
             messages_out=c.messages_out + sum(cl.messages_out for cl in self._clients.values()),
-            drops={r.value: c.drops[r] for r in DropReason},
+            drops=self._drops(),
             closes=dict(c.closes),
+            queued_bytes=self._queued.used,
+            queued_bytes_limit=self._queued.limit,
             skipped_frames=c.skipped_frames,
             rate_limited_s=c.rate_limited_s,
             forwarded_in=c.forwarded_in,
             accept_errors=dict(c.accept_errors),
         )
+
+    def _drops(self) -> dict[str, int]:
+        drops = {r.value: self._c.drops[r] for r in DropReason}
+        for why, reason in _QUEUE_DROPS.items():
+            drops[reason.value] += self._queue_drops[why]
+        return drops
 
     def count_drop(self, reason: DropReason, n: int = 1) -> None:
         """Count packets dropped outside the server (the mesh) with the server's drops."""
@@ -675,7 +699,7 @@ class RelayServer:
                 await trio.sleep(0.01)
         remaining = list(self._clients.values())
         with trio.move_on_after(close_s):
-            while any(cl.ctrl or cl.data for cl in remaining if not cl.closing):  # noqa: ASYNC110
+            while any(cl.out for cl in remaining if not cl.closing):  # noqa: ASYNC110
                 await trio.sleep(0.01)
             for cl in remaining:
                 cl.end(CloseReason.GOING_AWAY, "relay restarting")
@@ -814,7 +838,7 @@ class RelayServer:
             del request
             conn.stage = "handshake"
             try:
-                hello = await self._handshake(ws, decoder)
+                hello = await self._handshake(ws, decoder, conn)
             except _Closing as exc:
                 failure = exc
             except ProtocolError as exc:
@@ -828,6 +852,10 @@ class RelayServer:
         if conn.scope.cancelled_caught:
             if conn.shed:
                 self._count_close(conn, "preauth_shed")
+            elif conn.over_budget:
+                assert ws is not None
+                detail = f"no ClientInfo in the first {wire.MAX_PREAUTH_MESSAGE_BYTES} bytes"
+                await self._close(conn, ws, CloseReason.BAD_HANDSHAKE, detail)
             elif conn.stage == "handshake":
                 assert ws is not None
                 await self._close(conn, ws, CloseReason.HANDSHAKE_TIMEOUT, "no ClientInfo in time")
@@ -873,14 +901,17 @@ class RelayServer:
     ) -> None:
         self._c.handshakes_ok += 1
         is_mesh = hello.mesh_proof is not None and not hello.probe
-        client = _Client(
-            ws,
-            hello,
-            conn.remote,
-            is_mesh=is_mesh,
-            data_cap=self._limits.send_queue_packets,
-            ctrl_cap=self._limits.control_queue_frames,
+        lim = self._limits
+        out = Outbox(
+            FrameQueue(
+                lim.send_queue_packets,
+                lim.send_queue_bytes,
+                budget=self._queued,
+                drops=self._queue_drops,
+            ),
+            FrameQueue(lim.control_queue_frames, lim.max_message_bytes),
         )
+        client = _Client(ws, hello, conn.remote, is_mesh=is_mesh, out=out)
         # A client may not send ForwardPacket, so its largest legal frame is a
         # SendPacket: anything longer is refused at its header.
         decoder.max_body = wire.MAX_FRAME_BODY if is_mesh else wire.MAX_CLIENT_FRAME_BODY
@@ -902,20 +933,33 @@ class RelayServer:
         finally:
             client.closed.set()
 
-    async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> ClientHello:
+    async def _handshake(
+        self, ws: WebSocketConnection, decoder: wire.FrameDecoder, conn: _Conn
+    ) -> ClientHello:
         challenge = new_challenge()
         await ws.send_message(
             wire.encode(wire.ServerKey(public_key=self.key.public.raw, challenge=challenge))
         )
+        # Until its ClientInfo a connection has proved nothing: it may send at most this
+        # much (a ClientInfo is at most 4,101 bytes), so skipping frames of unknown type
+        # costs at most this much work per connection. Past it, nothing more is read
+        # (TCP pushes back) until the deadline closes it: closing at once would only
+        # invite a flood of reconnects, each costing more than a read.
+        budget = wire.MAX_PREAUTH_MESSAGE_BYTES
+        received = 0
         while True:
             msg = await ws.get_message()
             if isinstance(msg, str):
                 raise _Closing(
                     CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol"
                 )
+            received += len(msg)
             decoder.receive_data(msg)
             event = decoder.next_event()
             if event is wire.NEED_DATA:
+                if received > budget:
+                    conn.over_budget = True
+                    await trio.sleep_forever()
                 continue
             if not isinstance(event, wire.ClientInfo):
                 raise RemoteProtocolError(
@@ -981,9 +1025,8 @@ class RelayServer:
         c.messages_out += client.messages_out
         client.packets_in = client.bytes_in = client.packets_out = 0
         client.bytes_out = client.messages_out = 0
-        if client.data:
-            c.drops[DropReason.DISCONNECTED] += len(client.data)
-            client.data.clear()
+        c.drops[DropReason.DISCONNECTED] += client.out.data.clear()
+        client.out.control.clear()
         if self._clients.get(client.key) is not client:
             return  # replaced: the newer connection owns the key now
         del self._clients[client.key]
@@ -1040,6 +1083,17 @@ class RelayServer:
             if lim.rate_bytes_per_s
             else None
         )
+        frame_cost = lim.rate_frame_min_bytes
+        # Frames that deliver nothing (KeepAlive, Ping, unknown types, packets for keys
+        # not here) cost work all the same: a client may send only so many. Relays of
+        # our own mesh are trusted not to flood.
+        noop_bucket = (
+            TokenBucket(lim.noop_frames_per_s, lim.noop_frames_per_s, trio.current_time())
+            if lim.noop_frames_per_s and not client.is_mesh
+            else None
+        )
+        turn_frames = lim.frames_per_turn
+        turn_bytes = lim.max_message_bytes
         get_message = client.ws.get_message
         clients = self._clients
         drops = self._c.drops
@@ -1052,61 +1106,81 @@ class RelayServer:
                 raise _Closing(
                     CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol"
                 )
-            if bucket is not None:
-                pause = bucket.take(len(msg), trio.current_time())
+            decoder.receive_data(msg)
+            # A message (up to 1 MiB: 200,000 five-byte frames) is taken in turns of at
+            # most turn_frames frames or turn_bytes bytes, with a yield to the other
+            # connections between two turns: one connection's work cannot hold the
+            # others up for more than a turn (docs/architecture.md, Fairness).
+            first = True
+            while True:
+                before = decoder.buffered
+                frames = decoder.split(turn_frames, turn_bytes)
+                if not frames:
+                    break
+                pause = 0.0
+                if bucket is not None:
+                    # A frame costs work whatever its size: tiny ones count as frame_cost.
+                    cost = max(before - decoder.buffered, len(frames) * frame_cost)
+                    pause = bucket.take(cost, trio.current_time())
                 if pause:
                     self._c.rate_limited_s += pause
                     await trio.sleep(pause)
-            decoder.receive_data(msg)
-            # The routing hot path, written out: one pass over every frame of the message.
-            # Consecutive packets usually go to the same destination, so it is looked up once.
-            routed = routed_bytes = 0
-            last_key = None
-            dest: _Client | None = None
-            for ftype, body in decoder.split():
-                if ftype != _SEND:
-                    if ftype == _FWD and client.is_mesh:
-                        self._deliver_forwarded(body)
-                    else:
-                        self._control(client, ftype, body)
-                    continue
-                n = len(body)
-                if n < _K or n > max_body:
-                    self._bad_packet(n)
-                dest_key = body[:_K]
-                if dest_key != last_key:
-                    last_key = dest_key
-                    dest = clients.get(dest_key)
-                    if dest is not None and len(dest.senders) < _MAX_SENDERS_TRACKED:
-                        dest.senders.add(src_key)
-                routed += 1
-                routed_bytes += n - _K
-                if dest is None:
-                    forwarder = self._forwarder
-                    if forwarder is not None:
-                        try:
-                            if forwarder.forward(src_key, dest_key, body[_K:]):
+                elif not first:
+                    await trio.lowlevel.checkpoint()
+                first = False
+                noop = 0
+                # The routing hot path, written out: one pass over every frame of the turn.
+                # Consecutive packets usually go to the same destination, so it is looked
+                # up once (per turn: a destination may leave while we yield).
+                routed = routed_bytes = 0
+                last_key = None
+                dest: _Client | None = None
+                for ftype, body in frames:
+                    if ftype != _SEND:
+                        if ftype == _FWD and client.is_mesh:
+                            self._deliver_forwarded(body)
+                        else:
+                            self._control(client, ftype, body)
+                            noop += 1
+                        continue
+                    n = len(body)
+                    if n < _K or n > max_body:
+                        self._bad_packet(n)
+                    dest_key = body[:_K]
+                    if dest_key != last_key:
+                        last_key = dest_key
+                        dest = clients.get(dest_key)
+                        if dest is not None and len(dest.senders) < _MAX_SENDERS_TRACKED:
+                            dest.senders.add(src_key)
+                    routed += 1
+                    routed_bytes += n - _K
+                    if dest is None:
+                        forwarder = self._forwarder
+                        if forwarder is not None:
+                            try:
+                                if forwarder.forward(src_key, dest_key, body[_K:]):
+                                    continue
+                            except Exception as exc:
+                                self._forward_failed(exc)
                                 continue
-                        except Exception as exc:
-                            self._forward_failed(exc)
-                            continue
-                    drops[DropReason.UNKNOWN_DEST] += 1
-                    self._note_gone(client, dest_key)
-                    continue
-                # _enqueue_data, inlined: this runs for every packet.
-                if dest.closing:
-                    drops[DropReason.DEST_CLOSING] += 1
-                    continue
-                q = dest.data
-                if len(q) >= dest.data_cap:
-                    q.popleft()
-                    drops[DropReason.QUEUE_FULL] += 1
-                q.append(pack(_RECV, n) + src_key + body[_K:])
-                if dest.writer_waiting:
-                    dest.writer_waiting = False
-                    dest.wake.set()
-            client.packets_in += routed
-            client.bytes_in += routed_bytes
+                        drops[DropReason.UNKNOWN_DEST] += 1
+                        self._note_gone(client, dest_key)
+                        noop += 1
+                        continue
+                    # _enqueue_data, inlined: this runs for every packet.
+                    if dest.closing:
+                        drops[DropReason.DEST_CLOSING] += 1
+                        continue
+                    out = dest.out
+                    if out.data.push(pack(_RECV, n) + src_key + body[_K:]):
+                        out.poke()
+                client.packets_in += routed
+                client.bytes_in += routed_bytes
+                if noop and noop_bucket is not None:
+                    pause = noop_bucket.take(noop, trio.current_time())
+                    if pause:
+                        self._c.rate_limited_s += pause
+                        await trio.sleep(pause)
             if decoder.error is not None:
                 raise decoder.error
             if decoder.skipped_frames:
@@ -1140,19 +1214,13 @@ class RelayServer:
 
     def _enqueue_data(self, dest: _Client, frame: bytes) -> None:
         """Queue a data frame for ``dest``: drop it if dest is closing, else drop the oldest
-        queued one if the queue is full; wake dest's writer. (The routing loop in
-        _read_loop has this inlined: it runs once per packet.)"""
+        queued ones while the queue is full (see FrameQueue.push); wake dest's writer.
+        (The routing loop in _read_loop has this inlined: it runs once per packet.)"""
         if dest.closing:
             self._c.drops[DropReason.DEST_CLOSING] += 1
             return
-        q = dest.data
-        if len(q) >= dest.data_cap:
-            q.popleft()
-            self._c.drops[DropReason.QUEUE_FULL] += 1
-        q.append(frame)
-        if dest.writer_waiting:
-            dest.writer_waiting = False
-            dest.wake.set()
+        if dest.out.data.push(frame):
+            dest.out.poke()
 
     @staticmethod
     def _bad_packet(n: int) -> None:
@@ -1181,7 +1249,7 @@ class RelayServer:
             case None:
                 self._c.skipped_frames += 1
             case wire.Ping(data=data):
-                self._enqueue_ctrl(client, wire.encode(wire.Pong(data=data)))
+                self._enqueue_ctrl(client, _PONG_HEADER + data)
             case wire.KeepAlive() | wire.Pong():
                 pass
             case wire.NotePreferred(preferred=preferred):
@@ -1195,11 +1263,10 @@ class RelayServer:
     def _enqueue_ctrl(self, client: _Client, frame: bytes) -> None:
         if client.closing:
             return
-        if len(client.ctrl) >= client.ctrl_cap:
+        if not client.out.control.offer(frame):
             self._c.drops[DropReason.CONTROL_QUEUE_FULL] += 1
             return
-        client.ctrl.append(frame)
-        client._poke()
+        client.out.poke()
 
     async def _run_writer(self, client: _Client, scope: trio.CancelScope) -> None:
         try:
@@ -1219,38 +1286,15 @@ class RelayServer:
         max_bytes = lim.max_message_bytes
         keepalive = wire.encode(wire.KeepAlive())
         send_message = client.ws.send_message
-        data = client.data
-        ctrl = client.ctrl
+        out = client.out
         while True:
-            if not data and not ctrl:
-                client.wake = trio.Event()
-                client.writer_waiting = True
-                with trio.move_on_after(lim.keepalive_interval_s):
-                    await client.wake.wait()
-                client.writer_waiting = False
-                if not data and not ctrl:
-                    ctrl.append(keepalive)
-            # Control frames first. A message never exceeds max_bytes, unless its first
-            # frame alone does: then that frame goes alone.
-            if ctrl:
-                chunks = [ctrl.popleft()]
-                packets = 0
-            else:
-                chunks = [data.popleft()]
-                packets = 1
-            size = len(chunks[0])
-            while ctrl and size + len(ctrl[0]) <= max_bytes:
-                chunks.append(ctrl.popleft())
-                size += len(chunks[-1])
-            while data and size + len(data[0]) <= max_bytes:
-                frame = data.popleft()
-                chunks.append(frame)
-                size += len(frame)
-                packets += 1
+            if not await out.wait(lim.keepalive_interval_s):
+                out.control.append_unchecked(keepalive)
+            message, packets = out.next_message(max_bytes)
             with trio.fail_after(lim.write_timeout_s):
-                await send_message(b"".join(chunks))
+                await send_message(message)
             client.packets_out += packets
-            client.bytes_out += size
+            client.bytes_out += len(message)
             client.messages_out += 1
 
 

@@ -548,22 +548,32 @@ class FrameDecoder:
         self._pos = end
         return frame_type, bytes(buf[pos + HEADER_BYTES : end])
 
-    def split(self) -> list[tuple[int, bytes]]:
-        """Every whole frame buffered now, as :meth:`next_frame` would return them one by one.
+    def split(
+        self, max_frames: int | None = None, max_bytes: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """The whole frames buffered now, as :meth:`next_frame` would return them one by one.
 
-        One call per received message instead of one per frame: this is the
-        relay's hot path, so the loop is written out with locals.
+        At most ``max_frames`` frames, holding at most ``max_bytes`` bytes
+        (headers included) unless the first frame alone is larger: the rest
+        stays buffered for the next call. A caller that must not do
+        unbounded work per call (the relay, between two yields to other
+        connections) takes a received message in such slices.
+
+        This is the relay's hot path, so the loop is written out with locals.
         """
         if self._error is not None:
             raise self._error
         buf = self._buf
         pos = self._pos
         end = len(buf)
+        # Past this position a frame may not end, unless it is the first one.
+        cap = end if max_bytes is None else pos + max_bytes
         limit = self.max_body
         unpack = FRAME_HEADER.unpack_from
         frames: list[tuple[int, bytes]] = []
         append = frames.append
-        while end - pos >= HEADER_BYTES:
+        left = -1 if max_frames is None else max_frames
+        while end - pos >= HEADER_BYTES and left:
             frame_type, length = unpack(buf, pos)
             if length > limit:
                 self._pos = pos
@@ -578,10 +588,11 @@ class FrameDecoder:
                     return frames
                 raise self._error
             stop = pos + HEADER_BYTES + length
-            if stop > end:
+            if stop > end or (stop > cap and frames):
                 break
             append((frame_type, bytes(buf[pos + HEADER_BYTES : stop])))
             pos = stop
+            left -= 1
         self._pos = pos
         return frames
 

@@ -149,6 +149,21 @@ def _describe_timing(r: dict[str, Any]) -> str:
     )
 
 
+def _run_fairness(args: argparse.Namespace) -> dict[str, Any]:
+    from .fairness import run_fairness
+
+    if args.size and len(args.size) > 1:
+        raise ValueError("--scenario fairness takes one --size")
+    size = args.size[0] if args.size else 1200
+    return run_fairness(size=size, seconds=args.seconds, runs=args.runs)
+
+
+def _describe_fairness(r: dict[str, Any]) -> str:
+    from .fairness import describe
+
+    return describe(r)
+
+
 # ---- load: idle clients and pre-auth floods -----------------------------------
 
 
@@ -170,6 +185,9 @@ SCENARIOS: dict[str, Scenario] = {
     "mesh": Scenario(_run_mesh, _describe_mesh, "across a mesh hop vs within one relay"),
     "registration": Scenario(_run_registration, _describe_timing, "peer in every relay's cache"),
     "failover": Scenario(_run_failover, _describe_timing, "relay killed → clients reachable"),
+    "fairness": Scenario(
+        _run_fairness, _describe_fairness, "a client pair alone and while one connection floods"
+    ),
     "load": Scenario(
         _run_load,
         _describe_load,

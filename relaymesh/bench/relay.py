@@ -300,7 +300,10 @@ async def _sender(args: argparse.Namespace) -> None:
                     for _ in range(due):
                         frames.append(header + _PAY.pack(phase, sent, clock()) + pad)
                         sent += 1
-                    await t.send(b"".join(frames))
+                    # After a stall (a loaded machine) many are due at once: a message
+                    # over the relay's limit would be closed with 1009.
+                    for i in range(0, len(frames), per_batch):
+                        await t.send(b"".join(frames[i : i + per_batch]))
                 await trio.sleep(interval_s)
         # The end of the steady window; then let the last batch drain before closing.
         print(json.dumps({"sent": sent}), flush=True)
@@ -321,6 +324,9 @@ async def _relay(args: argparse.Namespace) -> None:
             "relay": {"port": 0},
             "limits": {
                 "send_queue_packets": args.queue,
+                # The queue is bounded by --queue alone, whatever the packet size.
+                "send_queue_bytes": args.queue * (wire.MAX_PACKET_BYTES + 64),
+                "total_queue_bytes": 16 * 1024**3,
                 **json.loads(os.environ.get("RELAYMESH_BENCH_LIMITS", "{}")),
             },
         }

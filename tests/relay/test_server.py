@@ -237,15 +237,20 @@ async def test_coalesced_messages_never_exceed_the_limit(nursery: trio.Nursery) 
     """Both writers (client → relay, relay → client) stop before a frame would cross
     ``max_message_bytes``; the relay refuses client messages over 70 KiB here."""
     server, url = await start_relay(
-        nursery, max_receive_message_bytes=70 * 1024, send_queue_packets=10_000
+        nursery,
+        max_receive_message_bytes=70 * 1024,
+        send_queue_packets=10_000,
+        send_queue_bytes=64 * 1024 * 1024,
     )
     n, size = 300, 30_000
     b_key = PrivateKey.generate()
     async with open_websocket_url(url, subprotocols=["derp"]) as b:
         await client_handshake(b, wire.FrameDecoder(), b_key)
-        async with open_relay_client(url, PrivateKey.generate()) as a:
+        async with open_relay_client(
+            url, PrivateKey.generate(), send_queue_bytes=64 * 1024 * 1024
+        ) as a:
             for i in range(n):
-                a.send_nowait(b_key.public, SEQ.pack(i) + bytes(size))
+                assert a.send_nowait(b_key.public, SEQ.pack(i) + bytes(size))
             decoder = wire.FrameDecoder()
             got: list[int] = []
             largest = 0

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from relaymesh.bench.fairness import describe, run_fairness
 from relaymesh.bench.load import run_load
 from relaymesh.bench.relay import ratio, spread
 
@@ -95,6 +96,30 @@ def test_ratio_is_per_run_and_of_the_medians() -> None:
 def test_bench_rejects_a_size_it_cannot_carry() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "relaymesh.cli", "bench", "--size", "4", "--seconds", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "--size must be between" in out.stderr
+
+
+@pytest.mark.slow
+def test_fairness_scenario_reports_the_victim_alone_and_under_a_flood() -> None:
+    result = run_fairness(size=1200, seconds=0.3, runs=1, floods=("keepalive", "preauth"))
+    assert result["scenario"] == "fairness"
+    victim = result["victim"]
+    assert set(victim) == {"none", "keepalive", "preauth"}
+    for kind in ("keepalive", "preauth"):
+        assert victim[kind]["pps"] > 0
+        assert victim[kind]["pps_ratio"] > 0
+        # The flooder did flood: at least its first 1 MiB message went out.
+        assert victim[kind]["flood_messages"][0] >= 1
+    assert "keepalive" in describe(result)
+
+
+def test_fairness_scenario_rejects_a_size_it_cannot_carry() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "relaymesh.cli", "bench", "--scenario", "fairness", "--size", "4"],
         capture_output=True,
         text=True,
         timeout=60,

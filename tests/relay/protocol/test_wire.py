@@ -136,6 +136,24 @@ def test_split_matches_next_frame() -> None:
     assert a.buffered == b.buffered
 
 
+@pytest.mark.parametrize(("max_frames", "max_bytes"), [(1, None), (3, None), (None, 40), (2, 1)])
+def test_split_in_slices_gives_the_same_frames_within_the_bounds(
+    max_frames: int | None, max_bytes: int | None
+) -> None:
+    stream = b"".join(data for _, data in TABLE)
+    whole, sliced = FrameDecoder(), FrameDecoder()
+    whole.receive_data(stream[:-3])
+    sliced.receive_data(stream[:-3])
+    frames = []
+    while part := sliced.split(max_frames, max_bytes):
+        assert max_frames is None or len(part) <= max_frames
+        size = sum(wire.HEADER_BYTES + len(body) for _, body in part)
+        assert max_bytes is None or size <= max_bytes or len(part) == 1
+        frames.extend(part)
+    assert frames == whole.split()
+    assert sliced.buffered == whole.buffered
+
+
 @pytest.mark.parametrize(
     ("ftype", "body", "reason"),
     [

@@ -1,0 +1,289 @@
+"""Bounded frame queues and the batching writer's outbox, shared by relay and client.
+
+Theory of operation
+-------------------
+Every connection, at the relay and in a client, has one writer task that
+sends everything queued as one WebSocket message: coalescing is what makes
+small packets cheap (the WebSocket layer's cost is paid once per message).
+What it sends waits in an :class:`Outbox`: a small queue of control frames
+(pong, peer gone, health) that always goes first, and a queue of data frames.
+
+A :class:`FrameQueue` is bounded twice: in frames and in bytes (so 512
+queued 64 KiB packets cannot pin 32 MiB). Queues may also share a
+:class:`ByteBudget`, a bound on the bytes queued by all of them together (the
+relay's total). A producer picks what a full queue does:
+
+- :meth:`FrameQueue.push` drops the **oldest** frames until the new one fits
+  (a relay's queue towards a receiver: new packets matter more than stale
+  ones); when the shared budget has no room, the new frame is refused. Every
+  drop is counted by :class:`Drop` in a Counter the owner gives the queue;
+- :meth:`FrameQueue.offer` refuses the **new** frame (a client's send queue,
+  whose callers wait for room; a mesh link's queue; a relay's control queue),
+  and the caller counts or waits.
+
+Nothing here blocks or awaits except :meth:`Outbox.wait`.
+
+:meth:`Outbox.next_message` takes what one message carries: control frames
+first, then data, never more than ``max_bytes`` unless a single frame is larger
+on its own (then it goes alone).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter, deque
+from dataclasses import dataclass
+
+import trio
+
+__all__ = [
+    "ByteBudget",
+    "Drop",
+    "FrameQueue",
+    "Outbox",
+    "OutboxStatistics",
+    "QueueStatistics",
+]
+
+
+class Drop(enum.Enum):
+    """Why a queue dropped a frame; counted in the ``drops`` Counter a queue is given."""
+
+    #: The queue held its maximum number of frames: its oldest was dropped.
+    OLDEST_FOR_FRAMES = "oldest_for_frames"
+    #: The queue held its maximum bytes: its oldest frames were dropped until the new one fit.
+    OLDEST_FOR_BYTES = "oldest_for_bytes"
+    #: The shared budget had no room: the new frame was refused.
+    NEW_FOR_BUDGET = "new_for_budget"
+
+
+class ByteBudget:
+    """Bytes queued by several queues together, against one limit."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError("a byte budget must be positive")
+        self.limit = limit
+        self.used = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueStatistics:
+    frames: int
+    bytes: int
+    max_frames: int
+    max_bytes: int
+
+
+class FrameQueue:
+    """A FIFO of frames bounded in frames and in bytes (and, optionally, by a shared budget).
+
+    A single frame larger than ``max_bytes`` is still taken into an empty queue:
+    the bound is on what waits, and a frame cannot be split. Frames that
+    :meth:`push` drops are counted in ``drops`` (a Counter that several queues
+    may share).
+    """
+
+    __slots__ = ("_frames", "budget", "bytes", "drops", "max_bytes", "max_frames")
+
+    def __init__(
+        self,
+        max_frames: int,
+        max_bytes: int,
+        *,
+        budget: ByteBudget | None = None,
+        drops: Counter[Drop] | None = None,
+    ) -> None:
+        if max_frames < 1 or max_bytes < 1:
+            raise ValueError("a queue must hold at least one frame and one byte")
+        self._frames: deque[bytes] = deque()
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.budget = budget
+        self.drops: Counter[Drop] = drops if drops is not None else Counter()
+        #: Bytes queued now.
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __bool__(self) -> bool:
+        return bool(self._frames)
+
+    def head_len(self) -> int:
+        """The length of the oldest frame (the queue must not be empty)."""
+        return len(self._frames[0])
+
+    def popleft(self) -> bytes:
+        frame = self._frames.popleft()
+        n = len(frame)
+        self.bytes -= n
+        if self.budget is not None:
+            self.budget.used -= n
+        return frame
+
+    def push(self, frame: bytes) -> bool:
+        """Queue ``frame``, dropping the oldest frames while it does not fit.
+
+        False if the shared budget has no room for it even so (nothing queued,
+        counted as :attr:`Drop.NEW_FOR_BUDGET`).
+        """
+        n = len(frame)
+        budget = self.budget
+        # The common case first, in one test: this runs for every packet a relay routes.
+        if (
+            len(self._frames) < self.max_frames
+            and self.bytes + n <= self.max_bytes
+            and (budget is None or budget.used + n <= budget.limit)
+        ):
+            self._frames.append(frame)
+            self.bytes += n
+            if budget is not None:
+                budget.used += n
+            return True
+        return self._push_dropping(frame, n)
+
+    def _push_dropping(self, frame: bytes, n: int) -> bool:
+        q = self._frames
+        if len(q) >= self.max_frames:
+            self.popleft()
+            self.drops[Drop.OLDEST_FOR_FRAMES] += 1
+        if self.bytes + n > self.max_bytes:
+            dropped = 0
+            while q and self.bytes + n > self.max_bytes:
+                self.popleft()
+                dropped += 1
+            self.drops[Drop.OLDEST_FOR_BYTES] += dropped
+        budget = self.budget
+        if budget is not None:
+            if budget.used + n > budget.limit:
+                self.drops[Drop.NEW_FOR_BUDGET] += 1
+                return False
+            budget.used += n
+        q.append(frame)
+        self.bytes += n
+        return True
+
+    def offer(self, frame: bytes) -> bool:
+        """Queue ``frame`` if it fits; False (nothing queued, nothing counted) if not."""
+        if not self.has_room(len(frame)):
+            return False
+        self.append_unchecked(frame)
+        return True
+
+    def has_room(self, n: int) -> bool:
+        """Whether a frame of ``n`` bytes fits now (any frame fits an empty queue)."""
+        q = self._frames
+        if q and (len(q) >= self.max_frames or self.bytes + n > self.max_bytes):
+            return False
+        budget = self.budget
+        return budget is None or budget.used + n <= budget.limit
+
+    def append_unchecked(self, frame: bytes) -> None:
+        """Queue ``frame`` without looking at the bounds: the caller checked ``has_room``."""
+        n = len(frame)
+        self._frames.append(frame)
+        self.bytes += n
+        if self.budget is not None:
+            self.budget.used += n
+
+    def take_into(self, chunks: list[bytes], room: int, *, at_least_one: bool = False) -> int:
+        """Move the oldest frames that fit in ``room`` bytes to ``chunks``; the bytes moved.
+
+        With ``at_least_one`` the first frame is moved even if it alone is larger.
+        """
+        q = self._frames
+        taken = 0
+        if at_least_one and q:
+            frame = q.popleft()
+            chunks.append(frame)
+            taken = len(frame)
+        while q and taken + len(q[0]) <= room:
+            frame = q.popleft()
+            chunks.append(frame)
+            taken += len(frame)
+        if taken:
+            self.bytes -= taken
+            if self.budget is not None:
+                self.budget.used -= taken
+        return taken
+
+    def clear(self) -> int:
+        """Empty the queue; how many frames it held."""
+        n = len(self._frames)
+        if self.budget is not None:
+            self.budget.used -= self.bytes
+        self._frames.clear()
+        self.bytes = 0
+        return n
+
+    def statistics(self) -> QueueStatistics:
+        return QueueStatistics(
+            frames=len(self._frames),
+            bytes=self.bytes,
+            max_frames=self.max_frames,
+            max_bytes=self.max_bytes,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxStatistics:
+    data: QueueStatistics
+    control: QueueStatistics
+
+
+class Outbox:
+    """What one connection's writer sends: control frames first, then data.
+
+    Producers queue with ``control.offer`` / ``data.push`` / ``data.offer`` and
+    then call :meth:`poke`; the writer alone calls :meth:`wait` and
+    :meth:`next_message`.
+    """
+
+    __slots__ = ("_waiting", "_wake", "control", "data")
+
+    def __init__(self, data: FrameQueue, control: FrameQueue) -> None:
+        self.data = data
+        self.control = control
+        self._wake = trio.Event()
+        self._waiting = False
+
+    def __bool__(self) -> bool:
+        return bool(self.data) or bool(self.control)
+
+    def poke(self) -> None:
+        """Wake the writer if it waits (something was queued)."""
+        if self._waiting:
+            self._waiting = False
+            self._wake.set()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Until something is queued or ``timeout_s`` passed; whether anything is queued."""
+        if not self:
+            self._wake = trio.Event()
+            self._waiting = True
+            with trio.move_on_after(timeout_s):
+                await self._wake.wait()
+            self._waiting = False
+        return bool(self)
+
+    def next_message(self, max_bytes: int) -> tuple[bytes, int]:
+        """One message's worth of queued frames, and how many of them are data frames.
+
+        The message never exceeds ``max_bytes`` unless its first frame alone does.
+        The outbox must not be empty.
+        """
+        chunks: list[bytes] = []
+        ctrl = self.control
+        if ctrl:
+            size = ctrl.take_into(chunks, max_bytes, at_least_one=True)
+            n_ctrl = len(chunks)
+            self.data.take_into(chunks, max_bytes - size)
+            return b"".join(chunks), len(chunks) - n_ctrl
+        self.data.take_into(chunks, max_bytes, at_least_one=True)
+        return b"".join(chunks), len(chunks)
+
+    def statistics(self) -> OutboxStatistics:
+        return OutboxStatistics(data=self.data.statistics(), control=self.control.statistics())
