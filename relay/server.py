@@ -2,11 +2,14 @@
 
 Theory of operation
 -------------------
-The relay owns its accept loop (``trio.serve_listeners``). Each accepted TCP
-connection runs :meth:`RelayServer._connection`, an error boundary around its
-whole life: a nursery of the connection's own holds trio-websocket's reader
-task, the upgrade and the handshake (one deadline from accept, at most
-``max_preauth_connections`` at once: the oldest is shed), then a nursery
+The relay owns its accept loop (:meth:`RelayServer._accept_loop`). At most
+``max_preauth_connections`` connections may be in their upgrade or handshake at
+once; at that cap a new connection from the source holding the most of them is
+closed right after accept, and one from any other source takes the place of
+that source's oldest (``_PreauthTable``). Each connection let in runs
+:meth:`RelayServer._connection`, an error boundary around its whole life: a
+nursery of the connection's own holds trio-websocket's reader task, the upgrade
+and the handshake (one deadline from accept), then a nursery
 holding our reader task and writer task. When one of them ends (peer closed,
 bad frame, write timeout, replaced) it records why and cancels the nursery,
 and the connection closes the WebSocket with that reason. Whatever escapes is
@@ -33,6 +36,7 @@ from __future__ import annotations
 import enum
 import errno
 import hmac
+import ipaddress
 import logging
 import secrets
 from collections import Counter
@@ -90,6 +94,29 @@ _MAX_SENDERS_TRACKED = 4096
 _FORWARD_ERROR_LOG_INTERVAL_S = 10.0
 #: accept() errors that mean "out of descriptors or memory for now", not "broken".
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: accept() errors about that one connection only (the peer gave up first): accept the
+#: next. The list trio.SocketListener ignores.
+_ACCEPT_IGNORED_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "ECONNRESET",
+        "EHOSTDOWN",
+        "EHOSTUNREACH",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "ENONET",
+        "ENOPROTOOPT",
+        "ENOSR",
+        "EOPNOTSUPP",
+        "EPERM",
+        "EPROTO",
+        "EPROTONOSUPPORT",
+        "ESOCKTNOSUPPORT",
+        "ETIMEDOUT",
+    )
+    if hasattr(errno, name)
+)
 #: How long to wait before accepting again after such an error.
 _ACCEPT_PAUSE_S = 0.1
 #: Failing accepts are logged at most this often (every failure is counted).
@@ -208,12 +235,14 @@ _GONE = {
 
 class _Conn:
     """One accepted TCP connection, from accept to close. Owned by its guard task,
-    except ``shed``, set by whichever accept sheds it (see ``_hold_preauth``)."""
+    except ``shed``, set by whichever accept sheds it (see ``_PreauthTable``)."""
 
-    __slots__ = ("closed_as", "over_budget", "remote", "scope", "shed", "stage")
+    __slots__ = ("closed_as", "over_budget", "remote", "scope", "shed", "source", "stage")
 
-    def __init__(self, remote: str, preauth_deadline: float) -> None:
+    def __init__(self, remote: str, source: str, preauth_deadline: float) -> None:
         self.remote = remote
+        #: Where it came from, as the pre-auth cap groups connections (see ``_PreauthTable``).
+        self.source = source
         #: The pre-auth phase (upgrade and handshake): its deadline, and shedding cancels it.
         self.scope = trio.CancelScope(deadline=preauth_deadline)
         self.stage = "upgrade"
@@ -224,28 +253,101 @@ class _Conn:
         self.closed_as: str | None = None
 
 
-class _PatientListener(trio.abc.Listener[trio.SocketStream]):
-    """A listener whose accept() waits out running out of descriptors or memory.
+class _PreauthTable:
+    """Connections that have not proved a key yet, oldest first, counted per source.
 
-    ``trio.serve_listeners`` would wait too, but it logs a traceback on every try
-    (ten a second) and counts nothing; this reports each failure to ``on_error``.
+    At the cap (``max_preauth_connections``) the relay sheds from the source that
+    holds the most pre-auth connections, never from a lighter one: a flood from one
+    host (or a few) then only ever displaces itself, and a client from anywhere
+    else takes one of the flood's places. A new connection from a source that
+    already holds the most is refused instead (closed right after accept, before
+    any task or WebSocket state exists): that keeps the kernel's accept queue
+    draining at the speed of accept() and close(), so a client queued behind a
+    flood waits for that, not for the relay to set up and shed each of the
+    flood's connections. A source is an IPv4 address, or an IPv6 /64 (what one
+    host is usually given). This is no per-source cap: below the cap any source
+    may hold any number, and at the cap the heaviest one is the one that yields.
+    """
+
+    __slots__ = ("_by_source", "_cap", "_conns", "_heaviest", "_sources_holding")
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._conns: dict[_Conn, None] = {}
+        self._by_source: Counter[str] = Counter()
+        #: How many sources hold exactly k pre-auth connections, for each k > 0.
+        self._sources_holding: Counter[int] = Counter()
+        #: The most any one source holds.
+        self._heaviest = 0
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def refuses(self, source: str) -> bool:
+        """At the cap, whether a new connection from ``source`` is refused: it holds the most."""
+        return len(self._conns) >= self._cap and self._by_source[source] >= self._heaviest
+
+    def add(self, conn: _Conn) -> None:
+        """Hold ``conn``; at the cap, shed the oldest connection of the heaviest source."""
+        while len(self._conns) >= self._cap:
+            victim = next(c for c in self._conns if self._by_source[c.source] == self._heaviest)
+            self.remove(victim)
+            victim.shed = True
+            victim.scope.cancel()
+        self._conns[conn] = None
+        n = self._by_source[conn.source] = self._by_source[conn.source] + 1
+        if n > 1:
+            self._sources_holding[n - 1] -= 1
+        self._sources_holding[n] += 1
+        self._heaviest = max(self._heaviest, n)
+
+    def remove(self, conn: _Conn) -> None:
+        """Forget ``conn`` (its handshake ended, one way or the other); no-op if not held."""
+        if conn not in self._conns:
+            return
+        del self._conns[conn]
+        n = self._by_source[conn.source]
+        if n == 1:
+            del self._by_source[conn.source]
+        else:
+            self._by_source[conn.source] = n - 1
+            self._sources_holding[n - 1] += 1
+        self._sources_holding[n] -= 1
+        if n == self._heaviest and self._sources_holding[n] == 0:
+            self._heaviest = n - 1
+
+
+class _PatientListener:
+    """A listening socket whose accept() waits out running out of descriptors or memory.
+
+    It hands back the bare socket and the peer's address (what accept() gives):
+    a connection the pre-auth cap refuses costs accept() and close() only, not
+    a ``trio.SocketStream``'s socket options. ``trio.serve_listeners`` would
+    wait too, but it logs a traceback on every try (ten a second) and counts
+    nothing; this reports each failure to ``on_error``.
     """
 
     def __init__(self, inner: trio.SocketListener, on_error: Callable[[OSError], None]) -> None:
         self.inner = inner
         self._on_error = on_error
 
-    async def accept(self) -> trio.SocketStream:
+    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
         while True:
             try:
-                return await self.inner.accept()
+                return await self.inner.socket.accept()
             except OSError as exc:
+                if exc.errno in _ACCEPT_IGNORED_ERRNOS:
+                    # The peer gave up before we got to it (as trio.SocketListener does).
+                    continue
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
                 self._on_error(exc)
                 await trio.sleep(_ACCEPT_PAUSE_S)
 
-    async def aclose(self) -> None:
+    async def __aenter__(self) -> _PatientListener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         await self.inner.aclose()
 
 
@@ -288,14 +390,16 @@ class _ServerWSProto(WSConnection):
         return super().send(event)
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
-    """``ip:port`` of the peer; a peer that is already gone has no name (ENOTCONN)."""
-    try:
-        addr = stream.socket.getpeername()
-    except OSError:
-        return "(gone)"
+def _peer(addr: Any) -> tuple[str, str]:
+    """``ip:port`` of a peer from its address as accept() gives it, and its source as
+    the pre-auth cap groups peers: the IPv4 address, or the IPv6 /64."""
     host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if ":" not in host:
+        return f"{host}:{port}", host
+    ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    if ip.ipv4_mapped is not None:
+        return f"[{host}]:{port}", str(ip.ipv4_mapped)
+    return f"[{host}]:{port}", str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 _PEER_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -426,7 +530,7 @@ class RelayServer:
         self._queued = ByteBudget(cfg.limits.total_queue_bytes)
         self._queue_drops: Counter[Drop] = Counter()
         #: Connections that have not finished their handshake, oldest first.
-        self._preauth: dict[_Conn, None] = {}
+        self._preauth = _PreauthTable(self._limits.max_preauth_connections)
         self._c = _Counters()
         self.port: int | None = None
         # Set by watch_presence(): where client (dis)connects are reported.
@@ -453,10 +557,30 @@ class RelayServer:
         """
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
-        patient = [_PatientListener(listener, self._accept_failed) for listener in listeners]
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._connection, patient)
+            for listener in listeners:
+                patient = _PatientListener(listener, self._accept_failed)
+                nursery.start_soon(self._accept_loop, patient, nursery)
             task_status.started(self.port)
+
+    async def _accept_loop(self, listener: _PatientListener, nursery: trio.Nursery) -> None:
+        """Accept connections and start each one's guard, unless the pre-auth cap refuses it.
+
+        A refused connection is closed here, at once, and counted as
+        ``preauth_refused``: no task, no WebSocket state (see ``_PreauthTable``).
+        """
+        async with listener:
+            while True:
+                sock, addr = await listener.accept()
+                self._c.accepts += 1
+                remote, source = _peer(addr)
+                if self._preauth.refuses(source):
+                    self._c.closes["preauth_refused"] += 1
+                    sock.close()
+                    continue
+                conn = _Conn(remote, source, trio.current_time() + self._limits.handshake_timeout_s)
+                self._preauth.add(conn)
+                nursery.start_soon(self._connection, trio.SocketStream(sock), conn)
 
     def _accept_failed(self, exc: OSError) -> None:
         c = self._c
@@ -586,7 +710,7 @@ class RelayServer:
 
     # ---- connection lifecycle --------------------------------------------
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: trio.SocketStream, conn: _Conn) -> None:
         """The error boundary around one TCP connection's whole life.
 
         Everything the connection runs (trio-websocket's reader task included) runs
@@ -595,9 +719,6 @@ class RelayServer:
         connection only: the server's own cancellation (and KeyboardInterrupt) pass
         through untouched. Every accepted connection is counted exactly once.
         """
-        self._c.accepts += 1
-        conn = _Conn(_peer_name(stream), trio.current_time() + self._limits.handshake_timeout_s)
-        self._hold_preauth(conn)
         try:
             async with trio.open_nursery() as nursery:
                 await self._serve_connection(nursery, stream, conn)
@@ -605,7 +726,7 @@ class RelayServer:
         except BaseException as exc:
             self._contain(conn, exc)
         finally:
-            self._preauth.pop(conn, None)
+            self._preauth.remove(conn)
             # Only cancellation from outside (the server stopping) leaves it uncounted.
             self._count_close(conn, "server_stopped")
             await trio.aclose_forcefully(stream)
@@ -639,22 +760,6 @@ class RelayServer:
         if conn.closed_as is None:
             conn.closed_as = label
             self._c.closes[label] += 1
-
-    def _hold_preauth(self, conn: _Conn) -> None:
-        """Track a connection that has not proved a key yet; over the cap, shed the oldest.
-
-        Shedding the oldest rather than refusing the newest: a flood of connections
-        that never finish their handshake then costs each of them its slot within
-        ``max_preauth_connections`` new connections, while a client that does finish
-        (a few round trips) gets in, instead of waiting for the flood to time out.
-        """
-        cap = self._limits.max_preauth_connections
-        while len(self._preauth) >= cap:
-            oldest = next(iter(self._preauth))
-            del self._preauth[oldest]
-            oldest.shed = True
-            oldest.scope.cancel()
-        self._preauth[conn] = None
 
     async def _tls_handshake(
         self, tcp: trio.SocketStream, conn: _Conn
@@ -695,6 +800,10 @@ class RelayServer:
         failure: _Closing | None = None
         ws: WebSocketConnection | None = None
         with conn.scope:
+            if conn.shed:
+                # Shed before its task first ran: nothing was set up for it.
+                self._count_close(conn, "preauth_shed")
+                return
             stream: trio.abc.Stream = tcp
             if self.tls is not None:
                 tls_stream = await self._tls_handshake(tcp, conn)
@@ -739,7 +848,7 @@ class RelayServer:
                     failure = _Closing(CloseReason.MESSAGE_TOO_BIG, "")
                 else:
                     raise
-        self._preauth.pop(conn, None)
+        self._preauth.remove(conn)
         if conn.scope.cancelled_caught:
             if conn.shed:
                 self._count_close(conn, "preauth_shed")

@@ -12,11 +12,12 @@ ROLE ...``, not part of the user-facing CLI):
   process on the same machine: the figure is the pair's, not the relay's
   alone).
 - ``preauth``: opens N TCP connections that each send half an upgrade request
-  and wait; whichever the relay closes (it sheds the oldest over
-  ``limits.max_preauth_connections``, and closes each after
+  and wait; whichever the relay closes (over ``limits.max_preauth_connections``
+  it refuses or sheds the flood's, and closes each after
   ``handshake_timeout_s``) is opened again at once, as an attacker holding N
-  would. Meanwhile this process starts a normal client's connect every 0.5 s
-  and times each, from TCP connect to the relay's ServerInfo.
+  would. The flood comes from 127.0.1.x (200 addresses, for ephemeral ports),
+  the timed clients from 127.0.0.1. Meanwhile this process starts a normal
+  client's connect every 0.5 s and times each, from TCP connect to the relay's ServerInfo.
 
 Each figure is the median over ``runs`` runs. N thousand connections need
 that many file descriptors on each side: the soft RLIMIT_NOFILE of this
@@ -312,6 +313,7 @@ def _preauth_run(workdir: Path, count: int, probes: int) -> dict[str, Any]:
         "relay_alive": alive,
         "served_after": served_after,
         "preauth_shed": closes.get("preauth_shed", 0),
+        "preauth_refused": closes.get("preauth_refused", 0),
         "internal_errors": closes.get("internal_error", 0),
         **churn,
     }
