@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -43,6 +43,8 @@ class HttpStats:
     connections: int = 0
     #: Connections that ended in an unexpected exception (each closed, nothing else).
     errors: int = 0
+    #: accept() failures by errno name (EMFILE: out of file descriptors), each waited out.
+    accept_errors: dict[str, int] = field(default_factory=dict)
 
 
 async def serve_app(
@@ -104,7 +106,12 @@ async def serve_app(
                 except OSError as exc:
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
-                    log.error("HTTP accept: %s; pausing %g s", exc, _ACCEPT_PAUSE_S)
+                    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                    stats.accept_errors[name] = n = stats.accept_errors.get(name, 0) + 1
+                    if n & (n - 1) == 0:  # the 1st, 2nd, 4th...: ten a second would flood the log
+                        log.error(
+                            "HTTP accept: %s (%d so far); pausing %g s", exc, n, _ACCEPT_PAUSE_S
+                        )
                     await trio.sleep(_ACCEPT_PAUSE_S)
                     continue
                 stats.connections += 1

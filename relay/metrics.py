@@ -55,6 +55,7 @@ class RelayCollector(Collector):
         cfg = self._server.cfg.relay
         ident = [cfg.region, cfg.name]
         yield from _traffic(s, ident)
+        yield self._accept_errors(s, ident)
         if self._mesh is not None:
             yield from _mesh_links(self._mesh, ident)
         if self._supervisor is not None:
@@ -64,6 +65,20 @@ class RelayCollector(Collector):
             yield from _tls(self._server.tls.statistics(), ident)
         if self._state is not None:
             yield from _shared_state(self._state, ident)
+
+    def _accept_errors(self, s: RelayStats, ident: list[str]) -> CounterMetricFamily:
+        accept_errors = CounterMetricFamily(
+            "relaymesh_accept_errors",
+            "Failed accepts by port (ws, http) and errno (EMFILE: out of file descriptors);"
+            " each is waited out and accepting resumes.",
+            labels=[*_LABELS, "port", "reason"],
+        )
+        for reason, n in sorted(s.accept_errors.items()):
+            accept_errors.add_metric([*ident, "ws", reason], n)
+        if self._http is not None:
+            for reason, n in sorted(self._http.accept_errors.items()):
+                accept_errors.add_metric([*ident, "http", reason], n)
+        return accept_errors
 
     def _component_errors(self, s: RelayStats, ident: list[str]) -> CounterMetricFamily:
         # Failures contained without a restart: one HTTP connection, one STUN datagram,

@@ -2,11 +2,14 @@
 
 Theory of operation
 -------------------
-The relay owns its accept loop (``trio.serve_listeners``). Each accepted TCP
-connection runs :meth:`RelayServer._connection`, an error boundary around its
-whole life: a nursery of the connection's own holds trio-websocket's reader
-task, the upgrade and the handshake (one deadline from accept, at most
-``max_preauth_connections`` at once: the oldest is shed), then a nursery
+The relay owns its accept loop (:meth:`RelayServer._accept_loop`). At most
+``max_preauth_connections`` connections may be in their upgrade or handshake at
+once; at that cap a new connection from the source holding the most of them is
+closed right after accept, and one from any other source takes the place of
+that source's oldest (``_PreauthTable``). Each connection let in runs
+:meth:`RelayServer._connection`, an error boundary around its whole life: a
+nursery of the connection's own holds trio-websocket's reader task, the upgrade
+and the handshake (one deadline from accept), then a nursery
 holding our reader task and writer task. When one of them ends (peer closed,
 bad frame, write timeout, replaced) it records why and cancels the nursery,
 and the connection closes the WebSocket with that reason. Whatever escapes is
@@ -43,10 +46,13 @@ client that sends too fast, which pushes back through TCP instead of dropping.
 from __future__ import annotations
 
 import enum
+import errno
 import hmac
+import ipaddress
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -105,6 +111,35 @@ _CLOSE_TIMEOUT_S = 2.0
 _MAX_SENDERS_TRACKED = 4096
 #: A failing forwarder is logged at most this often (every failure is counted).
 _FORWARD_ERROR_LOG_INTERVAL_S = 10.0
+#: accept() errors that mean "out of descriptors or memory for now", not "broken".
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: accept() errors about that one connection only (the peer gave up first): accept the
+#: next. The list trio.SocketListener ignores.
+_ACCEPT_IGNORED_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "ECONNRESET",
+        "EHOSTDOWN",
+        "EHOSTUNREACH",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "ENONET",
+        "ENOPROTOOPT",
+        "ENOSR",
+        "EOPNOTSUPP",
+        "EPERM",
+        "EPROTO",
+        "EPROTONOSUPPORT",
+        "ESOCKTNOSUPPORT",
+        "ETIMEDOUT",
+    )
+    if hasattr(errno, name)
+)
+#: How long to wait before accepting again after such an error.
+_ACCEPT_PAUSE_S = 0.1
+#: Failing accepts are logged at most this often (every failure is counted).
+_ACCEPT_ERROR_LOG_INTERVAL_S = 10.0
 
 
 class DropReason(enum.Enum):
@@ -219,6 +254,8 @@ class RelayStats:
     flow_waited_s: float
     #: Waits given up because the queue's writer took nothing (a receiver that reads nothing).
     flow_gave_up: int
+    #: accept() failures by errno name (EMFILE: out of file descriptors), each waited out.
+    accept_errors: dict[str, int]
 
 
 class _Closing(Exception):
@@ -243,12 +280,14 @@ _GONE = {
 
 class _Conn:
     """One accepted TCP connection, from accept to close. Owned by its guard task,
-    except ``shed``, set by whichever accept sheds it (see ``_hold_preauth``)."""
+    except ``shed``, set by whichever accept sheds it (see ``_PreauthTable``)."""
 
-    __slots__ = ("closed_as", "over_budget", "remote", "scope", "shed", "stage")
+    __slots__ = ("closed_as", "over_budget", "remote", "scope", "shed", "source", "stage")
 
-    def __init__(self, remote: str, preauth_deadline: float) -> None:
+    def __init__(self, remote: str, source: str, preauth_deadline: float) -> None:
         self.remote = remote
+        #: Where it came from, as the pre-auth cap groups connections (see ``_PreauthTable``).
+        self.source = source
         #: The pre-auth phase (upgrade and handshake): its deadline, and shedding cancels it.
         self.scope = trio.CancelScope(deadline=preauth_deadline)
         self.stage = "upgrade"
@@ -259,12 +298,130 @@ class _Conn:
         self.closed_as: str | None = None
 
 
+class _PreauthTable:
+    """Connections that have not proved a key yet, oldest first, counted per source.
+
+    At the cap (``max_preauth_connections``) the relay sheds from the source that
+    holds the most pre-auth connections, never from a lighter one: a flood from one
+    host (or a few) then only ever displaces itself, and a client from anywhere
+    else takes one of the flood's places. A new connection from a source that
+    already holds the most is refused instead (closed right after accept, before
+    any task or WebSocket state exists): that keeps the kernel's accept queue
+    draining at the speed of accept() and close(), so a client queued behind a
+    flood waits for that, not for the relay to set up and shed each of the
+    flood's connections. A source is an IPv4 address, or an IPv6 /64 (what one
+    host is usually given). This is no per-source cap: below the cap any source
+    may hold any number, and at the cap the heaviest one is the one that yields.
+    """
+
+    __slots__ = ("_by_source", "_cap", "_conns", "_heaviest", "_sources_holding")
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._conns: dict[_Conn, None] = {}
+        self._by_source: Counter[str] = Counter()
+        #: How many sources hold exactly k pre-auth connections, for each k > 0.
+        self._sources_holding: Counter[int] = Counter()
+        #: The most any one source holds.
+        self._heaviest = 0
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def refuses(self, source: str) -> bool:
+        """At the cap, whether a new connection from ``source`` is refused: it holds the most."""
+        return len(self._conns) >= self._cap and self._by_source[source] >= self._heaviest
+
+    def add(self, conn: _Conn) -> None:
+        """Hold ``conn``; at the cap, shed the oldest connection of the heaviest source."""
+        while len(self._conns) >= self._cap:
+            victim = next(c for c in self._conns if self._by_source[c.source] == self._heaviest)
+            self.remove(victim)
+            victim.shed = True
+            victim.scope.cancel()
+        self._conns[conn] = None
+        n = self._by_source[conn.source] = self._by_source[conn.source] + 1
+        if n > 1:
+            self._sources_holding[n - 1] -= 1
+        self._sources_holding[n] += 1
+        self._heaviest = max(self._heaviest, n)
+
+    def remove(self, conn: _Conn) -> None:
+        """Forget ``conn`` (its handshake ended, one way or the other); no-op if not held."""
+        if conn not in self._conns:
+            return
+        del self._conns[conn]
+        n = self._by_source[conn.source]
+        if n == 1:
+            del self._by_source[conn.source]
+        else:
+            self._by_source[conn.source] = n - 1
+            self._sources_holding[n - 1] += 1
+        self._sources_holding[n] -= 1
+        if n == self._heaviest and self._sources_holding[n] == 0:
+            self._heaviest = n - 1
+
+
+class _PatientListener:
+    """A listening socket whose accept() waits out running out of descriptors or memory.
+
+    It hands back the bare socket and the peer's address (what accept() gives):
+    a connection the pre-auth cap refuses costs accept() and close() only, not
+    a ``trio.SocketStream``'s socket options. ``trio.serve_listeners`` would
+    wait too, but it logs a traceback on every try (ten a second) and counts
+    nothing; this reports each failure to ``on_error``.
+    """
+
+    def __init__(self, inner: trio.SocketListener, on_error: Callable[[OSError], None]) -> None:
+        self.inner = inner
+        self._on_error = on_error
+
+    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
+        while True:
+            try:
+                return await self.inner.socket.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_IGNORED_ERRNOS:
+                    # The peer gave up before we got to it (as trio.SocketListener does).
+                    continue
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self._on_error(exc)
+                await trio.sleep(_ACCEPT_PAUSE_S)
+
+    async def __aenter__(self) -> _PatientListener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.inner.aclose()
+
+
+class _Upgraded:
+    """What stands in for wsproto's HTTP handshake once the WebSocket is open."""
+
+    @staticmethod
+    def events() -> Iterator[wsproto.events.Event]:
+        return iter(())
+
+
+_UPGRADED = _Upgraded()
+
+
 class _ServerWSProto(WSConnection):
     """wsproto's server side, with the 1009 close (a message over the limit, which
-    trio-websocket sends itself) given a reason text that follows our rule."""
+    trio-websocket sends itself) given a reason text that follows our rule.
+
+    Once the WebSocket is open and the handshake has said all it had to, the
+    handshake (h11's connection, its buffers and queues: about 2.5 KB) is let go:
+    wsproto only asks it for events then, and it has none."""
 
     def __init__(self) -> None:
         super().__init__(ConnectionType.SERVER)
+
+    def events(self) -> Generator[wsproto.events.Event, None, None]:
+        yield from super().events()
+        if self.connection is not None:
+            self.handshake = _UPGRADED  # type: ignore[assignment]
 
     def send(self, event: wsproto.events.Event) -> bytes:
         if (
@@ -278,14 +435,16 @@ class _ServerWSProto(WSConnection):
         return super().send(event)
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
-    """``ip:port`` of the peer; a peer that is already gone has no name (ENOTCONN)."""
-    try:
-        addr = stream.socket.getpeername()
-    except OSError:
-        return "(gone)"
+def _peer(addr: Any) -> tuple[str, str]:
+    """``ip:port`` of a peer from its address as accept() gives it, and its source as
+    the pre-auth cap groups peers: the IPv4 address, or the IPv6 /64."""
     host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if ":" not in host:
+        return f"{host}:{port}", host
+    ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    if ip.ipv4_mapped is not None:
+        return f"[{host}]:{port}", str(ip.ipv4_mapped)
+    return f"[{host}]:{port}", str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 _PEER_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -390,6 +549,7 @@ class _Counters:
     flow_gave_up: int = 0
     drops: Counter[DropReason] = field(default_factory=Counter)
     closes: Counter[str] = field(default_factory=Counter)
+    accept_errors: Counter[str] = field(default_factory=Counter)
 
 
 class RelayServer:
@@ -419,7 +579,7 @@ class RelayServer:
         self._queued = ByteBudget(cfg.limits.total_queue_bytes)
         self._queue_drops: Counter[Drop] = Counter()
         #: Connections that have not finished their handshake, oldest first.
-        self._preauth: dict[_Conn, None] = {}
+        self._preauth = _PreauthTable(self._limits.max_preauth_connections)
         self._c = _Counters()
         self.port: int | None = None
         # Set by watch_presence(): where client (dis)connects are reported.
@@ -430,6 +590,7 @@ class RelayServer:
         #: Clients with drops to be told about, and the event that wakes the reporter.
         self._drops_unreported: dict[_Client, None] = {}
         self._drops_to_report = trio.Event()
+        self._accept_error_logged_at = -_ACCEPT_ERROR_LOG_INTERVAL_S
         #: Set once drain() has begun: the relay is on its way out.
         self.draining = False
 
@@ -441,15 +602,53 @@ class RelayServer:
         """Accept WebSocket clients on ``host:port`` until cancelled; started() with the port.
 
         Our own accept loop rather than trio-websocket's ``serve_websocket``: see
-        :meth:`_connection` and docs/architecture.md. ``trio.serve_listeners`` keeps
-        accepting after EMFILE/ENFILE (it waits 100 ms and tries again).
+        :meth:`_connection` and docs/architecture.md. Out of file descriptors
+        (EMFILE, ENFILE) or memory, accept waits and tries again every 100 ms, each
+        failure counted in ``accept_errors``: connections already open are served
+        meanwhile, and accepting resumes as soon as one closes.
         """
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report_drops)
-            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            for listener in listeners:
+                patient = _PatientListener(listener, self._accept_failed)
+                nursery.start_soon(self._accept_loop, patient, nursery)
             task_status.started(self.port)
+
+    async def _accept_loop(self, listener: _PatientListener, nursery: trio.Nursery) -> None:
+        """Accept connections and start each one's guard, unless the pre-auth cap refuses it.
+
+        A refused connection is closed here, at once, and counted as
+        ``preauth_refused``: no task, no WebSocket state (see ``_PreauthTable``).
+        """
+        async with listener:
+            while True:
+                sock, addr = await listener.accept()
+                self._c.accepts += 1
+                remote, source = _peer(addr)
+                if self._preauth.refuses(source):
+                    self._c.closes["preauth_refused"] += 1
+                    sock.close()
+                    continue
+                conn = _Conn(remote, source, trio.current_time() + self._limits.handshake_timeout_s)
+                self._preauth.add(conn)
+                nursery.start_soon(self._connection, trio.SocketStream(sock), conn)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        c = self._c
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        c.accept_errors[name] += 1
+        now = trio.current_time()
+        if now - self._accept_error_logged_at >= _ACCEPT_ERROR_LOG_INTERVAL_S:
+            self._accept_error_logged_at = now
+            log.warning(
+                "cannot accept connections: %s (%d failed accepts so far); open"
+                " connections are still served, accepting again every %g s",
+                exc.strerror or name,
+                sum(c.accept_errors.values()),
+                _ACCEPT_PAUSE_S,
+            )
 
     def statistics(self) -> RelayStats:
         c = self._c
@@ -473,6 +672,7 @@ class RelayServer:
             forwarded_in=c.forwarded_in,
             flow_waited_s=c.flow_waited_s,
             flow_gave_up=c.flow_gave_up,
+            accept_errors=dict(c.accept_errors),
         )
 
     def _drops(self) -> dict[str, int]:
@@ -601,7 +801,7 @@ class RelayServer:
 
     # ---- connection lifecycle --------------------------------------------
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: trio.SocketStream, conn: _Conn) -> None:
         """The error boundary around one TCP connection's whole life.
 
         Everything the connection runs (trio-websocket's reader task included) runs
@@ -610,9 +810,6 @@ class RelayServer:
         connection only: the server's own cancellation (and KeyboardInterrupt) pass
         through untouched. Every accepted connection is counted exactly once.
         """
-        self._c.accepts += 1
-        conn = _Conn(_peer_name(stream), trio.current_time() + self._limits.handshake_timeout_s)
-        self._hold_preauth(conn)
         try:
             async with trio.open_nursery() as nursery:
                 await self._serve_connection(nursery, stream, conn)
@@ -620,7 +817,7 @@ class RelayServer:
         except BaseException as exc:
             self._contain(conn, exc)
         finally:
-            self._preauth.pop(conn, None)
+            self._preauth.remove(conn)
             # Only cancellation from outside (the server stopping) leaves it uncounted.
             self._count_close(conn, "server_stopped")
             await trio.aclose_forcefully(stream)
@@ -654,22 +851,6 @@ class RelayServer:
         if conn.closed_as is None:
             conn.closed_as = label
             self._c.closes[label] += 1
-
-    def _hold_preauth(self, conn: _Conn) -> None:
-        """Track a connection that has not proved a key yet; over the cap, shed the oldest.
-
-        Shedding the oldest rather than refusing the newest: a flood of connections
-        that never finish their handshake then costs each of them its slot within
-        ``max_preauth_connections`` new connections, while a client that does finish
-        (a few round trips) gets in, instead of waiting for the flood to time out.
-        """
-        cap = self._limits.max_preauth_connections
-        while len(self._preauth) >= cap:
-            oldest = next(iter(self._preauth))
-            del self._preauth[oldest]
-            oldest.shed = True
-            oldest.scope.cancel()
-        self._preauth[conn] = None
 
     async def _tls_handshake(
         self, tcp: trio.SocketStream, conn: _Conn
@@ -710,6 +891,10 @@ class RelayServer:
         failure: _Closing | None = None
         ws: WebSocketConnection | None = None
         with conn.scope:
+            if conn.shed:
+                # Shed before its task first ran: nothing was set up for it.
+                self._count_close(conn, "preauth_shed")
+                return
             stream: trio.abc.Stream = tcp
             if self.tls is not None:
                 tls_stream = await self._tls_handshake(tcp, conn)
@@ -740,6 +925,8 @@ class RelayServer:
                 await request.reject(400, body=b"the WebSocket subprotocol must be 'derp'\n")
                 return
             await request.accept(subprotocol=wire.SUBPROTOCOL)
+            # Its headers would stay alive in this frame for the connection's whole life.
+            del request
             conn.stage = "handshake"
             try:
                 hello = await self._handshake(ws, decoder, conn)
@@ -752,7 +939,7 @@ class RelayServer:
                     failure = _Closing(CloseReason.MESSAGE_TOO_BIG, "")
                 else:
                     raise
-        self._preauth.pop(conn, None)
+        self._preauth.remove(conn)
         if conn.scope.cancelled_caught:
             if conn.shed:
                 self._count_close(conn, "preauth_shed")
@@ -823,10 +1010,14 @@ class RelayServer:
         decoder.max_body = wire.MAX_FRAME_BODY if is_mesh else wire.MAX_CLIENT_FRAME_BODY
         self._register(client)
         try:
-            with client.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._run_reader, client, decoder, nursery.cancel_scope)
-                    nursery.start_soon(self._run_writer, client, nursery.cancel_scope)
+            async with trio.open_nursery() as nursery:
+                # From here the nursery's scope is the one end() cancels: a scope (and its
+                # cancel status) less to hold for every open connection.
+                if client.cancel_scope.cancel_called:
+                    nursery.cancel_scope.cancel()
+                client.cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._run_reader, client, decoder, nursery.cancel_scope)
+                nursery.start_soon(self._run_writer, client, nursery.cancel_scope)
         finally:
             self._unregister(client)
         reason = client.close_reason or CloseReason.CLOSED_BY_PEER

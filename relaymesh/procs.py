@@ -353,8 +353,8 @@ def spawn_relay(
     *,
     region: str,
     name: str,
-    etcd: Sequence[str] | str,
-    mesh_key_file: Path,
+    etcd: Sequence[str] | str = (),
+    mesh_key_file: Path | None = None,
     config: Path | None = None,
     key_file: Path | None = None,
     port: int = 0,
@@ -371,7 +371,8 @@ def spawn_relay(
 
     ``log``: True writes its stderr to ``workdir/<name>.log``, a path writes it
     there, None leaves it on ours, False discards it. ``prefix`` goes before
-    the command (``ip netns exec NS``).
+    the command (``ip netns exec NS``). Without ``etcd`` it is a lone relay (no
+    shared state, no mesh).
     """
     argv = [*prefix, *RELAYMESH]
     if log_level:
@@ -384,8 +385,10 @@ def spawn_relay(
         argv += ["--listen-host", listen_host]
     if advertise_host is not None:
         argv += ["--advertise-host", advertise_host]
-    argv += ["--etcd", etcd if isinstance(etcd, str) else ",".join(etcd)]
-    argv += ["--mesh-key-file", str(mesh_key_file)]
+    if etcd:
+        argv += ["--etcd", etcd if isinstance(etcd, str) else ",".join(etcd)]
+    if mesh_key_file is not None:
+        argv += ["--mesh-key-file", str(mesh_key_file)]
     if key_file is not None:
         argv += ["--key-file", str(key_file)]
     argv += list(extra)

@@ -164,6 +164,21 @@ def _describe_fairness(r: dict[str, Any]) -> str:
     return describe(r)
 
 
+# ---- load: idle clients and pre-auth floods -----------------------------------
+
+
+def _run_load(args: argparse.Namespace) -> dict[str, Any]:
+    from .load import run_load
+
+    return run_load(runs=args.runs)
+
+
+def _describe_load(r: dict[str, Any]) -> str:
+    from .load import describe
+
+    return describe(r)
+
+
 #: name → Scenario; the CLI offers these names, the first is the default.
 SCENARIOS: dict[str, Scenario] = {
     "relay": Scenario(_run_relay, _describe_relay, "one relay vs two byte-copy relays"),
@@ -172,5 +187,10 @@ SCENARIOS: dict[str, Scenario] = {
     "failover": Scenario(_run_failover, _describe_timing, "relay killed → clients reachable"),
     "fairness": Scenario(
         _run_fairness, _describe_fairness, "a client pair alone and while one connection floods"
+    ),
+    "load": Scenario(
+        _run_load,
+        _describe_load,
+        "memory per idle client, handshakes/s, connect time while pre-auth connections are held",
     ),
 }

@@ -37,6 +37,7 @@ from relay.protocol import wire
 from relay.protocol.keys import PrivateKey
 
 from .relay import stream
+from .workers import read_json, spawn
 
 __all__ = ["FLOODS", "run_fairness"]
 
@@ -112,29 +113,11 @@ async def _flood(args: argparse.Namespace) -> None:
 # ---- orchestration ------------------------------------------------------------
 
 
-def _spawn(module: str, *argv: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *argv],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _readjson(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"bench worker {proc.args!r} exited ({proc.wait()})")
-    result: dict[str, Any] = json.loads(line)
-    return result
-
-
 def _stop(proc: subprocess.Popen[str]) -> dict[str, Any]:
     assert proc.stdin is not None
     proc.stdin.close()
     try:
-        out = _readjson(proc)
+        out = read_json(proc)
         proc.wait(timeout=10)
         return out
     finally:
@@ -149,15 +132,15 @@ def _victim(url: str, size: int, seconds: float, relay_pid: int) -> dict[str, An
 
 
 def _one_run(size: int, seconds: float, floods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    relay = _spawn("relaymesh.bench.relay", "relay", "--queue", "4096")
+    relay = spawn("relaymesh.bench.relay", "relay", "--queue", "4096")
     try:
-        url = f"ws://127.0.0.1:{_readjson(relay)['port']}/derp"
+        url = f"ws://127.0.0.1:{read_json(relay)['port']}/derp"
         first = _victim(url, size, seconds, relay.pid)
         out: dict[str, dict[str, Any]] = {}
         for kind in floods:
-            flooder = _spawn("relaymesh.bench.fairness", "flood", "--kind", kind, "--url", url)
+            flooder = spawn("relaymesh.bench.fairness", "flood", "--kind", kind, "--url", url)
             try:
-                _readjson(flooder)  # its first message is out
+                read_json(flooder)  # its first message is out
                 result = _victim(url, size, seconds, relay.pid)
             finally:
                 flood = _stop(flooder)

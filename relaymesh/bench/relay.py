@@ -47,6 +47,8 @@ import trio
 from relay.protocol import wire
 from relay.protocol.keys import PrivateKey
 
+from .workers import read_json, spawn
+
 __all__ = [
     "TARGETS",
     "check_size",
@@ -300,7 +302,10 @@ async def _sender(args: argparse.Namespace) -> None:
                     for _ in range(due):
                         frames.append(header + _PAY.pack(phase, sent, clock()) + pad)
                         sent += 1
-                    await t.send(b"".join(frames))
+                    # After a stall (a loaded machine) many are due at once: a message
+                    # over the relay's limit would be closed with 1009.
+                    for i in range(0, len(frames), per_batch):
+                        await t.send(b"".join(frames[i : i + per_batch]))
                 await trio.sleep(interval_s)
         # The end of the steady window; then let the last batch drain before closing.
         print(json.dumps({"sent": sent}), flush=True)
@@ -453,21 +458,7 @@ SUMMARY_FIELDS = ("pps", "mbps", "loss_pct", "server_cpu_pct", "p50_ms", "p99_ms
 
 
 def _spawn(*argv: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "relaymesh.bench.relay", *argv],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _readjson(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"bench worker {proc.args!r} exited ({proc.wait()})")
-    result: dict[str, Any] = json.loads(line)
-    return result
+    return spawn("relaymesh.bench.relay", *argv)
 
 
 def _tell(proc: subprocess.Popen[str], what: str) -> None:
@@ -478,7 +469,7 @@ def _tell(proc: subprocess.Popen[str], what: str) -> None:
 
 def _ask(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
     _tell(proc, what)
-    return _readjson(proc)
+    return read_json(proc)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -492,7 +483,7 @@ def _measure(target: str, size: int, seconds: float, pairs: int, queue: int) -> 
     role = {"relay": "relay", "tcp_copy": "tcp-copy", "ws_copy": "ws-copy"}[target]
     server = _spawn(role, "--queue", str(queue))
     try:
-        port = _readjson(server)["port"]
+        port = read_json(server)["port"]
         where = {
             "relay": ["--url", f"ws://127.0.0.1:{port}/derp"],
             "ws_copy": ["--url", f"ws://127.0.0.1:{port}"],
@@ -531,7 +522,7 @@ def stream(
     """
     receivers = [_spawn("receiver", *recv_args, "--pair", str(i)) for i in range(pairs)]
     try:
-        keys = [_readjson(r)["key"] for r in receivers]
+        keys = [read_json(r)["key"] for r in receivers]
         if before_send is not None:
             before_send(keys)
 
@@ -554,7 +545,7 @@ def stream(
             ]
             try:
                 for s in senders:
-                    _readjson(s)  # connected, waiting for "go"
+                    read_json(s)  # connected, waiting for "go"
                 for s in senders:
                     _tell(s, "go")
                 # The steady window starts after a warm-up and ends when the senders stop.
@@ -567,7 +558,7 @@ def stream(
                 pids = [p for g in groups.values() for p in g]
                 cpu0 = {p: _cpu_seconds(p) for p in pids}
                 t0 = time.monotonic()
-                outs = [_readjson(s) for s in senders]
+                outs = [read_json(s) for s in senders]
                 t1 = time.monotonic()
                 cpu1 = {p: _cpu_seconds(p) for p in pids}
                 for s in senders:

@@ -11,9 +11,9 @@ import struct
 
 import nacl.public
 import trio
-from trio_websocket import WebSocketConnection
+from trio_websocket import WebSocketConnection, wrap_client_stream
 
-from relay.client import open_relay_client
+from relay.client import client_handshake, open_relay_client
 from relay.protocol import wire
 from relay.protocol.keys import PrivateKey
 from relay.server import RelayServer
@@ -34,8 +34,32 @@ def upgrade_request(path: str = "/derp", subprotocol: str = "derp") -> bytes:
     ).encode()
 
 
-async def open_raw(server: RelayServer) -> trio.SocketStream:
-    return await trio.open_tcp_stream("127.0.0.1", server.port or 0)
+async def open_raw(server: RelayServer, source: str | None = None) -> trio.SocketStream:
+    """A TCP connection to the relay, from ``source`` if given (loopback takes any 127/8)."""
+    return await trio.open_tcp_stream("127.0.0.1", server.port or 0, local_address=source)
+
+
+async def handshake_from(
+    nursery: trio.Nursery, server: RelayServer, source: str, key: PrivateKey
+) -> WebSocketConnection:
+    """A normal client's connect from ``source``, up to the relay's ServerInfo."""
+    ws = await wrap_client_stream(
+        nursery,
+        await open_raw(server, source),
+        "127.0.0.1",
+        "/derp",
+        subprotocols=[wire.SUBPROTOCOL],
+    )
+    await client_handshake(ws, wire.FrameDecoder(), key)
+    return ws
+
+
+async def receive_or_reset(stream: trio.SocketStream) -> bytes:
+    """What the relay sends next; b"" once it closed, with FIN or RST alike."""
+    try:
+        return await stream.receive_some(1024)
+    except trio.BrokenResourceError:
+        return b""
 
 
 async def reset(stream: trio.SocketStream) -> None:

@@ -23,9 +23,11 @@ from relay.server import RelayServer
 from tests.conftest import start_relay, wait_until
 from tests.relay.hostile import (
     closes_total,
+    handshake_from,
     open_raw,
     pair_still_served,
     read_server_key,
+    receive_or_reset,
     reset,
     sealed_client_info,
     upgrade_request,
@@ -169,26 +171,103 @@ async def test_message_too_big_is_1009_with_a_reason_that_follows_the_rule(
     assert server.statistics().closes["message_too_big"] == 1
 
 
-async def test_preauth_cap_sheds_the_oldest_and_lets_a_client_in(nursery: trio.Nursery) -> None:
+async def test_preauth_cap_sheds_the_heaviest_sources_oldest_for_another_source(
+    nursery: trio.Nursery,
+) -> None:
     cap = 8
-    server, url = await start_relay(nursery, max_preauth_connections=cap, handshake_timeout_s=60)
-    held = [await open_raw(server) for _ in range(cap)]
+    server, _ = await start_relay(nursery, max_preauth_connections=cap, handshake_timeout_s=60)
+    held = [await open_raw(server, "127.0.0.1") for _ in range(cap)]
     # Half of them even got as far as the relay's ServerKey.
     for s in held[cap // 2 :]:
         await s.send_all(upgrade_request())
     with trio.fail_after(5):
         await wait_until(lambda: server.statistics().accepts == cap)
+    # At the cap, one more from the source that holds all eight is refused at once ...
+    extra = await open_raw(server, "127.0.0.1")
     with trio.fail_after(5):
-        await pair_still_served(url)
-    # The first client of the pair took the oldest one's place; once it was in, there
-    # was room for the second.
+        assert await receive_or_reset(extra) == b""
+    assert server.statistics().closes["preauth_refused"] == 1
+    # ... while a client from another source takes the place of that source's oldest.
+    with trio.fail_after(5):
+        ws = await handshake_from(nursery, server, "127.0.0.2", PrivateKey.generate())
     with trio.fail_after(5):
         assert await held[0].receive_some(1024) == b""  # closed by the relay
     assert server.statistics().closes["preauth_shed"] == 1
-    for s in held:
+    assert server.statistics().clients == 1
+    await ws.aclose()
+    for s in [extra, *held]:
         await s.aclose()
     await wait_all_counted(server)
     assert server.statistics().closes.get("internal_error", 0) == 0
+
+
+async def test_preauth_cap_sheds_from_the_heaviest_source_not_the_overall_oldest(
+    nursery: trio.Nursery,
+) -> None:
+    server, _ = await start_relay(nursery, max_preauth_connections=4, handshake_timeout_s=60)
+    lone = await open_raw(server, "127.0.0.3")
+    heavy = [await open_raw(server, "127.0.0.1") for _ in range(3)]
+    with trio.fail_after(5):
+        await wait_until(lambda: server.statistics().accepts == 4)
+    with trio.fail_after(5):
+        ws = await handshake_from(nursery, server, "127.0.0.2", PrivateKey.generate())
+    # The heaviest source's oldest made room, not the oldest of all (127.0.0.3's).
+    with trio.fail_after(5):
+        assert await receive_or_reset(heavy[0]) == b""
+    assert server.statistics().closes["preauth_shed"] == 1
+    # 127.0.0.3's connection is still held: it can still upgrade.
+    await lone.send_all(upgrade_request())
+    with trio.fail_after(5):
+        assert (await lone.receive_some(1024)).startswith(b"HTTP/1.1 101 ")
+    await ws.aclose()
+    for s in [lone, *heavy]:
+        await s.aclose()
+    await wait_all_counted(server)
+    assert server.statistics().closes.get("internal_error", 0) == 0
+
+
+async def test_reopening_preauth_flood_from_one_host_never_sheds_another_hosts_client(
+    nursery: trio.Nursery,
+) -> None:
+    """50 connections from 127.0.0.1 that reopen whatever the relay closes, against a cap
+    of 8: a client from 127.0.0.2 connecting meanwhile is never shed, and gets in."""
+    cap = 8
+    server, _ = await start_relay(nursery, max_preauth_connections=cap, handshake_timeout_s=60)
+    attempts = 0
+
+    async def hold() -> None:
+        nonlocal attempts
+        while True:
+            s = await open_raw(server, "127.0.0.1")
+            attempts += 1
+            try:
+                await s.send_all(b"GET /derp HTTP/1.1\r\nHost: relay\r\n")
+                await receive_or_reset(s)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await s.aclose()
+
+    async with trio.open_nursery() as flood:
+        for _ in range(50):
+            flood.start_soon(hold)
+        # The flood is at the cap and being refused before the client starts.
+        with trio.fail_after(30):
+            await wait_until(lambda: closes_total(server, "preauth_refused") >= 200)
+        for _ in range(5):
+            with trio.fail_after(30):
+                ws = await handshake_from(nursery, server, "127.0.0.2", PrivateKey.generate())
+            assert server.statistics().clients == 1
+            await ws.aclose()
+            with trio.fail_after(5):
+                await wait_until(lambda: server.statistics().clients == 0)
+        flood.cancel_scope.cancel()
+    await wait_all_counted(server)
+    closes = server.statistics().closes
+    # Every one of the flood's connections past the cap was its own to lose: the
+    # clients took 5 of its places (shed) and it lost the rest at accept (refused).
+    assert closes["preauth_shed"] == 5, closes
+    assert closes["preauth_refused"] >= 200, closes
+    assert closes.get("internal_error", 0) == 0, closes
 
 
 async def test_mesh_proof_mismatch_is_counted_once(nursery: trio.Nursery) -> None:

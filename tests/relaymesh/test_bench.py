@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from relaymesh.bench.fairness import describe, run_fairness
+from relaymesh.bench.load import run_load
 from relaymesh.bench.relay import ratio, spread
 
 _CPU_FIELDS = ("server_cpu_pct", "senders_cpu_pct", "receivers_cpu_pct")
@@ -98,6 +103,7 @@ def test_bench_rejects_a_size_it_cannot_carry() -> None:
     assert out.returncode == 1 and "--size must be between" in out.stderr
 
 
+@pytest.mark.slow
 def test_fairness_scenario_reports_the_victim_alone_and_under_a_flood() -> None:
     result = run_fairness(size=1200, seconds=0.3, runs=1, floods=("keepalive", "preauth"))
     assert result["scenario"] == "fairness"
@@ -119,3 +125,27 @@ def test_fairness_scenario_rejects_a_size_it_cannot_carry() -> None:
         timeout=60,
     )
     assert out.returncode == 1 and "--size must be between" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_short_load_run_counts_every_client_and_leaves_no_work_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = run_load(clients=(50,), preauth=(1200,), runs=1, probes=3)
+    (memory,) = result["memory"]
+    (run,) = memory["per_run"]
+    assert run["clients"] == 50
+    assert run["rss_bytes"] > run["empty_rss_bytes"] > 0
+    assert memory["handshakes_per_s"] > 0
+    (preauth,) = result["preauth"]
+    # Over the relay's cap of 1,000: the flood was shed, the relay stayed up, and
+    # every normal connect got in.
+    assert preauth["relay_survived"]
+    assert preauth["connects"] == 3 and preauth["connect_failed"] == 0
+    (flood,) = preauth["per_run"]
+    assert flood["preauth_shed"] + flood["preauth_refused"] >= 200
+    assert flood["internal_errors"] == 0
+    assert result["skipped"] == []
+    assert list(tmp_path.glob("relaymesh-bench-load-*")) == []
