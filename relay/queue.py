@@ -89,6 +89,10 @@ class QueueStatistics:
     max_bytes: int
 
 
+#: The frames of every queue that has never held one.
+_NO_FRAMES: tuple[()] = ()
+
+
 class FrameQueue:
     """A FIFO of frames bounded in frames and in bytes (and, optionally, by a shared budget).
 
@@ -111,7 +115,9 @@ class FrameQueue:
     ) -> None:
         if max_frames < 1 or max_bytes < 1:
             raise ValueError("a queue must hold at least one frame and one byte")
-        self._frames: deque[bytes] = deque()
+        # An idle connection's queues hold nothing: they share one empty tuple until
+        # their first frame (an empty deque costs 760 bytes, per queue, per client).
+        self._frames: deque[bytes] = _NO_FRAMES  # type: ignore[assignment]
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.budget = budget
@@ -153,7 +159,10 @@ class FrameQueue:
             and self.bytes + n <= self.max_bytes
             and (budget is None or budget.used + n <= budget.limit)
         ):
-            self._frames.append(frame)
+            try:
+                self._frames.append(frame)
+            except AttributeError:  # the first frame: still the shared empty tuple
+                self._frames = deque((frame,))
             self.bytes += n
             if budget is not None:
                 budget.used += n
@@ -184,9 +193,15 @@ class FrameQueue:
                     on_drop(frame, Drop.NEW_FOR_BUDGET)
                 return False
             budget.used += n
-        q.append(frame)
+        self._append(frame)
         self.bytes += n
         return True
+
+    def _append(self, frame: bytes) -> None:
+        try:
+            self._frames.append(frame)
+        except AttributeError:  # the first frame: still the shared empty tuple
+            self._frames = deque((frame,))
 
     def offer(self, frame: bytes) -> bool:
         """Queue ``frame`` if it fits; False (nothing queued, nothing counted) if not."""
@@ -206,7 +221,7 @@ class FrameQueue:
     def append_unchecked(self, frame: bytes) -> None:
         """Queue ``frame`` without looking at the bounds: the caller checked ``has_room``."""
         n = len(frame)
-        self._frames.append(frame)
+        self._append(frame)
         self.bytes += n
         if self.budget is not None:
             self.budget.used += n
@@ -237,7 +252,8 @@ class FrameQueue:
         n = len(self._frames)
         if self.budget is not None:
             self.budget.used -= self.bytes
-        self._frames.clear()
+        if self._frames:
+            self._frames.clear()
         self.bytes = 0
         return n
 
