@@ -186,6 +186,7 @@ async def serve_relay_node(
                     stun_port=stun_port,
                     tls=tls is not None,
                 )
+                server.http_url = addr.client_http_url
                 me = _relay_record(cfg, key, addr)
                 async with _store_from_config(cfg) if store is None else _given(store) as the_store:
                     state, mesh = _shared_state(

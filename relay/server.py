@@ -574,6 +574,9 @@ class RelayServer:
         #: What the mesh's probe clients prove themselves with: the mesh key, or
         #: without one a secret of this process (only its own monitor probes it then).
         self.probe_key = mesh_key if mesh_key is not None else secrets.token_bytes(32)
+        #: The relay's HTTP base as clients reach it (its region map, its status), told to
+        #: every client in ServerInfo; set by the node once its HTTP port is bound.
+        self.http_url: str | None = None
         self._clients: dict[bytes, _Client] = {}
         #: What all clients' data queues hold together, and what they dropped (by Drop).
         self._queued = ByteBudget(cfg.limits.total_queue_bytes)
@@ -1061,7 +1064,7 @@ class RelayServer:
             hello = open_client_info(self.key, challenge, event)
             self._admit(hello, challenge)
             lim = self._limits
-            info = {
+            info: dict[str, Any] = {
                 "rate_bytes_per_s": lim.rate_bytes_per_s,
                 "rate_burst_bytes": self._burst(),
                 "keepalive_s": lim.keepalive_interval_s,
@@ -1069,6 +1072,8 @@ class RelayServer:
                 # This relay takes ForwardPackets (runs of packets) from mesh peers.
                 "forward_batch": True,
             }
+            if self.http_url is not None:
+                info["http_url"] = self.http_url
             # Raised before ServerInfo leaves: a client may send full-size messages as soon
             # as it has read it, and the pre-auth bound holds only until then (PROTOCOL.md).
             ws._max_message_size = lim.max_receive_message_bytes

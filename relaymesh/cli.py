@@ -69,13 +69,31 @@ def _urls(text: str) -> str:
     return text
 
 
-def _http_base(url: str, command: str) -> str:
-    if url_kind(url) != "http":
+def _http_base(args: argparse.Namespace, command: str) -> str:
+    """The relay's HTTP base, which serves the region map: ``--url`` itself, or for a
+    ``ws://…/derp`` URL the ``http_url`` the relay names in its ServerInfo."""
+    url: str = args.url
+    if url_kind(url) == "http":
+        return url
+    from relay.client import ConnectError, open_relay_client
+
+    async def ask() -> Any:
+        async with open_relay_client(
+            url,
+            PrivateKey.generate(),
+            token=getattr(args, "token", None),
+            ssl_context=_trust(args),
+        ) as client:
+            return client.server_info.get("http_url")
+
+    base = _run(ask, ConnectError)
+    if not isinstance(base, str) or url_kind(base) != "http":
         raise UserError(
             f"{command} needs a relay's HTTP base (http://host:port, the `http` line of"
-            f" `relaymesh relay`), which serves the region map; {url} is a WebSocket URL"
+            f" `relaymesh relay`), which serves the region map; the relay at {url} does"
+            " not name one"
         )
-    return url
+    return base
 
 
 def _run(fn: Callable[[], Awaitable[Any]], *mistakes: type[Exception]) -> Any:
@@ -347,7 +365,7 @@ def _verify_key(text: str | None) -> Any:
 def cmd_regionmap(args: argparse.Namespace) -> int:
     from relaymesh.home import MapFetchError, RegionMapSource
 
-    url = _http_base(args.url, "regionmap")
+    url = _http_base(args, "regionmap")
     source = RegionMapSource(url, verify_key=_verify_key(args.verify_key), ssl_context=_trust(args))
     region_map = _run(source.fetch, MapFetchError)
     if args.json:
@@ -370,7 +388,7 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
     from region.netcheck import run_netcheck
     from relaymesh.home import MapFetchError, RegionMapSource
 
-    url = _http_base(args.url, "netcheck")
+    url = _http_base(args, "netcheck")
     verify_key = _verify_key(args.verify_key)
     trust = _trust(args)
 
@@ -409,7 +427,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     from relaymesh.home import MapFetchError
     from relaymesh.peer import PeerNotFound, open_peer
 
-    url = _http_base(args.url, "ping")
+    url = _http_base(args, "ping")
     key = _load_key(args.key_file)
     dest: NodeKey = args.node
     trust = _trust(args)

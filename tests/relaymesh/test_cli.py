@@ -110,6 +110,18 @@ def test_keygen_send_listen_round_trip(relay_proc: dict[str, str], tmp_path: Pat
     ]
 
 
+def test_region_map_commands_take_a_websocket_url_too(relay_proc: dict[str, str]) -> None:
+    """regionmap (like netcheck and ping) needs the HTTP base; given the relay's ws:// URL it
+    learns it from the relay's ServerInfo, and reads the same map as from the base."""
+    from_ws = run("regionmap", "--url", relay_proc["ws_url"], "--json")
+    assert from_ws.returncode == 0, from_ws.stderr
+    from_http = run("regionmap", "--url", relay_proc["http_url"], "--json")
+    assert from_http.returncode == 0, from_http.stderr
+    nodes = [n for r in json.loads(from_ws.stdout)["regions"] for n in r["nodes"]]
+    assert [f"ws://{n['host']}:{n['ws_port']}/derp" for n in nodes] == [relay_proc["ws_url"]]
+    assert json.loads(from_ws.stdout) == json.loads(from_http.stdout)
+
+
 def test_relay_prints_how_to_connect(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [*RELAYMESH, "relay", "--port", "0", "--http-port", "0", "--stun-port", "0"],

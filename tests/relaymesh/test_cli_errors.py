@@ -167,9 +167,9 @@ MISTAKES: list[tuple[str, list[str], str]] = [
         r"not a usable public key",
     ),
     (
-        "ping given a websocket url",
+        "ping given an unreachable websocket url",
         ["ping", "--url", "ws://127.0.0.1:<CLOSED>/derp", "--key-file", "<KEY>", "<PEER>"],
-        r"ping needs a relay's HTTP base",
+        r"ws://127\.0\.0\.1:<CLOSED>/derp: cannot connect: Connection refused$",
     ),
     ("bench for no time", ["bench", "--seconds", "0"], r"--seconds must be more than 0"),
     ("bench with no pairs", ["bench", "--pairs", "0"], r"--pairs must be at least 1"),
