@@ -282,6 +282,7 @@ class Outbox:
 
     __slots__ = (
         "_drained",
+        "_shared_skip",
         "_stuck_at",
         "_waiting",
         "_wake",
@@ -305,6 +306,9 @@ class Outbox:
         #: Messages the writer has taken so far (its progress).
         self.taken = 0
         self._stuck_at = -1
+        # A shared reader (a mesh link's) waited a whole wait here without the queue
+        # draining: shared readers pass this queue by until it is down to the low mark.
+        self._shared_skip = False
         #: Set when the data queue is down to the low mark (or cleared); producers wait on it.
         self._drained: trio.Event | None = None
 
@@ -327,22 +331,31 @@ class Outbox:
         """A producer's wait saw the writer take nothing, and it has taken nothing since."""
         return self.taken == self._stuck_at
 
+    def skipped_by_shared(self) -> bool:
+        """A shared reader's wait here timed out, and the queue has not drained since:
+        one slow receiver must not set the pace of a mesh link that carries everyone's
+        packets, so shared readers wait on it at most one wait per drain."""
+        return self._shared_skip
+
     def _below_low(self) -> bool:
         data = self.data
         return len(data) <= self.low_frames and data.bytes <= self.low_bytes
 
     def release(self) -> None:
         """Wake every producer waiting in :meth:`wait_drained` (the queue was cleared)."""
+        self._shared_skip = False
         drained = self._drained
         if drained is not None:
             self._drained = None
             drained.set()
 
-    async def wait_drained(self, timeout_s: float) -> bool:
+    async def wait_drained(self, timeout_s: float, *, shared: bool = False) -> bool:
         """Until the writer took the data queue down to the low mark, at most ``timeout_s``.
 
         True if it did (or the wait was released). False if it did not: then, if
-        the writer took no message at all meanwhile, the outbox is marked stuck.
+        the writer took no message at all meanwhile, the outbox is marked stuck;
+        and if the waiter is ``shared`` (a mesh link's reader), shared readers pass
+        it by until it drains (:meth:`skipped_by_shared`).
         """
         if self._below_low():
             return True
@@ -355,6 +368,8 @@ class Outbox:
             return True
         if self.taken == taken:
             self._stuck_at = taken
+        if shared:
+            self._shared_skip = True
         return False
 
     def __bool__(self) -> bool:
@@ -392,7 +407,7 @@ class Outbox:
             n_ctrl = 0
             self.data.take_into(chunks, max_bytes, at_least_one=True)
         self.taken += 1
-        if self._drained is not None and self._below_low():
+        if (self._drained is not None or self._shared_skip) and self._below_low():
             self.release()
         return b"".join(chunks), len(chunks) - n_ctrl
 

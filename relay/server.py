@@ -1305,24 +1305,27 @@ class RelayServer:
                         await trio.sleep(pause)
                 if flow_wait:
                     for fed in gates:
-                        await self._hold_for(fed, flow_wait)
+                        await self._hold_for(fed, flow_wait, shared=client.is_mesh)
             if decoder.error is not None:
                 raise decoder.error
             if decoder.skipped_frames:
                 self._c.skipped_frames += decoder.skipped_frames
                 decoder.skipped_frames = 0
 
-    async def _hold_for(self, gate: Outbox, wait_s: float) -> None:
+    async def _hold_for(self, gate: Outbox, wait_s: float, *, shared: bool) -> None:
         """Flow control: while ``gate`` is over its high mark, read nothing more (TCP
         slows the sender) until its writer took it down to the low mark; give up on it
-        once a whole wait of ``wait_s`` passed with its writer taking nothing."""
-        while gate.pressed() and not gate.stuck():
+        once a whole wait of ``wait_s`` passed with its writer taking nothing. A
+        ``shared`` reader (a mesh link's, carrying many senders' packets) gives up
+        after one whole wait without the queue draining, until it drains: a receiver
+        that reads slowly but steadily slows its own senders, never the link."""
+        while gate.pressed() and not gate.stuck() and not (shared and gate.skipped_by_shared()):
             began = trio.current_time()
-            drained = await gate.wait_drained(wait_s)
+            drained = await gate.wait_drained(wait_s, shared=shared)
             self._c.flow_waited_s += trio.current_time() - began
             if drained:
                 return
-            if gate.stuck():
+            if gate.stuck() or shared:
                 self._c.flow_gave_up += 1
 
     def _forward_run(

@@ -199,3 +199,74 @@ def test_a_run_that_does_not_fit_the_link_queue_keeps_its_first_packets() -> Non
         wire.ForwardPackets(src=src, dest=dest, payloads=tuple(run[0:2])),
         wire.ForwardPackets(src=src, dest=dest, payloads=tuple(run[2:4])),
     ]
+
+
+async def test_a_slow_steady_receiver_does_not_set_the_pace_of_a_mesh_link(
+    nursery: trio.Nursery,
+) -> None:
+    """W (on eu) blasts Y (on us), and Y reads one message every 0.1 s: its writer keeps
+    taking, so its queue is never stuck, only slow. The far relay's reader of the eu->us
+    link waits on Y's queue at most one wait per drain, so a bystander X's packets to Z
+    (on us) all arrive and none is dropped; Y's own are dropped at Y's queue, counted."""
+    n = 3000
+    payload = b"x" * 1200
+    async with open_memory_store() as store:
+        eu = await start_node(nursery, store, "eu", "eu-1")
+        us = await start_node(nursery, store, "us", "us-1")
+        assert eu.state is not None and eu.mesh is not None
+        state, mesh = eu.state, eu.mesh
+        y, x, z, w = (PrivateKey.generate() for _ in range(4))
+        async with (
+            open_websocket_url(us.ws_url, subprotocols=["derp"], disconnect_timeout=0.1) as y_ws,
+            open_relay_client(eu.ws_url, w) as attacker,
+            open_relay_client(eu.ws_url, x) as sender,
+            open_relay_client(us.ws_url, z) as receiver,
+        ):
+            await client_handshake(y_ws, wire.FrameDecoder(), y)
+            with trio.fail_after(10):
+                await wait_until(
+                    lambda: (
+                        state.route(y.public.raw) is not None
+                        and state.route(z.public.raw) is not None
+                    )
+                )
+            async with trio.open_nursery() as attack:
+                reads = 0
+
+                async def read_slowly() -> None:
+                    nonlocal reads
+                    while True:
+                        await y_ws.get_message()
+                        reads += 1
+                        await trio.sleep(0.1)
+
+                async def feed() -> None:
+                    while True:
+                        await attacker.send(y.public, payload)
+
+                attack.start_soon(read_slowly)
+                attack.start_soon(feed)
+                y_out = us.server._clients[y.public.raw].out
+                with trio.fail_after(30):
+                    await wait_until(y_out.pressed)
+                # The attack runs a while first (Y reads 50 messages, about 5 s): long enough,
+                # without the per-drain bound for shared readers, to fill the eu->us link's
+                # queue at Y's pace.
+                with trio.fail_after(60):
+                    await wait_until(lambda: reads >= 50)
+
+                async def bystander() -> None:
+                    for i in range(n):
+                        await sender.send(z.public, SEQ.pack(i) + payload)
+
+                attack.start_soon(bystander)
+                got: list[int] = []
+                with trio.fail_after(30):
+                    while len(got) < n:
+                        got.append(SEQ.unpack_from((await receiver.receive()).payload)[0])
+                attack.cancel_scope.cancel()
+        assert got == list(range(n))
+        assert sender.statistics().dropped_by_relay == 0
+        [link] = mesh.statistics()
+        assert link.drops == 0
+        assert us.server.statistics().flow_gave_up >= 1
