@@ -1285,7 +1285,7 @@ class RelayServer:
                         self._note_gone(client, dest_key)
                         noop += 1
                         continue
-                    # _enqueue_data, inlined: this runs for every packet.
+                    # Queue it for dest (drop-oldest bounds in FrameQueue.push); once per packet.
                     if dest.closing:
                         drops[DropReason.DEST_CLOSING] += 1
                         self._report_drop(client, DropReason.DEST_CLOSING)
@@ -1372,12 +1372,11 @@ class RelayServer:
         n = len(body)
         if n < 2 * _K or n > 2 * _K + wire.MAX_PACKET_BYTES:
             self._bad_packet(n - _K)
-        self._c.forwarded_in += 1
-        dest = self._clients.get(body[_K : 2 * _K])
-        if dest is None or dest.is_mesh:
-            self._c.drops[DropReason.MESH_NOT_HERE] += 1
+        dest = self._forwarded_to(body, 1)
+        if dest is None:
             return None
-        self._enqueue_data(dest, _HDR.pack(_RECV, n - _K) + body[:_K] + body[2 * _K :])
+        if dest.out.data.push(_HDR.pack(_RECV, n - _K) + body[:_K] + body[2 * _K :]):
+            dest.out.poke()
         return dest.out
 
     def _deliver_forwarded_run(self, body: bytes) -> Outbox | None:
@@ -1386,14 +1385,8 @@ class RelayServer:
         Returns the queue they went to (for flow control), None if they were dropped.
         """
         payloads = wire.split_packets(body)
-        count = len(payloads)
-        self._c.forwarded_in += count
-        dest = self._clients.get(body[_K : 2 * _K])
-        if dest is None or dest.is_mesh:
-            self._c.drops[DropReason.MESH_NOT_HERE] += count
-            return None
-        if dest.closing:
-            self._c.drops[DropReason.DEST_CLOSING] += count
+        dest = self._forwarded_to(body, len(payloads))
+        if dest is None:
             return None
         src = body[:_K]
         pack = _HDR.pack
@@ -1403,15 +1396,18 @@ class RelayServer:
         dest.out.poke()
         return dest.out
 
-    def _enqueue_data(self, dest: _Client, frame: bytes) -> None:
-        """Queue a data frame for ``dest``: drop it if dest is closing, else drop the oldest
-        queued ones while the queue is full (see FrameQueue.push); wake dest's writer.
-        (The routing loop in _read_loop has this inlined: it runs once per packet.)"""
+    def _forwarded_to(self, body: bytes, count: int) -> _Client | None:
+        """The local client that ``count`` packets forwarded by another relay are for (the
+        body starts with source and destination keys); None, counted, if they are dropped."""
+        self._c.forwarded_in += count
+        dest = self._clients.get(body[_K : 2 * _K])
+        if dest is None or dest.is_mesh:
+            self._c.drops[DropReason.MESH_NOT_HERE] += count
+            return None
         if dest.closing:
-            self._c.drops[DropReason.DEST_CLOSING] += 1
-            return
-        if dest.out.data.push(frame):
-            dest.out.poke()
+            self._c.drops[DropReason.DEST_CLOSING] += count
+            return None
+        return dest
 
     @staticmethod
     def _bad_packet(n: int) -> None:
