@@ -37,7 +37,7 @@ from relay.protocol import wire
 from relay.protocol.keys import PrivateKey
 
 from .relay import stream
-from .workers import read_json, spawn
+from .workers import finish, read_json, spawn
 
 __all__ = ["FLOODS", "run_fairness"]
 
@@ -114,16 +114,13 @@ async def _flood(args: argparse.Namespace) -> None:
 
 
 def _stop(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """Stop a worker that answers with its figures when its stdin closes."""
     assert proc.stdin is not None
     proc.stdin.close()
     try:
-        out = read_json(proc)
-        proc.wait(timeout=10)
-        return out
+        return read_json(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        finish(proc)
 
 
 def _victim(url: str, size: int, seconds: float, relay_pid: int) -> dict[str, Any]:
@@ -153,13 +150,7 @@ def _one_run(size: int, seconds: float, floods: tuple[str, ...]) -> dict[str, di
         }
         return out
     finally:
-        assert relay.stdin is not None
-        relay.stdin.close()  # the relay worker exits at EOF
-        try:
-            relay.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            relay.kill()
-            relay.wait()
+        finish(relay)
 
 
 def run_fairness(

@@ -47,7 +47,7 @@ from relay.protocol.keys import PrivateKey
 
 from ..procs import RelayProc, spawn_relay, stop_processes
 from .relay import percentiles
-from .workers import read_json, spawn
+from .workers import finish, read_json, spawn
 
 __all__ = ["run_load"]
 
@@ -180,16 +180,6 @@ def _spawn(*argv: str) -> subprocess.Popen[str]:
     return spawn("relaymesh.bench.load", *argv)
 
 
-def _finish(proc: subprocess.Popen[str]) -> None:
-    if proc.stdin is not None and not proc.stdin.closed:
-        proc.stdin.close()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -282,7 +272,7 @@ def _memory_run(workdir: Path, count: int, concurrency: int) -> dict[str, Any]:
             time.sleep(1.0)
             rss = _rss_bytes(relay.proc.pid)
         finally:
-            _finish(holder)
+            finish(holder, 30)
     return {
         "clients": got["connected"],
         "empty_rss_bytes": base,
@@ -305,7 +295,7 @@ def _preauth_run(workdir: Path, count: int, probes: int) -> dict[str, Any]:
             if flood.stdin is not None:
                 flood.stdin.close()
             churn = read_json(flood) if flood.poll() is None else {}
-            _finish(flood)
+            finish(flood, 30)
         closes = relay.closes() if relay.alive() else {}
     return {
         "held": filled["held"],

@@ -47,7 +47,7 @@ import trio
 from relay.protocol import wire
 from relay.protocol.keys import PrivateKey
 
-from .workers import read_json, spawn
+from .workers import finish, read_json, spawn
 
 __all__ = [
     "TARGETS",
@@ -617,12 +617,9 @@ def stream(
     finally:
         for r in receivers:
             if r.stdin is not None and not r.stdin.closed:
-                r.stdin.close()
+                r.stdin.close()  # all stop at once, then each is waited for
         for r in receivers:
-            try:
-                r.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                r.kill()
+            finish(r)
 
 
 def spread(values: list[float]) -> dict[str, float]:

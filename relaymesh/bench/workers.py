@@ -26,3 +26,14 @@ def read_json(proc: subprocess.Popen[str]) -> dict[str, Any]:
         raise RuntimeError(f"bench worker {proc.args!r} exited ({proc.wait()})")
     result: dict[str, Any] = json.loads(line)
     return result
+
+
+def finish(proc: subprocess.Popen[str], timeout_s: float = 10.0) -> None:
+    """Close the worker's stdin (it exits at EOF) and wait; kill it past ``timeout_s``."""
+    if proc.stdin is not None and not proc.stdin.closed:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
