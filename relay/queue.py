@@ -11,12 +11,20 @@ What it sends waits in an :class:`Outbox`: a small queue of control frames
 A :class:`FrameQueue` is bounded twice: in frames and in bytes (so 512
 queued 64 KiB packets cannot pin 32 MiB). Queues may also share a
 :class:`ByteBudget`, a bound on the bytes queued by all of them together (the
-relay's total). A producer picks what a full queue does:
+relay's total). An entry of a queue is one frame or a run of consecutive
+frames pushed together (the relay queues a run of packets for one receiver as
+one entry, copied once: ``push(frames_bytes, count)``); the bounds, the
+flow-control marks, the drop counters and what the writer reports count
+frames, never entries. A producer picks what a full queue does:
 
-- :meth:`FrameQueue.push` drops the **oldest** frames until the new one fits
+- :meth:`FrameQueue.push` drops the **oldest** entries until the new one fits
   (a relay's queue towards a receiver: new packets matter more than stale
-  ones); when the shared budget has no room, the new frame is refused. Every
-  drop is counted by :class:`Drop` in a Counter the owner gives the queue;
+  ones), counting every frame they held; when the shared budget has no room,
+  the new frames are refused. Every drop is counted by :class:`Drop` in a
+  Counter the owner gives the queue. A run that cannot go in whole (more
+  frames or bytes than the queue's bounds, or than the budget has room for)
+  goes in frame by frame, so it loses exactly the frames a frame-by-frame
+  push would;
 - :meth:`FrameQueue.offer` refuses the **new** frame (a client's send queue,
   whose callers wait for room; a mesh link's queue; a relay's control queue),
   and the caller counts or waits.
@@ -35,8 +43,9 @@ the writer is stuck (its socket accepts nothing), and the outbox is marked
 waiting on it and fall back to the queue's counted drops.
 
 :meth:`Outbox.next_message` takes what one message carries: control frames
-first, then data, never more than ``max_bytes`` unless a single frame is larger
-on its own (then it goes alone).
+first, then data, never more than ``max_bytes`` unless a single entry is larger
+on its own (then it goes alone: producers keep runs within a message's size,
+so only a single large frame does).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
+
+from relay.protocol.wire import FRAME_HEADER, HEADER_BYTES
 
 __all__ = [
     "ByteBudget",
@@ -59,11 +70,14 @@ __all__ = [
 
 
 class Drop(enum.Enum):
-    """Why a queue dropped a frame; counted in the ``drops`` Counter a queue is given."""
+    """Why a queue dropped frames; counted, per frame, in the ``drops`` Counter a queue
+    is given."""
 
-    #: The queue held its maximum number of frames: its oldest was dropped.
+    #: The queue held its maximum number of frames: its oldest entries were dropped
+    #: until the new one fit.
     OLDEST_FOR_FRAMES = "oldest_for_frames"
-    #: The queue held its maximum bytes: its oldest frames were dropped until the new one fit.
+    #: The queue held its maximum bytes: its oldest entries were dropped until the new
+    #: one fit.
     OLDEST_FOR_BYTES = "oldest_for_bytes"
     #: The shared budget had no room: the new frame was refused.
     NEW_FOR_BUDGET = "new_for_budget"
@@ -89,21 +103,31 @@ class QueueStatistics:
     max_bytes: int
 
 
-#: The frames of every queue that has never held one.
-_NO_FRAMES: tuple[()] = ()
+#: The entries of every queue that has never held one.
+_NO_ENTRIES: tuple[()] = ()
 
 
 class FrameQueue:
     """A FIFO of frames bounded in frames and in bytes (and, optionally, by a shared budget).
 
-    A single frame larger than ``max_bytes`` is still taken into an empty queue:
-    the bound is on what waits, and a frame cannot be split. Frames that
-    :meth:`push` drops are counted in ``drops`` (a Counter that several queues
-    may share), and each is handed to ``on_drop`` if one is set (to tell whose
-    frame it was).
+    Each entry holds one frame or a run of frames pushed together; the bounds
+    count frames. A single entry larger than ``max_bytes`` is still taken into
+    an empty queue: the bound is on what waits, and a frame cannot be split.
+    Frames that :meth:`push` drops are counted in ``drops`` (a Counter that
+    several queues may share), and each dropped entry is handed to ``on_drop``,
+    with how many frames it held, if one is set (to tell whose frames they were).
     """
 
-    __slots__ = ("_frames", "budget", "bytes", "drops", "max_bytes", "max_frames", "on_drop")
+    __slots__ = (
+        "_entries",
+        "budget",
+        "bytes",
+        "drops",
+        "frames",
+        "max_bytes",
+        "max_frames",
+        "on_drop",
+    )
 
     def __init__(
         self,
@@ -116,92 +140,120 @@ class FrameQueue:
         if max_frames < 1 or max_bytes < 1:
             raise ValueError("a queue must hold at least one frame and one byte")
         # An idle connection's queues hold nothing: they share one empty tuple until
-        # their first frame (an empty deque costs 760 bytes, per queue, per client).
-        self._frames: deque[bytes] = _NO_FRAMES  # type: ignore[assignment]
+        # their first entry (an empty deque costs 760 bytes, per queue, per client).
+        # An entry is (bytes, how many frames they are).
+        self._entries: deque[tuple[bytes, int]] = _NO_ENTRIES  # type: ignore[assignment]
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.budget = budget
         self.drops: Counter[Drop] = drops if drops is not None else Counter()
-        #: Called with each frame push() drops and why (only on drops: off the hot path).
-        self.on_drop: Callable[[bytes, Drop], None] | None = None
-        #: Bytes queued now.
+        #: Called with each entry push() drops, why, and how many frames it held
+        #: (only on drops: off the hot path).
+        self.on_drop: Callable[[bytes, Drop, int], None] | None = None
+        #: Frames and bytes queued now.
+        self.frames = 0
         self.bytes = 0
 
     def __len__(self) -> int:
-        return len(self._frames)
+        """Frames queued (an entry may hold several)."""
+        return self.frames
 
     def __bool__(self) -> bool:
-        return bool(self._frames)
-
-    def head_len(self) -> int:
-        """The length of the oldest frame (the queue must not be empty)."""
-        return len(self._frames[0])
+        return bool(self._entries)
 
     def popleft(self) -> bytes:
-        frame = self._frames.popleft()
-        n = len(frame)
+        """The oldest entry's bytes: one frame, or the run of frames pushed together."""
+        return self._pop()[0]
+
+    def _pop(self) -> tuple[bytes, int]:
+        entry = self._entries.popleft()
+        n = len(entry[0])
         self.bytes -= n
+        self.frames -= entry[1]
         if self.budget is not None:
             self.budget.used -= n
-        return frame
+        return entry
 
-    def push(self, frame: bytes) -> bool:
-        """Queue ``frame``, dropping the oldest frames while it does not fit.
+    def push(self, data: bytes, frames: int = 1) -> bool:
+        """Queue ``data`` (``frames`` whole frames) as one entry, dropping the oldest
+        entries while it does not fit.
 
-        False if the shared budget has no room for it even so (nothing queued,
-        counted as :attr:`Drop.NEW_FOR_BUDGET`).
+        False if the shared budget has no room for any of it even so (nothing queued,
+        every frame counted as :attr:`Drop.NEW_FOR_BUDGET`).
         """
-        n = len(frame)
+        n = len(data)
         budget = self.budget
-        # The common case first, in one test: this runs for every packet a relay routes.
+        # The common case first, in one test: this runs for every run of packets a relay routes.
         if (
-            len(self._frames) < self.max_frames
+            self.frames + frames <= self.max_frames
             and self.bytes + n <= self.max_bytes
             and (budget is None or budget.used + n <= budget.limit)
         ):
             try:
-                self._frames.append(frame)
-            except AttributeError:  # the first frame: still the shared empty tuple
-                self._frames = deque((frame,))
+                self._entries.append((data, frames))
+            except AttributeError:  # the first entry: still the shared empty tuple
+                self._entries = deque(((data, frames),))
+            self.frames += frames
             self.bytes += n
             if budget is not None:
                 budget.used += n
             return True
-        return self._push_dropping(frame, n)
+        return self._push_dropping(data, n, frames)
 
-    def _push_dropping(self, frame: bytes, n: int) -> bool:
-        q = self._frames
+    def _push_dropping(self, data: bytes, n: int, frames: int) -> bool:
+        if frames > 1 and (frames > self.max_frames or n > self.max_bytes):
+            return self._push_each(data)
+        q = self._entries
         on_drop = self.on_drop
-        if len(q) >= self.max_frames:
-            old = self.popleft()
-            self.drops[Drop.OLDEST_FOR_FRAMES] += 1
+        dropped = 0
+        while q and self.frames + frames > self.max_frames:
+            old, count = self._pop()
+            dropped += count
             if on_drop is not None:
-                on_drop(old, Drop.OLDEST_FOR_FRAMES)
-        if self.bytes + n > self.max_bytes:
-            dropped = 0
-            while q and self.bytes + n > self.max_bytes:
-                old = self.popleft()
-                dropped += 1
-                if on_drop is not None:
-                    on_drop(old, Drop.OLDEST_FOR_BYTES)
+                on_drop(old, Drop.OLDEST_FOR_FRAMES, count)
+        if dropped:
+            self.drops[Drop.OLDEST_FOR_FRAMES] += dropped
+        dropped = 0
+        while q and self.bytes + n > self.max_bytes:
+            old, count = self._pop()
+            dropped += count
+            if on_drop is not None:
+                on_drop(old, Drop.OLDEST_FOR_BYTES, count)
+        if dropped:
             self.drops[Drop.OLDEST_FOR_BYTES] += dropped
         budget = self.budget
         if budget is not None:
             if budget.used + n > budget.limit:
+                if frames > 1:
+                    return self._push_each(data)
                 self.drops[Drop.NEW_FOR_BUDGET] += 1
                 if on_drop is not None:
-                    on_drop(frame, Drop.NEW_FOR_BUDGET)
+                    on_drop(data, Drop.NEW_FOR_BUDGET, 1)
                 return False
             budget.used += n
-        self._append(frame)
+        self._append(data, frames)
         self.bytes += n
         return True
 
-    def _append(self, frame: bytes) -> None:
+    def _push_each(self, data: bytes) -> bool:
+        """A run that cannot go in whole goes in frame by frame: the frames a frame-by-frame
+        push would have dropped or refused are, and no more. Whether any went in."""
+        unpack = FRAME_HEADER.unpack_from
+        queued = False
+        pos = 0
+        while pos < len(data):
+            _, length = unpack(data, pos)
+            stop = pos + HEADER_BYTES + length
+            queued = self.push(data[pos:stop]) or queued
+            pos = stop
+        return queued
+
+    def _append(self, data: bytes, frames: int) -> None:
         try:
-            self._frames.append(frame)
-        except AttributeError:  # the first frame: still the shared empty tuple
-            self._frames = deque((frame,))
+            self._entries.append((data, frames))
+        except AttributeError:  # the first entry: still the shared empty tuple
+            self._entries = deque(((data, frames),))
+        self.frames += frames
 
     def offer(self, frame: bytes) -> bool:
         """Queue ``frame`` if it fits; False (nothing queued, nothing counted) if not."""
@@ -212,8 +264,7 @@ class FrameQueue:
 
     def has_room(self, n: int) -> bool:
         """Whether a frame of ``n`` bytes fits now (any frame fits an empty queue)."""
-        q = self._frames
-        if q and (len(q) >= self.max_frames or self.bytes + n > self.max_bytes):
+        if self._entries and (self.frames >= self.max_frames or self.bytes + n > self.max_bytes):
             return False
         budget = self.budget
         return budget is None or budget.used + n <= budget.limit
@@ -221,45 +272,51 @@ class FrameQueue:
     def append_unchecked(self, frame: bytes) -> None:
         """Queue ``frame`` without looking at the bounds: the caller checked ``has_room``."""
         n = len(frame)
-        self._append(frame)
+        self._append(frame, 1)
         self.bytes += n
         if self.budget is not None:
             self.budget.used += n
 
-    def take_into(self, chunks: list[bytes], room: int, *, at_least_one: bool = False) -> int:
-        """Move the oldest frames that fit in ``room`` bytes to ``chunks``; the bytes moved.
+    def take_into(
+        self, chunks: list[bytes], room: int, *, at_least_one: bool = False
+    ) -> tuple[int, int]:
+        """Move the oldest entries that fit in ``room`` bytes to ``chunks``; the bytes and
+        the frames moved.
 
-        With ``at_least_one`` the first frame is moved even if it alone is larger.
+        With ``at_least_one`` the first entry is moved even if it alone is larger.
         """
-        q = self._frames
-        taken = 0
+        q = self._entries
+        taken = frames = 0
         if at_least_one and q:
-            frame = q.popleft()
-            chunks.append(frame)
-            taken = len(frame)
-        while q and taken + len(q[0]) <= room:
-            frame = q.popleft()
-            chunks.append(frame)
-            taken += len(frame)
-        if taken:
+            data, frames = q.popleft()
+            chunks.append(data)
+            taken = len(data)
+        while q and taken + len(q[0][0]) <= room:
+            data, count = q.popleft()
+            chunks.append(data)
+            taken += len(data)
+            frames += count
+        if frames:
+            self.frames -= frames
             self.bytes -= taken
             if self.budget is not None:
                 self.budget.used -= taken
-        return taken
+        return taken, frames
 
     def clear(self) -> int:
         """Empty the queue; how many frames it held."""
-        n = len(self._frames)
+        n = self.frames
         if self.budget is not None:
             self.budget.used -= self.bytes
-        if self._frames:
-            self._frames.clear()
+        if self._entries:
+            self._entries.clear()
+        self.frames = 0
         self.bytes = 0
         return n
 
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(
-            frames=len(self._frames),
+            frames=self.frames,
             bytes=self.bytes,
             max_frames=self.max_frames,
             max_bytes=self.max_bytes,
@@ -325,7 +382,7 @@ class Outbox:
     def pressed(self) -> bool:
         """Whether the data queue is at or over the high mark, in frames or in bytes."""
         data = self.data
-        return len(data) >= self.high_frames or data.bytes >= self.high_bytes
+        return data.frames >= self.high_frames or data.bytes >= self.high_bytes
 
     def stuck(self) -> bool:
         """A producer's wait saw the writer take nothing, and it has taken nothing since."""
@@ -339,7 +396,7 @@ class Outbox:
 
     def _below_low(self) -> bool:
         data = self.data
-        return len(data) <= self.low_frames and data.bytes <= self.low_bytes
+        return data.frames <= self.low_frames and data.bytes <= self.low_bytes
 
     def release(self) -> None:
         """Wake every producer waiting in :meth:`wait_drained` (the queue was cleared)."""
@@ -394,22 +451,22 @@ class Outbox:
     def next_message(self, max_bytes: int) -> tuple[bytes, int]:
         """One message's worth of queued frames, and how many of them are data frames.
 
-        The message never exceeds ``max_bytes`` unless its first frame alone does.
+        The message never exceeds ``max_bytes`` unless its first entry alone does.
         The outbox must not be empty.
         """
         chunks: list[bytes] = []
         ctrl = self.control
         if ctrl:
-            size = ctrl.take_into(chunks, max_bytes, at_least_one=True)
-            n_ctrl = len(chunks)
-            self.data.take_into(chunks, max_bytes - size)
+            size, _ = ctrl.take_into(chunks, max_bytes, at_least_one=True)
+            _, packets = self.data.take_into(chunks, max_bytes - size)
         else:
-            n_ctrl = 0
-            self.data.take_into(chunks, max_bytes, at_least_one=True)
+            _, packets = self.data.take_into(chunks, max_bytes, at_least_one=True)
         self.taken += 1
         if (self._drained is not None or self._shared_skip) and self._below_low():
             self.release()
-        return b"".join(chunks), len(chunks) - n_ctrl
+        # One entry (a run for one receiver, the common case) is sent as it is: join
+        # returns a lone bytes object without copying it.
+        return b"".join(chunks), packets
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(data=self.data.statistics(), control=self.control.statistics())

@@ -104,6 +104,8 @@ _SEND = FrameType.SEND_PACKET
 _FWD = FrameType.FORWARD_PACKET
 _FWDS = FrameType.FORWARD_PACKETS
 _K = wire.KEY_BYTES
+#: What a SendPacket or RecvPacket frame holds besides its payload: header and key.
+_PACKET_OVERHEAD = wire.HEADER_BYTES + _K
 _PONG_HEADER = wire.frame_header(FrameType.PONG, wire.PING_BYTES)
 #: How long a close handshake may take before the socket is just closed.
 _CLOSE_TIMEOUT_S = 2.0
@@ -703,12 +705,13 @@ class RelayServer:
             self._drops_unreported[sender] = None
             self._drops_to_report.set()
 
-    def _on_queue_drop(self, frame: bytes, why: Drop) -> None:
-        """A data queue dropped ``frame``: its sender (a RecvPacket's source) is told."""
-        if frame[0] == _RECV:
-            sender = self._clients.get(frame[5 : 5 + _K])
+    def _on_queue_drop(self, frames: bytes, why: Drop, count: int) -> None:
+        """A data queue dropped ``count`` frames: their sender (the source of the
+        RecvPackets, the same for every packet of a run) is told."""
+        if frames[0] == _RECV:
+            sender = self._clients.get(frames[5 : 5 + _K])
             if sender is not None:
-                self._report_drop(sender, why)
+                self._report_drop(sender, why, count)
 
     async def _report_drops(self) -> None:
         """Send PacketsDropped to the senders that lost packets, one report per interval."""
@@ -1201,8 +1204,6 @@ class RelayServer:
         clients = self._clients
         drops = self._c.drops
         src_key = client.key
-        pack = _HDR.pack
-        max_body = _K + wire.MAX_PACKET_BYTES
         flow_wait = lim.flow_wait_s
         while True:
             msg = await get_message()
@@ -1218,13 +1219,16 @@ class RelayServer:
             first = True
             while True:
                 before = decoder.buffered
-                frames = decoder.split(turn_frames, turn_bytes)
-                if not frames:
+                # Consecutive packets to one destination come as one run, already turned
+                # into the RecvPackets from this client (wire.FrameDecoder.relay_split).
+                runs = decoder.relay_split(src_key, turn_frames, turn_bytes)
+                if not runs:
                     break
                 pause = 0.0
                 if bucket is not None:
                     # A frame costs work whatever its size: tiny ones count as frame_cost.
-                    cost = max(before - decoder.buffered, len(frames) * frame_cost)
+                    frames = sum(run[1] for run in runs)
+                    cost = max(before - decoder.buffered, frames * frame_cost)
                     pause = bucket.take(cost, trio.current_time())
                 if pause:
                     self._c.rate_limited_s += pause
@@ -1233,69 +1237,67 @@ class RelayServer:
                     await trio.lowlevel.checkpoint()
                 first = False
                 noop = 0
-                # The routing hot path, written out: one pass over every frame of the turn.
-                # Consecutive packets usually go to the same destination, so it is looked
-                # up once (per turn: a destination may leave while we yield).
+                # The routing hot path, written out: one pass over every run of the turn,
+                # each looked up, counted and queued as one unit (one queue entry). The
+                # destination is looked up once per change of destination (per turn: a
+                # destination may leave while we yield).
                 routed = routed_bytes = 0
                 last_key = None
                 dest: _Client | None = None
                 forwarder = self._forwarder
-                # The queues this turn fed, for flow control (once per run of packets).
+                # The queues this turn fed, for flow control (once per destination).
                 gates: list[Outbox] = []
                 gate: Outbox | None = None
                 # Consecutive packets for a key on another relay, forwarded as one run.
-                run: list[bytes] = []
-                for ftype, body in frames:
+                pending: list[bytes] = []
+                for ftype, count, data, dest_key in runs:
                     if ftype != _SEND:
                         if ftype in (_FWDS, _FWD) and client.is_mesh:
                             fed = (
-                                self._deliver_forwarded_run(body)
+                                self._deliver_forwarded_run(data)
                                 if ftype == _FWDS
-                                else self._deliver_forwarded(body)
+                                else self._deliver_forwarded(data)
                             )
                             if fed is not gate and fed is not None:
                                 gate = fed
                                 gates.append(fed)
                         else:
-                            self._control(client, ftype, body)
+                            self._control(client, ftype, data)
                             noop += 1
                         continue
-                    n = len(body)
-                    if n < _K or n > max_body:
-                        self._bad_packet(n)
-                    dest_key = body[:_K]
                     if dest_key != last_key:
-                        if run:
+                        if pending:
                             assert forwarder is not None and last_key is not None
-                            noop += self._forward_run(client, forwarder, last_key, run, gates)
-                            run = []
+                            noop += self._forward_run(client, forwarder, last_key, pending, gates)
+                            pending = []
                         last_key = dest_key
                         dest = clients.get(dest_key)
                         if dest is not None:
                             if len(dest.senders) < _MAX_SENDERS_TRACKED:
                                 dest.senders.add(src_key)
                             gates.append(dest.out)
-                    routed += 1
-                    routed_bytes += n - _K
+                    routed += count
+                    routed_bytes += len(data) - count * _PACKET_OVERHEAD
                     if dest is None:
                         if forwarder is not None:
-                            run.append(body[_K:])
+                            pending += wire.run_payloads(data)
                             continue
-                        drops[DropReason.UNKNOWN_DEST] += 1
+                        drops[DropReason.UNKNOWN_DEST] += count
                         self._note_gone(client, dest_key)
-                        noop += 1
+                        noop += count
                         continue
-                    # Queue it for dest (drop-oldest bounds in FrameQueue.push); once per packet.
                     if dest.closing:
-                        drops[DropReason.DEST_CLOSING] += 1
-                        self._report_drop(client, DropReason.DEST_CLOSING)
+                        drops[DropReason.DEST_CLOSING] += count
+                        self._report_drop(client, DropReason.DEST_CLOSING, count)
                         continue
+                    # The whole run is one entry of dest's queue (drop-oldest bounds, in
+                    # packets, in FrameQueue.push).
                     out = dest.out
-                    if out.data.push(pack(_RECV, n) + src_key + body[_K:]):
+                    if out.data.push(data, count):
                         out.poke()
-                if run:
+                if pending:
                     assert forwarder is not None and last_key is not None
-                    noop += self._forward_run(client, forwarder, last_key, run, gates)
+                    noop += self._forward_run(client, forwarder, last_key, pending, gates)
                 client.packets_in += routed
                 client.bytes_in += routed_bytes
                 if noop and noop_bucket is not None:
@@ -1380,7 +1382,8 @@ class RelayServer:
         return dest.out
 
     def _deliver_forwarded_run(self, body: bytes) -> Outbox | None:
-        """A ForwardPackets: a run of packets from one source to a client of ours.
+        """A ForwardPackets: a run of packets from one source to a client of ours,
+        queued as one entry (as many as a message holds, so no entry outgrows one).
 
         Returns the queue they went to (for flow control), None if they were dropped.
         """
@@ -1391,8 +1394,18 @@ class RelayServer:
         src = body[:_K]
         pack = _HDR.pack
         push = dest.out.data.push
+        room = self._limits.max_message_bytes
+        parts: list[bytes] = []
+        size = 0
         for payload in payloads:
-            push(pack(_RECV, _K + len(payload)) + src + payload)
+            n = _PACKET_OVERHEAD + len(payload)
+            if size + n > room and parts:
+                push(b"".join(parts), len(parts) // 3)
+                parts = []
+                size = 0
+            parts += (pack(_RECV, _K + len(payload)), src, payload)
+            size += n
+        push(b"".join(parts), len(parts) // 3)
         dest.out.poke()
         return dest.out
 

@@ -48,9 +48,14 @@ added without breaking old peers) and counts them in ``skipped_frames``.
 A length above the decoder's limit is an error before any of the body is
 buffered, so a hostile peer cannot make us hold more than one frame's worth.
 
-The hot path of a relay does not need event objects: :meth:`FrameDecoder.next_frame`
-hands out ``(type, body)`` pairs, and :func:`frame_header` builds the 5 header
-bytes, so a SendPacket can become a RecvPacket with one concatenation.
+The hot path of a relay does not need event objects. A SendPacket and the
+RecvPacket a relay delivers for it have the same header length and the same
+layout (a key, then the payload), so :meth:`FrameDecoder.relay_split` turns
+a run of consecutive SendPackets to one destination into the RecvPackets
+from their sender *in place* in its buffer (the type byte and the key of each
+frame are overwritten) and hands the run out as one ``bytes``: one copy per
+run, whatever the number of packets in it. :func:`frame_header` builds the 5
+header bytes for the other paths.
 """
 
 from __future__ import annotations
@@ -105,6 +110,7 @@ __all__ = [
     "decode_body",
     "encode",
     "frame_header",
+    "run_payloads",
     "split_packets",
 ]
 
@@ -585,6 +591,35 @@ def split_packets(body: bytes) -> list[bytes]:
     return out
 
 
+def run_payloads(frames: bytes) -> list[bytes]:
+    """The payloads of consecutive SendPacket or RecvPacket frames (their keys skipped),
+    such as a run :meth:`FrameDecoder.relay_split` hands out."""
+    out = []
+    unpack = FRAME_HEADER.unpack_from
+    pos = 0
+    end = len(frames)
+    while pos < end:
+        _, length = unpack(frames, pos)
+        start = pos + HEADER_BYTES + KEY_BYTES
+        pos += HEADER_BYTES + length
+        out.append(frames[start:pos])
+    return out
+
+
+def _bad_send_packet(length: int) -> RemoteProtocolError:
+    if length < KEY_BYTES:
+        return RemoteProtocolError(f"SendPacket body of {length} bytes has no destination")
+    return RemoteProtocolError(
+        f"packet of {length - KEY_BYTES} bytes is over the limit of {MAX_PACKET_BYTES}",
+        CloseReason.FRAME_TOO_LARGE,
+    )
+
+
+#: Plain ints for the hot loop of relay_split (an IntEnum compares slower).
+_SEND_TYPE: Final = 0x04
+_RECV_TYPE: Final = 0x05
+
+
 class FrameDecoder:
     """Splits a byte stream into frames.
 
@@ -692,6 +727,85 @@ class FrameDecoder:
             left -= 1
         self._pos = pos
         return frames
+
+    def relay_split(
+        self, src: bytes, max_frames: int | None = None, max_bytes: int | None = None
+    ) -> list[tuple[int, int, bytes, bytes]]:
+        """What :meth:`split` returns, as a relay routes it: runs of packets.
+
+        Consecutive SendPackets to one destination come as one item
+        ``(SEND_PACKET, count, frames, dest)``: ``frames`` holds the ``count``
+        RecvPackets from ``src`` that deliver them (headers included, each
+        rewritten in place in the buffer before the one copy out) and ``dest``
+        is their destination key. Any other frame comes alone as
+        ``(type, 1, body, b"")``. The bounds are :meth:`split`'s, in frames
+        (``count`` of them for a run). A SendPacket whose body has no
+        destination key or holds a packet over :data:`MAX_PACKET_BYTES`
+        breaks the decoder like a frame over ``max_body``: the frames before
+        it are handed out, the error comes next call or from :attr:`error`.
+
+        This is the relay's hot path, so the loop is written out with locals.
+        """
+        if self._error is not None:
+            raise self._error
+        if len(src) != KEY_BYTES:
+            raise ValueError(f"src must be {KEY_BYTES} bytes, got {len(src)}")
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        cap = end if max_bytes is None else pos + max_bytes
+        limit = self.max_body
+        unpack = FRAME_HEADER.unpack_from
+        at_key = buf.startswith
+        items: list[tuple[int, int, bytes, bytes]] = []
+        append = items.append
+        left = -1 if max_frames is None else max_frames
+        largest = KEY_BYTES + MAX_PACKET_BYTES
+        # The run of SendPackets being gathered: where it starts, its key, its length.
+        run_start = run_count = 0
+        run_key = b""
+        error: RemoteProtocolError | None = None
+        while end - pos >= HEADER_BYTES and left:
+            frame_type, length = unpack(buf, pos)
+            if length > limit:
+                error = RemoteProtocolError(
+                    f"frame of type 0x{frame_type:02x} claims {length} bytes,"
+                    f" over the limit of {limit}",
+                    CloseReason.FRAME_TOO_LARGE,
+                )
+                break
+            stop = pos + HEADER_BYTES + length
+            if stop > end or (stop > cap and (items or run_count)):
+                break
+            key = pos + HEADER_BYTES
+            if frame_type == _SEND_TYPE:
+                if length < KEY_BYTES or length > largest:
+                    error = _bad_send_packet(length)
+                    break
+                if not (run_count and at_key(run_key, key)):
+                    if run_count:
+                        append((_SEND_TYPE, run_count, bytes(buf[run_start:pos]), run_key))
+                    run_start = pos
+                    run_count = 0
+                    run_key = bytes(buf[key : key + KEY_BYTES])
+                run_count += 1
+                buf[pos] = _RECV_TYPE
+                buf[key : key + KEY_BYTES] = src
+            else:
+                if run_count:
+                    append((_SEND_TYPE, run_count, bytes(buf[run_start:pos]), run_key))
+                    run_count = 0
+                append((frame_type, 1, bytes(buf[key:stop]), b""))
+            pos = stop
+            left -= 1
+        if run_count:
+            append((_SEND_TYPE, run_count, bytes(buf[run_start:pos]), run_key))
+        self._pos = pos
+        if error is not None:
+            self._error = error
+            if not items:
+                raise error
+        return items
 
     def next_event(self) -> Event | NeedData:
         """The next event, or :data:`NEED_DATA`. Unknown frame types are skipped."""

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import trio
 
+from relay.protocol import wire
 from relay.queue import ByteBudget, Drop, FrameQueue, Outbox
 
 
@@ -199,7 +200,7 @@ async def test_release_wakes_the_waiting_producers(nursery: trio.Nursery) -> Non
 def test_on_drop_sees_every_frame_push_drops() -> None:
     seen: list[tuple[bytes, Drop]] = []
     q = FrameQueue(2, 30, budget=ByteBudget(35))
-    q.on_drop = lambda frame, why: seen.append((frame, why))
+    q.on_drop = lambda frame, why, count: seen.append((frame, why))
     for f in (b"a" * 10, b"b" * 10, b"c" * 10, b"d" * 25):
         q.push(f)
     assert seen == [
@@ -208,6 +209,99 @@ def test_on_drop_sees_every_frame_push_drops() -> None:
         (b"c" * 10, Drop.OLDEST_FOR_BYTES),
     ]
     other = FrameQueue(2, 30, budget=q.budget)
-    other.on_drop = lambda frame, why: seen.append((frame, why))
+    other.on_drop = lambda frame, why, count: seen.append((frame, why))
     assert not other.push(b"e" * 20)
     assert seen[-1] == (b"e" * 20, Drop.NEW_FOR_BUDGET)
+
+
+# ---- runs: entries of several frames (the relay's runs of packets) ----------
+
+
+def recv_run(src: bytes, *payloads: bytes) -> bytes:
+    """RecvPackets from ``src``, as one run."""
+    return b"".join(wire.encode(wire.RecvPacket(src=src, payload=p)) for p in payloads)
+
+
+A_KEY = bytes(range(32))
+B_KEY = bytes(range(32, 64))
+
+
+def test_a_run_counts_as_its_frames_in_the_bounds_and_is_taken_as_one_entry() -> None:
+    out = Outbox(FrameQueue(8, 10_000), FrameQueue(4, 1000))
+    out.set_flow(0.5, 0.25)
+    run = recv_run(A_KEY, b"x", b"yy", b"zzz")
+    assert out.data.push(run, 3)
+    assert len(out.data) == 3 and out.data.bytes == len(run)
+    assert not out.pressed()
+    assert out.data.push(recv_run(B_KEY, b"w"))
+    assert out.pressed()  # 4 frames: the high mark, though 2 entries
+    assert out.data.statistics().frames == 4
+    message, packets = out.next_message(10_000)
+    assert (message, packets) == (run + recv_run(B_KEY, b"w"), 4)
+    assert len(out.data) == 0 and out.data.bytes == 0
+
+
+def test_drop_oldest_drops_a_whole_run_and_counts_every_frame_in_it() -> None:
+    seen: list[tuple[bytes, Drop, int]] = []
+    q = FrameQueue(4, 10_000)
+    q.on_drop = lambda frames, why, count: seen.append((frames, why, count))
+    run = recv_run(A_KEY, b"1", b"2", b"3")
+    assert q.push(run, 3)
+    assert q.push(recv_run(B_KEY, b"4"))
+    assert q.push(recv_run(B_KEY, b"5"))  # 5 frames: the 3-frame run goes
+    assert seen == [(run, Drop.OLDEST_FOR_FRAMES, 3)]
+    assert q.drops == Counter({Drop.OLDEST_FOR_FRAMES: 3})
+    assert len(q) == 2
+    small = FrameQueue(100, 2 * len(run))
+    small.on_drop = lambda frames, why, count: seen.append((frames, why, count))
+    assert small.push(run, 3)
+    assert small.push(run, 3)
+    assert small.push(recv_run(B_KEY, b"6"))  # over the byte bound: the oldest run goes
+    assert seen[-1] == (run, Drop.OLDEST_FOR_BYTES, 3)
+    assert small.drops == Counter({Drop.OLDEST_FOR_BYTES: 3})
+    assert len(small) == 4
+
+
+def test_a_run_keeps_the_shared_budget_exact() -> None:
+    budget = ByteBudget(10_000)
+    a = FrameQueue(100, 10_000, budget=budget)
+    b = FrameQueue(100, 10_000, budget=budget)
+    run = recv_run(A_KEY, b"a" * 100, b"b" * 100)
+    assert a.push(run, 2) and b.push(run, 2)
+    assert budget.used == 2 * len(run)
+    chunks: list[bytes] = []
+    assert a.take_into(chunks, 10_000) == (len(run), 2)
+    assert budget.used == len(run)
+    assert b.clear() == 2
+    assert budget.used == 0
+
+
+def test_a_run_the_budget_has_room_for_in_part_goes_in_frame_by_frame() -> None:
+    """As a frame-by-frame push would: the frames that fit go in, the rest are refused,
+    each one counted and reported."""
+    frame = recv_run(A_KEY, b"p" * 20)
+    budget = ByteBudget(2 * len(frame) + 1)
+    seen: list[tuple[bytes, Drop, int]] = []
+    q = FrameQueue(100, 10_000, budget=budget)
+    q.on_drop = lambda frames, why, count: seen.append((frames, why, count))
+    assert q.push(frame * 3, 3)
+    assert len(q) == 2 and budget.used == 2 * len(frame)
+    assert q.drops == Counter({Drop.NEW_FOR_BUDGET: 1})
+    assert seen == [(frame, Drop.NEW_FOR_BUDGET, 1)]
+    full = FrameQueue(100, 10_000, budget=budget)
+    assert not full.push(frame * 2, 2)
+    assert full.drops == Counter({Drop.NEW_FOR_BUDGET: 2})
+
+
+def test_a_run_larger_than_the_queue_keeps_its_newest_frames() -> None:
+    payloads = [bytes([i]) * 10 for i in range(6)]
+    q = FrameQueue(4, 10_000)
+    assert q.push(recv_run(A_KEY, *payloads), 6)
+    assert len(q) == 4
+    assert q.drops == Counter({Drop.OLDEST_FOR_FRAMES: 2})
+    assert b"".join(frames(q)) == recv_run(A_KEY, *payloads[2:])
+    one = len(recv_run(A_KEY, payloads[0]))
+    by_bytes = FrameQueue(100, 3 * one)
+    assert by_bytes.push(recv_run(A_KEY, *payloads), 6)
+    assert len(by_bytes) == 3 and by_bytes.bytes == 3 * one
+    assert by_bytes.drops == Counter({Drop.OLDEST_FOR_BYTES: 3})

@@ -324,3 +324,131 @@ def test_packets_dropped_reason_from_a_newer_relay_reads_as_other() -> None:
     assert wire.decode_body(FrameType.PACKETS_DROPPED, body) == wire.PacketsDropped(
         reason=wire.DropCode.OTHER, count=9
     )
+
+
+# ---- relay_split: runs of packets, rewritten in place ---------------------
+
+S = bytes([9] * 32)
+
+
+def send(dest: bytes, payload: bytes) -> bytes:
+    return wire.encode(wire.SendPacket(dest=dest, payload=payload))
+
+
+def recv(src: bytes, payload: bytes) -> bytes:
+    return wire.encode(wire.RecvPacket(src=src, payload=payload))
+
+
+def test_relay_split_gathers_consecutive_packets_to_one_destination_into_a_run() -> None:
+    ping = wire.encode(wire.Ping(data=b"12345678"))
+    dec = FrameDecoder()
+    dec.receive_data(
+        send(A, b"1") + send(A, b"22") + send(B, b"3") + ping + send(B, b"4") + send(B, b"")
+    )
+    assert dec.relay_split(S) == [
+        (FrameType.SEND_PACKET, 2, recv(S, b"1") + recv(S, b"22"), A),
+        (FrameType.SEND_PACKET, 1, recv(S, b"3"), B),
+        (FrameType.PING, 1, b"12345678", b""),
+        (FrameType.SEND_PACKET, 2, recv(S, b"4") + recv(S, b""), B),
+    ]
+    assert dec.buffered == 0
+
+
+def test_run_payloads_are_the_packets_of_a_run() -> None:
+    assert wire.run_payloads(recv(S, b"1") + recv(S, b"") + recv(S, b"333")) == [b"1", b"", b"333"]
+    assert wire.run_payloads(b"") == []
+
+
+frames_to_route = st.lists(
+    st.one_of(
+        st.builds(send, st.sampled_from([A, B, C + bytes(8)]), st.binary(max_size=40)),
+        st.just(wire.encode(wire.Ping(data=b"12345678"))),
+        st.just(wire.encode(wire.KeepAlive())),
+    ),
+    max_size=30,
+)
+
+
+@given(
+    frames_to_route,
+    st.one_of(st.none(), st.integers(min_value=1, max_value=8)),
+    st.one_of(st.none(), st.integers(min_value=1, max_value=200)),
+    st.integers(min_value=0, max_value=20),
+)
+def test_relay_split_is_split_with_each_packet_turned_into_what_the_relay_delivers(
+    frames: list[bytes], max_frames: int | None, max_bytes: int | None, cut: int
+) -> None:
+    """Taken in slices, the runs hold exactly split()'s frames, each SendPacket as the
+    RecvPacket from the sender; every slice keeps the bounds; no run mixes destinations."""
+    stream = b"".join(frames)
+    stream = stream[: len(stream) - cut]  # a partial frame at the end stays buffered
+    whole, sliced = FrameDecoder(), FrameDecoder()
+    whole.receive_data(stream)
+    sliced.receive_data(stream)
+    expected = []
+    for ftype, body in whole.split():
+        if ftype == FrameType.SEND_PACKET:
+            expected.append((FrameType.SEND_PACKET, body[:32], recv(S, body[32:])))
+        else:
+            expected.append((ftype, b"", body))
+    got = []
+    while part := sliced.relay_split(S, max_frames, max_bytes):
+        assert max_frames is None or sum(count for _, count, _, _ in part) <= max_frames
+        size = sum(
+            len(data) if ftype == FrameType.SEND_PACKET else wire.HEADER_BYTES + len(data)
+            for ftype, _, data, _ in part
+        )
+        assert max_bytes is None or size <= max_bytes or sum(c for _, c, _, _ in part) == 1
+        for ftype, count, data, dest in part:
+            if ftype != FrameType.SEND_PACKET:
+                assert count == 1
+                got.append((ftype, dest, data))
+                continue
+            payloads = wire.run_payloads(data)
+            assert len(payloads) == count
+            # One copy per run: every packet of it, rewritten, back to back.
+            assert data == b"".join(recv(S, p) for p in payloads)
+            got.extend((ftype, dest, recv(S, p)) for p in payloads)
+    assert got == expected
+    assert sliced.buffered == whole.buffered
+
+
+@pytest.mark.parametrize(
+    ("length", "reason", "message"),
+    [
+        (3, CloseReason.BAD_FRAME, "SendPacket body of 3 bytes has no destination"),
+        (
+            32 + wire.MAX_PACKET_BYTES + 1,
+            CloseReason.FRAME_TOO_LARGE,
+            f"packet of {wire.MAX_PACKET_BYTES + 1} bytes is over the limit of"
+            f" {wire.MAX_PACKET_BYTES}",
+        ),
+    ],
+)
+def test_relay_split_delivers_packets_before_a_bad_send_packet_then_fails(
+    length: int, reason: CloseReason, message: str
+) -> None:
+    dec = FrameDecoder(max_body=wire.MAX_FRAME_BODY)
+    dec.receive_data(send(A, b"ok") + hdr(FrameType.SEND_PACKET, length) + bytes(length))
+    assert dec.relay_split(S) == [(FrameType.SEND_PACKET, 1, recv(S, b"ok"), A)]
+    for _ in range(2):  # broken for good
+        with pytest.raises(RemoteProtocolError) as info:
+            dec.relay_split(S)
+        assert info.value.reason is reason
+        assert str(info.value) == message
+    assert dec.error is info.value
+
+
+def test_relay_split_fails_on_an_oversize_header_alone() -> None:
+    dec = FrameDecoder(max_body=100)
+    dec.receive_data(hdr(4, 101))
+    with pytest.raises(RemoteProtocolError) as info:
+        dec.relay_split(S)
+    assert info.value.reason is CloseReason.FRAME_TOO_LARGE
+
+
+def test_relay_split_wants_a_whole_source_key() -> None:
+    dec = FrameDecoder()
+    dec.receive_data(send(A, b"x"))
+    with pytest.raises(ValueError):
+        dec.relay_split(S[:31])
