@@ -15,8 +15,10 @@ from relay.client import (
     client_handshake,
     open_relay_client,
 )
+from relay.config import load_config
 from relay.protocol import wire
 from relay.protocol.keys import NodeKey, PrivateKey
+from relay.server import RelayServer
 from tests.conftest import start_relay, wait_until
 
 SEQ = struct.Struct(">I")
@@ -267,3 +269,39 @@ async def test_coalesced_messages_never_exceed_the_limit(nursery: trio.Nursery) 
     assert got == list(range(n))
     assert 2 * (size + 41) <= largest <= 64 * 1024  # coalesced, and never over the limit
     assert server.statistics().closes.get("message_too_big", 0) == 0
+
+
+async def test_a_forwarded_run_is_delivered_in_messages_within_the_limit(
+    nursery: trio.Nursery,
+) -> None:
+    """A ForwardPackets from a mesh peer is queued as runs that each fit a message: its
+    packets grow on the way (4 bytes of length become 37 of header and key), and no
+    message to the receiver may pass ``max_message_bytes`` for it."""
+    mesh_key = bytes(range(32))
+    cfg = load_config(overrides={"limits": {"max_message_bytes": 4096}})
+    server = RelayServer(cfg, PrivateKey.generate(), mesh_key=mesh_key)
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{port}/derp"
+    b_key = PrivateKey.generate()
+    src, n = bytes([7] * 32), 400
+    async with open_websocket_url(url, subprotocols=["derp"]) as b:
+        await client_handshake(b, wire.FrameDecoder(), b_key)
+        async with open_relay_client(url, PrivateKey.generate(), mesh_key=mesh_key) as link:
+            assert link.forward_run_nowait(src, b_key.public.raw, [SEQ.pack(i) for i in range(n)])
+            decoder = wire.FrameDecoder()
+            got: list[int] = []
+            largest = 0
+            with trio.fail_after(20):
+                while len(got) < n:
+                    msg = await b.get_message()
+                    assert isinstance(msg, bytes)
+                    largest = max(largest, len(msg))
+                    decoder.receive_data(msg)
+                    while (ev := decoder.next_event()) is not wire.NEED_DATA:
+                        if isinstance(ev, wire.RecvPacket):
+                            assert ev.src == src
+                            got.append(SEQ.unpack(ev.payload)[0])
+    assert got == list(range(n))
+    assert largest <= 4096
+    st = server.statistics()
+    assert st.forwarded_in == n and sum(st.drops.values()) == 0
