@@ -17,13 +17,17 @@ logged once, counted in ``closes`` and ends that connection only; every
 accepted connection is counted there exactly once. No nursery outlives its
 connection.
 
-Routing itself is synchronous: the reader of client X decodes a SendPacket
-to Y, turns it into a RecvPacket frame (same length: the 32-byte destination
-key is swapped for X's key) and appends it to Y's bounded data queue. Y's
-writer wakes, takes everything queued (control frames first, then data up to
-``max_message_bytes``) and sends it as one WebSocket message. Coalescing is
-what makes small packets cheap: the per-message cost of the WebSocket layer is
-paid once per batch, not once per packet.
+Routing itself is synchronous, and works on runs: the reader of client X
+takes its frames a turn at a time, and consecutive SendPackets to Y come out
+of the decoder as one run, already turned into RecvPacket frames in place
+(same length: the 32-byte destination key is swapped for X's key) and copied
+once (``wire.FrameDecoder.relay_split``). The reader looks Y up once per run
+and appends the run to Y's bounded data queue as one entry, whose bounds
+still count packets. Y's writer wakes, takes everything queued (control
+frames first, then data up to ``max_message_bytes``) and sends it as one
+WebSocket message. Coalescing is what makes small packets cheap: the
+per-message cost of the WebSocket layer is paid once per batch, and the
+routing cost once per run, not once per packet.
 
 Flow control: after each turn (at most ``frames_per_turn`` frames) the reader
 looks at the queues it fed: Y's, or the mesh link's towards Y's relay
@@ -33,8 +37,9 @@ reads nothing more (TCP slows X) until Y's writer has taken it down to the
 low-water mark, each wait bounded by ``flow_wait_s``. A queue whose writer
 took nothing during a whole wait (Y reads nothing) is marked stuck and not
 waited on again until its writer moves: its packets fall back to the drops.
-If Y's queue is full anyway the oldest queued packet is dropped; if Y is
-already closing the new one is. Every drop is counted under a
+If Y's queue is full anyway the oldest queued entries (a packet, or a run)
+are dropped, every packet in them counted; if Y is already closing the new
+ones are. Every drop is counted under a
 :class:`DropReason`, and the sender, if it is a client of this relay, is told
 in a PacketsDropped frame (at most one per reason per
 ``drop_report_interval_s``).

@@ -618,6 +618,8 @@ def _bad_send_packet(length: int) -> RemoteProtocolError:
 #: Plain ints for the hot loop of relay_split (an IntEnum compares slower).
 _SEND_TYPE: Final = 0x04
 _RECV_TYPE: Final = 0x05
+#: A frame header and the key that starts a SendPacket or RecvPacket body.
+_HEADER_AND_KEY = struct.Struct(f">BI{KEY_BYTES}s")
 
 
 class FrameDecoder:
@@ -756,6 +758,8 @@ class FrameDecoder:
         cap = end if max_bytes is None else pos + max_bytes
         limit = self.max_body
         unpack = FRAME_HEADER.unpack_from
+        # The header and the key in one call: a slice assignment costs more.
+        rewrite = _HEADER_AND_KEY.pack_into
         at_key = buf.startswith
         items: list[tuple[int, int, bytes, bytes]] = []
         append = items.append
@@ -789,8 +793,7 @@ class FrameDecoder:
                     run_count = 0
                     run_key = bytes(buf[key : key + KEY_BYTES])
                 run_count += 1
-                buf[pos] = _RECV_TYPE
-                buf[key : key + KEY_BYTES] = src
+                rewrite(buf, pos, _RECV_TYPE, length, src)
             else:
                 if run_count:
                     append((_SEND_TYPE, run_count, bytes(buf[run_start:pos]), run_key))
