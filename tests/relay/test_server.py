@@ -305,3 +305,36 @@ async def test_a_forwarded_run_is_delivered_in_messages_within_the_limit(
     assert largest <= 4096
     st = server.statistics()
     assert st.forwarded_in == n and sum(st.drops.values()) == 0
+
+
+async def test_every_packet_of_a_dropped_run_is_counted_and_reported(
+    nursery: trio.Nursery,
+) -> None:
+    """A receiver that reads nothing: its queue's oldest entries, runs of several packets
+    from one message, are dropped; the sender is told of every packet, not every run."""
+    server, url = await start_relay(
+        nursery,
+        send_queue_packets=16,
+        flow_wait_s=0,  # no waiting: straight to the drops
+        write_timeout_s=30,
+        drop_report_interval_s=0.05,
+    )
+    a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
+    n, size = 1500, 8_000  # far more than the socket buffers hold; 8 packets a message
+    async with (
+        open_relay_client(url, a_key) as a,
+        open_relay_client(url, b_key, receive_queue_packets=1),
+    ):
+        for i in range(n):
+            await a.send(b_key.public, SEQ.pack(i) + bytes(size))
+        with trio.fail_after(20):
+            await a.wait_sent()
+            await wait_until(lambda: server.statistics().packets_in >= n)
+
+        def dropped() -> int:
+            drops = server.statistics().drops
+            return drops["queue_full"] + drops["queue_bytes_full"]
+
+        assert dropped() > 0
+        with trio.fail_after(10):
+            await wait_until(lambda: a.statistics().dropped_by_relay == dropped())
