@@ -452,3 +452,17 @@ def test_relay_split_wants_a_whole_source_key() -> None:
     dec.receive_data(send(A, b"x"))
     with pytest.raises(ValueError):
         dec.relay_split(S[:31])
+
+
+@given(st.binary(max_size=4096), st.integers(min_value=1, max_value=64))
+def test_fuzz_relay_split_never_crashes_otherwise(data: bytes, step: int) -> None:
+    dec = FrameDecoder(max_body=1024)
+    try:
+        for i in range(0, len(data), step):
+            dec.receive_data(data[i : i + step])
+            for ftype, count, frames, dest in dec.relay_split(S, 16, 512):
+                assert count >= 1
+                if ftype == FrameType.SEND_PACKET:
+                    assert len(dest) == 32 and len(wire.run_payloads(frames)) == count
+    except RemoteProtocolError as exc:
+        assert exc.reason in (CloseReason.FRAME_TOO_LARGE, CloseReason.BAD_FRAME)
