@@ -30,18 +30,10 @@ import struct
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Protocol
 
 import nacl.utils
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
 
 from relay.protocol import wire
 from relay.protocol.backoff import Backoff
@@ -49,11 +41,9 @@ from relay.protocol.handshake import open_server_info, seal_client_info
 from relay.protocol.keys import NodeKey, PrivateKey
 from relay.protocol.wire import CloseReason, FrameType, ProtocolError, RemoteProtocolError
 
-from . import _wsmask
 from .queue import FrameQueue, Outbox
 from .tls import describe_tls_error
-
-_wsmask.install()
+from .wsstream import HandshakeFailed, WebSocketClosed, WebSocketStream, connect_websocket
 
 __all__ = [
     "ClientStatistics",
@@ -456,59 +446,65 @@ class RelayClient:
 
     async def _session(self, url: str, task_status: trio.TaskStatus[None] | None) -> None:
         try:
-            async with open_websocket_url(
-                url,
-                subprotocols=[wire.SUBPROTOCOL],
-                max_message_size=1024 * 1024,
-                receive_buffer_size=64 * 1024,
-                connect_timeout=self._connect_timeout,
-                disconnect_timeout=1.0,
-                # trio-websocket refuses a context for a ws:// URL.
-                ssl_context=self._ssl_context if url.startswith("wss:") else None,
-            ) as ws:
-                decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
-                try:
-                    with trio.fail_after(self._connect_timeout):
-                        await self._handshake(ws, decoder)
-                except trio.TooSlowError:
-                    raise ConnectError(
-                        f"{url}: relay did not finish the handshake in time"
-                    ) from None
-                except ProtocolError as exc:
-                    raise ConnectError(f"{url}: {exc}") from None
-                except ConnectionClosed as exc:
-                    raise ConnectError(f"{url}: relay closed the connection: {_why(exc)}") from None
-                decoder.max_body = wire.MAX_FRAME_BODY
-                self.url = url
-                self.connected = True
-                self._connects += 1
-                self._connected_event.set()
-                self._progress.unpark_all()
-                if task_status is not None:
-                    task_status.started()
-                result: list[_Disconnect] = []
-                try:
-                    with trio.CancelScope() as self._session_scope:
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(
-                                self._reader, ws, decoder, nursery.cancel_scope, result
-                            )
-                            nursery.start_soon(self._writer, ws, nursery.cancel_scope, result)
-                finally:
-                    self._session_scope = None
-                    self.connected = False
-                    self._connected_event = trio.Event()
-                    # A Ping this connection carried will get no Pong: ping() sends it again.
-                    for wait in self._pings.values():
-                        wait.done.set()
-                raise result[0] if result else _Disconnect("closed")
-        except (OSError, HandshakeError, ConnectionRejected) as exc:
-            reason = _os_reason(exc)
-            if isinstance(exc, HandshakeError) and url.startswith("wss:"):
-                reason = await _tls_problem(url, self._ssl_context, self._connect_timeout) or reason
-            raise ConnectError(f"{url}: cannot connect: {reason}") from None
+            with trio.fail_after(self._connect_timeout):
+                ws = await connect_websocket(
+                    url,
+                    subprotocol=wire.SUBPROTOCOL,
+                    ssl_context=self._ssl_context,
+                    max_message=1024 * 1024,
+                    receive_bytes=64 * 1024,
+                )
+        except trio.TooSlowError:
+            raise ConnectError(f"{url}: cannot connect: timed out") from None
+        except (OSError, trio.BrokenResourceError, HandshakeFailed) as exc:
+            raise ConnectError(f"{url}: cannot connect: {_os_reason(exc)}") from None
+        try:
+            await self._run_session(url, ws, task_status)
+        finally:
+            with trio.move_on_after(1.0):
+                await ws.aclose(CloseReason.NORMAL)
 
-    async def _handshake(self, ws: WebSocketConnection, decoder: wire.FrameDecoder) -> None:
+    async def _run_session(
+        self, url: str, ws: WebSocketStream, task_status: trio.TaskStatus[None] | None
+    ) -> None:
+        decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
+        try:
+            with trio.fail_after(self._connect_timeout):
+                await self._handshake(ws, decoder)
+        except trio.TooSlowError:
+            raise ConnectError(f"{url}: relay did not finish the handshake in time") from None
+        except ProtocolError as exc:
+            raise ConnectError(f"{url}: {exc}") from None
+        except WebSocketClosed as exc:
+            raise ConnectError(f"{url}: relay closed the connection: {_why(exc)}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectError(
+                f"{url}: connection lost in the handshake: {_os_reason(exc)}"
+            ) from None
+        decoder.max_body = wire.MAX_FRAME_BODY
+        self.url = url
+        self.connected = True
+        self._connects += 1
+        self._connected_event.set()
+        self._progress.unpark_all()
+        if task_status is not None:
+            task_status.started()
+        result: list[_Disconnect] = []
+        try:
+            with trio.CancelScope() as self._session_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, ws, decoder, nursery.cancel_scope, result)
+                    nursery.start_soon(self._writer, ws, nursery.cancel_scope, result)
+        finally:
+            self._session_scope = None
+            self.connected = False
+            self._connected_event = trio.Event()
+            # A Ping this connection carried will get no Pong: ping() sends it again.
+            for wait in self._pings.values():
+                wait.done.set()
+        raise result[0] if result else _Disconnect("closed")
+
+    async def _handshake(self, ws: WebSocketStream, decoder: wire.FrameDecoder) -> None:
         self.server_key, self.server_info = await client_handshake(
             ws,
             decoder,
@@ -530,7 +526,7 @@ class RelayClient:
 
     async def _reader(
         self,
-        ws: WebSocketConnection,
+        ws: WebSocketStream,
         decoder: wire.FrameDecoder,
         scope: trio.CancelScope,
         result: list[_Disconnect],
@@ -541,12 +537,9 @@ class RelayClient:
         try:
             while True:
                 with trio.move_on_after(silence_s) as timer:
-                    msg = await ws.get_message()
+                    msg = await ws.receive()
                 if timer.cancelled_caught:
                     result.append(_Disconnect(f"relay silent for {silence_s:g} s"))
-                    return
-                if isinstance(msg, str):
-                    result.append(_Disconnect("relay sent a text message"))
                     return
                 decoder.receive_data(msg)
                 while (frame := decoder.next_frame()) is not None:
@@ -560,8 +553,10 @@ class RelayClient:
                             await send_packet.send(packet)
                     else:
                         self._on_control(wire.decode_body(ftype, body))
-        except ConnectionClosed as exc:
+        except WebSocketClosed as exc:
             result.append(_closed(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            result.append(_lost(exc))
         except RemoteProtocolError as exc:
             result.append(_Disconnect(f"protocol error: {exc}"))
         finally:
@@ -595,7 +590,7 @@ class RelayClient:
                 pass  # KeepAlive, or a frame a newer relay sends that we can ignore
 
     async def _writer(
-        self, ws: WebSocketConnection, scope: trio.CancelScope, result: list[_Disconnect]
+        self, ws: WebSocketStream, scope: trio.CancelScope, result: list[_Disconnect]
     ) -> None:
         out = self._out
         max_bytes = self._max_message
@@ -611,7 +606,7 @@ class RelayClient:
                     self._space.unpark_all()
                 self._in_flight = packets or 1
                 try:
-                    await ws.send_message(message)
+                    await ws.send(message)
                 except BaseException:
                     self._lost_in_flight += packets
                     raise
@@ -619,18 +614,30 @@ class RelayClient:
                     self._in_flight = 0
                 self._packets_sent += packets
                 self._progress.unpark_all()
-        except ConnectionClosed as exc:
-            result.append(_closed(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            result.append(_lost(exc))
         finally:
             scope.cancel()
 
 
-def _closed(exc: ConnectionClosed) -> _Disconnect:
-    code = exc.reason.code if exc.reason is not None else None
-    return _Disconnect(f"relay closed the connection: {_why(exc)}", code)
+def _closed(exc: WebSocketClosed) -> _Disconnect:
+    return _Disconnect(f"relay closed the connection: {_why(exc)}", exc.code)
 
 
-async def _next_event(ws: WebSocketConnection, decoder: wire.FrameDecoder) -> wire.Event:
+def _lost(exc: BaseException) -> _Disconnect:
+    return _Disconnect(f"connection lost: {_os_reason(exc)}")
+
+
+class MessageSocket(Protocol):
+    """What the handshake needs of an open WebSocket: a :class:`WebSocketStream`, or a
+    trio-websocket connection (tests and tools that speak to a relay directly)."""
+
+    async def get_message(self) -> bytes | str: ...
+
+    async def send_message(self, message: bytes) -> None: ...
+
+
+async def _next_event(ws: MessageSocket, decoder: wire.FrameDecoder) -> wire.Event:
     while True:
         event = decoder.next_event()
         if not isinstance(event, wire.NeedData):
@@ -642,7 +649,7 @@ async def _next_event(ws: WebSocketConnection, decoder: wire.FrameDecoder) -> wi
 
 
 async def client_handshake(
-    ws: WebSocketConnection,
+    ws: MessageSocket,
     decoder: wire.FrameDecoder,
     key: PrivateKey,
     *,
@@ -658,7 +665,7 @@ async def client_handshake(
 
     Returns the relay's key and its ServerInfo. Raises RemoteProtocolError if
     the relay is not who ``server_key`` says or does not follow the protocol,
-    ConnectionClosed if it refuses us.
+    WebSocketClosed (trio-websocket's ConnectionClosed) if it refuses us.
     """
     hello = await _next_event(ws, decoder)
     if not isinstance(hello, wire.ServerKey):
@@ -707,37 +714,8 @@ def _os_reason(exc: BaseException) -> str:
     return next((str(e) for e in seen if str(e)), type(exc).__name__)
 
 
-async def _tls_problem(url: str, ctx: ssl.SSLContext | None, timeout_s: float) -> str | None:
-    """Why a TLS handshake with ``url``'s relay fails (unknown CA, wrong name...), if it does.
-
-    trio-websocket drops the TLS error of a failed handshake and waits out its connect
-    timeout instead; a failed connect to a wss:// URL asks again, to tell the user why.
-    """
-    parts = urlsplit(url)
-    with trio.move_on_after(timeout_s):
-        try:
-            stream = await trio.open_ssl_over_tcp_stream(
-                parts.hostname or "",
-                parts.port or 443,
-                ssl_context=ctx if ctx is not None else ssl.create_default_context(),
-                https_compatible=True,
-            )
-        except OSError:
-            return None
-        try:
-            await stream.do_handshake()
-        except trio.BrokenResourceError as exc:
-            return describe_tls_error(exc)
-        finally:
-            await trio.aclose_forcefully(stream)
-    return None
-
-
-def _why(exc: ConnectionClosed) -> str:
-    reason = exc.reason
-    if reason is None:
-        return "unknown"
-    return f"{reason.code} {reason.reason or reason.name}"
+def _why(exc: WebSocketClosed) -> str:
+    return f"{exc.code} {exc.reason}".rstrip()
 
 
 @asynccontextmanager

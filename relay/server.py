@@ -57,14 +57,13 @@ import ipaddress
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
-import wsproto.events
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
-from wsproto import ConnectionType, WSConnection
+from wsproto import ConnectionType
+from wsproto.handshake import H11Handshake
 
 from coordinator.presence import Presence, PresenceQueue
 from relay.protocol import wire
@@ -84,13 +83,18 @@ from relay.protocol.wire import (
     RemoteProtocolError,
 )
 
-from . import _wsmask
 from .config import RelayConfig
 from .queue import ByteBudget, Drop, FrameQueue, Outbox
 from .ratelimit import TokenBucket
 from .tls import ServerTLS, describe_tls_error
-
-_wsmask.install()
+from .wsstream import (
+    HandshakeFailed,
+    WebSocketClosed,
+    WebSocketStream,
+    accept_upgrade,
+    read_upgrade_request,
+    reject_upgrade,
+)
 
 __all__ = [
     "ClientStats",
@@ -403,45 +407,6 @@ class _PatientListener:
         await self.inner.aclose()
 
 
-class _Upgraded:
-    """What stands in for wsproto's HTTP handshake once the WebSocket is open."""
-
-    @staticmethod
-    def events() -> Iterator[wsproto.events.Event]:
-        return iter(())
-
-
-_UPGRADED = _Upgraded()
-
-
-class _ServerWSProto(WSConnection):
-    """wsproto's server side, with the 1009 close (a message over the limit, which
-    trio-websocket sends itself) given a reason text that follows our rule.
-
-    Once the WebSocket is open and the handshake has said all it had to, the
-    handshake (h11's connection, its buffers and queues: about 2.5 KB) is let go:
-    wsproto only asks it for events then, and it has none."""
-
-    def __init__(self) -> None:
-        super().__init__(ConnectionType.SERVER)
-
-    def events(self) -> Generator[wsproto.events.Event, None, None]:
-        yield from super().events()
-        if self.connection is not None:
-            self.handshake = _UPGRADED  # type: ignore[assignment]
-
-    def send(self, event: wsproto.events.Event) -> bytes:
-        if (
-            isinstance(event, wsproto.events.CloseConnection)
-            and event.code == CloseReason.MESSAGE_TOO_BIG
-        ):
-            event = wsproto.events.CloseConnection(
-                code=CloseReason.MESSAGE_TOO_BIG,
-                reason="message_too_big: a message was over this connection's limit",
-            )
-        return super().send(event)
-
-
 def _peer(addr: Any) -> tuple[str, str]:
     """``ip:port`` of a peer from its address as accept() gives it, and its source as
     the pre-auth cap groups peers: the IPv4 address, or the IPv6 /64."""
@@ -454,7 +419,7 @@ def _peer(addr: Any) -> tuple[str, str]:
     return f"[{host}]:{port}", str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
-_PEER_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+_PEER_GONE = (WebSocketClosed, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 def _peer_went_away(exc: BaseException) -> bool:
@@ -464,16 +429,12 @@ def _peer_went_away(exc: BaseException) -> bool:
     return isinstance(exc, _PEER_GONE)
 
 
-def _too_big(exc: ConnectionClosed) -> bool:
-    return exc.reason is not None and exc.reason.code == CloseReason.MESSAGE_TOO_BIG
-
-
 class _Client:
     """One authenticated connection."""
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        ws: WebSocketStream,
         hello: ClientHello,
         remote: str,
         *,
@@ -621,10 +582,26 @@ class RelayServer:
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report_drops)
+            nursery.start_soon(self._watch_writes)
             for listener in listeners:
                 patient = _PatientListener(listener, self._accept_failed)
                 nursery.start_soon(self._accept_loop, patient, nursery)
             task_status.started(self.port)
+
+    async def _watch_writes(self) -> None:
+        """End every client whose current send has taken more than ``write_timeout_s``
+        (its socket accepted too little for that long), checking a few times per
+        timeout: one task for all connections instead of a timeout scope per send."""
+        timeout = self._limits.write_timeout_s
+        interval = min(1.0, timeout / 4)
+        while True:
+            await trio.sleep(interval)
+            late = trio.current_time() - timeout
+            for client in list(self._clients.values()):
+                if client.ws.sending_since < late and not client.closing:
+                    client.end(
+                        CloseReason.WRITE_TIMEOUT, f"socket accepted nothing for {timeout:g} s"
+                    )
 
     async def _accept_loop(self, listener: _PatientListener, nursery: trio.Nursery) -> None:
         """Accept connections and start each one's guard, unless the pre-auth cap refuses it.
@@ -899,8 +876,9 @@ class RelayServer:
         lim = self._limits
         decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
         hello: ClientHello | None = None
+        server_info = b""
         failure: _Closing | None = None
-        ws: WebSocketConnection | None = None
+        ws: WebSocketStream | None = None
         with conn.scope:
             if conn.shed:
                 # Shed before its task first ran: nothing was set up for it.
@@ -912,44 +890,28 @@ class RelayServer:
                 if tls_stream is None:
                     return
                 stream = tls_stream
+            early = await self._upgrade(stream, conn)
+            if early is None:
+                return
             # Until the handshake is done a message can only carry a ClientInfo: a small
             # limit keeps what an unauthenticated connection can make us hold small.
-            ws = WebSocketConnection(
+            ws = WebSocketStream(
                 stream,
-                _ServerWSProto(),
-                max_message_size=wire.MAX_PREAUTH_MESSAGE_BYTES,
-                receive_buffer_size=lim.receive_buffer_bytes,
+                server_side=True,
+                max_message=wire.MAX_PREAUTH_MESSAGE_BYTES,
+                receive_bytes=lim.receive_buffer_bytes,
+                leftover=early,
             )
-            request = await self._upgrade_request(nursery, ws)
-            if request is None:
-                # The reader stopped first: EOF or reset (ws.closed set) or a request
-                # that is not HTTP, which wsproto answered with 400.
-                gone = "bad_http" if ws.closed is None else "closed_before_upgrade"
-                self._count_close(conn, gone)
-                return
-            if request.path.split("?", 1)[0] != "/derp":
-                self._count_close(conn, "bad_path")
-                await request.reject(404, body=b"not found: the relay endpoint is /derp\n")
-                return
-            if wire.SUBPROTOCOL not in request.proposed_subprotocols:
-                self._count_close(conn, "bad_subprotocol")
-                await request.reject(400, body=b"the WebSocket subprotocol must be 'derp'\n")
-                return
-            await request.accept(subprotocol=wire.SUBPROTOCOL)
-            # Its headers would stay alive in this frame for the connection's whole life.
-            del request
             conn.stage = "handshake"
             try:
-                hello = await self._handshake(ws, decoder, conn)
+                hello, server_info = await self._handshake(ws, decoder, conn)
             except _Closing as exc:
                 failure = exc
             except ProtocolError as exc:
                 failure = _Closing(exc.reason, str(exc))
-            except ConnectionClosed as exc:
-                if _too_big(exc):
-                    failure = _Closing(CloseReason.MESSAGE_TOO_BIG, "")
-                else:
-                    raise
+            except WebSocketClosed:
+                # Its Close is answered (echoed) like any other peer's.
+                failure = _Closing(CloseReason.CLOSED_BY_PEER, "", label="closed_in_handshake")
         self._preauth.remove(conn)
         if conn.scope.cancelled_caught:
             if conn.shed:
@@ -972,35 +934,50 @@ class RelayServer:
             return
         assert hello is not None
         conn.stage = "open"
-        await self._run_client(ws, hello, decoder, conn)
+        await self._run_client(ws, hello, server_info, decoder, conn)
 
-    async def _upgrade_request(
-        self, nursery: trio.Nursery, ws: WebSocketConnection
-    ) -> WebSocketRequest | None:
-        """Start ``ws``'s reader and wait for the HTTP upgrade request; None if there is none.
+    async def _upgrade(self, stream: trio.abc.Stream, conn: _Conn) -> bytes | None:
+        """Read the HTTP upgrade request (wsproto's handshake) and answer it. None if the
+        WebSocket is not open; else what the client sent after its request.
 
-        This is trio-websocket's ``wrap_server_stream``, except that the reader runs in
-        this connection's nursery under our guard, and that when the reader stops
-        before a request (EOF, reset, bad HTTP) the wait ends at once instead of at
-        the deadline.
+        A request for another path is answered 404, one without the ``derp``
+        subprotocol 400, bytes that are not an upgrade request 400 (wsproto's
+        answer); each is counted, as is a peer that goes away first. The request's
+        size is bounded by h11 (16 KiB), its time by the pre-auth deadline.
         """
-        waiting = trio.CancelScope()
-
-        async def read() -> None:
-            try:
-                await ws._reader_task()
-            finally:
-                waiting.cancel()
-
-        nursery.start_soon(read)
-        with waiting:
-            request: WebSocketRequest = await ws._get_request()
-            return request
-        return None
+        handshake = H11Handshake(ConnectionType.SERVER)
+        try:
+            request = await read_upgrade_request(
+                stream, handshake, self._limits.receive_buffer_bytes
+            )
+        except HandshakeFailed as exc:
+            self._count_close(conn, "closed_before_upgrade" if exc.status is None else "bad_http")
+            return None
+        if request.target.split("?", 1)[0] != "/derp":
+            self._count_close(conn, "bad_path")
+            await reject_upgrade(
+                stream, handshake, 404, b"not found: the relay endpoint is /derp\n"
+            )
+            return None
+        if wire.SUBPROTOCOL not in request.subprotocols:
+            self._count_close(conn, "bad_subprotocol")
+            await reject_upgrade(
+                stream, handshake, 400, b"the WebSocket subprotocol must be 'derp'\n"
+            )
+            return None
+        return await accept_upgrade(stream, handshake, wire.SUBPROTOCOL)
 
     async def _run_client(
-        self, ws: WebSocketConnection, hello: ClientHello, decoder: wire.FrameDecoder, conn: _Conn
+        self,
+        ws: WebSocketStream,
+        hello: ClientHello,
+        server_info: bytes,
+        decoder: wire.FrameDecoder,
+        conn: _Conn,
     ) -> None:
+        """Serve an authenticated client: registered first, then told (ServerInfo, the
+        first frame its writer sends), so that a client that has read its ServerInfo is
+        reachable here, and its peers' packets to it are not refused as unknown."""
         self._c.handshakes_ok += 1
         is_mesh = hello.mesh_proof is not None and not hello.probe
         lim = self._limits
@@ -1020,6 +997,7 @@ class RelayServer:
         # SendPacket: anything longer is refused at its header.
         decoder.max_body = wire.MAX_FRAME_BODY if is_mesh else wire.MAX_CLIENT_FRAME_BODY
         self._register(client)
+        out.control.append_unchecked(server_info)
         try:
             async with trio.open_nursery() as nursery:
                 # From here the nursery's scope is the one end() cancels: a scope (and its
@@ -1038,10 +1016,12 @@ class RelayServer:
             client.closed.set()
 
     async def _handshake(
-        self, ws: WebSocketConnection, decoder: wire.FrameDecoder, conn: _Conn
-    ) -> ClientHello:
+        self, ws: WebSocketStream, decoder: wire.FrameDecoder, conn: _Conn
+    ) -> tuple[ClientHello, bytes]:
+        """ServerKey out, ClientInfo in: the client's hello, and the ServerInfo to send it
+        once it is registered (see _run_client)."""
         challenge = new_challenge()
-        await ws.send_message(
+        await ws.send(
             wire.encode(wire.ServerKey(public_key=self.key.public.raw, challenge=challenge))
         )
         # Until its ClientInfo a connection has proved nothing: it may send at most this
@@ -1052,11 +1032,7 @@ class RelayServer:
         budget = wire.MAX_PREAUTH_MESSAGE_BYTES
         received = 0
         while True:
-            msg = await ws.get_message()
-            if isinstance(msg, str):
-                raise _Closing(
-                    CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol"
-                )
+            msg = await ws.receive()
             received += len(msg)
             decoder.receive_data(msg)
             event = decoder.next_event()
@@ -1084,9 +1060,8 @@ class RelayServer:
                 info["http_url"] = self.http_url
             # Raised before ServerInfo leaves: a client may send full-size messages as soon
             # as it has read it, and the pre-auth bound holds only until then (PROTOCOL.md).
-            ws._max_message_size = lim.max_receive_message_bytes
-            await ws.send_message(wire.encode(seal_server_info(self.key, hello.client_key, info)))
-            return hello
+            ws.max_message = lim.max_receive_message_bytes
+            return hello, wire.encode(seal_server_info(self.key, hello.client_key, info))
 
     def _admit(self, hello: ClientHello, challenge: bytes) -> None:
         if hello.mesh_proof is not None:
@@ -1152,7 +1127,7 @@ class RelayServer:
     async def _close(
         self,
         conn: _Conn,
-        ws: WebSocketConnection,
+        ws: WebSocketStream,
         reason: CloseReason,
         detail: str,
         *,
@@ -1162,10 +1137,9 @@ class RelayServer:
         if reason not in (CloseReason.NORMAL, CloseReason.CLOSED_BY_PEER, CloseReason.GOING_AWAY):
             log.info("closing connection from %s: %s: %s", conn.remote, reason.label, detail)
         text = f"{reason.label}: {detail}" if detail else reason.label
-        # A close reason is limited to 123 bytes by RFC 6455.
-        text = text.encode()[:123].decode(errors="ignore")
         with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
             scope.shield = True
+            # A close reason is cut to RFC 6455's 123 bytes there.
             await ws.aclose(reason if reason != CloseReason.CLOSED_BY_PEER else 1000, text)
 
     # ---- the two tasks of a connection -----------------------------------
@@ -1175,11 +1149,8 @@ class RelayServer:
     ) -> None:
         try:
             await self._read_loop(client, decoder)
-        except ConnectionClosed as exc:
-            if _too_big(exc):
-                client.end(CloseReason.MESSAGE_TOO_BIG, "")
-            else:
-                client.end(CloseReason.CLOSED_BY_PEER, "")
+        except _PEER_GONE:
+            client.end(CloseReason.CLOSED_BY_PEER, "")
         except ProtocolError as exc:
             client.end(exc.reason, str(exc))
         except _Closing as exc:
@@ -1205,18 +1176,13 @@ class RelayServer:
         )
         turn_frames = lim.frames_per_turn
         turn_bytes = lim.max_message_bytes
-        get_message = client.ws.get_message
+        receive = client.ws.receive
         clients = self._clients
         drops = self._c.drops
         src_key = client.key
         flow_wait = lim.flow_wait_s
         while True:
-            msg = await get_message()
-            if isinstance(msg, str):
-                raise _Closing(
-                    CloseReason.TEXT_MESSAGE, "text messages are not part of the protocol"
-                )
-            decoder.receive_data(msg)
+            decoder.receive_data(await receive())
             # A message (up to 1 MiB: 200,000 five-byte frames) is taken in turns of at
             # most turn_frames frames or turn_bytes bytes, with a yield to the other
             # connections between two turns: one connection's work cannot hold the
@@ -1476,13 +1442,8 @@ class RelayServer:
     async def _run_writer(self, client: _Client, scope: trio.CancelScope) -> None:
         try:
             await self._write_loop(client)
-        except ConnectionClosed:
+        except _PEER_GONE:
             client.end(CloseReason.CLOSED_BY_PEER, "")
-        except trio.TooSlowError:
-            client.end(
-                CloseReason.WRITE_TIMEOUT,
-                f"socket accepted nothing for {self._limits.write_timeout_s:g} s",
-            )
         finally:
             scope.cancel()
 
@@ -1490,14 +1451,15 @@ class RelayServer:
         lim = self._limits
         max_bytes = lim.max_message_bytes
         keepalive = wire.encode(wire.KeepAlive())
-        send_message = client.ws.send_message
+        send = client.ws.send
         out = client.out
         while True:
             if not await out.wait(lim.keepalive_interval_s):
                 out.control.append_unchecked(keepalive)
             message, packets = out.next_message(max_bytes)
-            with trio.fail_after(lim.write_timeout_s):
-                await send_message(message)
+            # No timeout scope per send: the write watchdog (_watch_writes) ends a
+            # client whose send takes longer than write_timeout_s.
+            await send(message)
             client.packets_out += packets
             client.bytes_out += len(message)
             client.messages_out += 1

@@ -197,6 +197,10 @@ class CloseReason(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    #: The peer broke RFC 6455 (an unmasked client frame, a bad opcode or length, ...).
+    PROTOCOL_ERROR = 1002
+    #: A Close frame whose reason is not UTF-8.
+    INVALID_PAYLOAD = 1007
     #: A WebSocket message over the receiver's limit (RFC 6455's "message too big").
     MESSAGE_TOO_BIG = 1009
     REPLACED = 4001

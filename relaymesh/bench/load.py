@@ -80,15 +80,25 @@ def _host_port(url: str) -> tuple[str, int]:
 
 
 async def _connect_client(url: str, nursery: trio.Nursery, i: int) -> None:
-    """Open one authenticated client whose connection lives in ``nursery``."""
-    from trio_websocket import wrap_client_stream
-
+    """Open one authenticated client whose connection lives as long as ``nursery``."""
     from relay.client import client_handshake
+    from relay.wsstream import connect_websocket
 
-    host, port = _host_port(url)
-    stream = await trio.open_tcp_stream(host, port, local_address=_source(i)[0])
-    ws = await wrap_client_stream(nursery, stream, host, "/derp", subprotocols=[wire.SUBPROTOCOL])
+    ws = await connect_websocket(
+        url,
+        subprotocol=wire.SUBPROTOCOL,
+        max_message=1 << 20,
+        receive_bytes=16 * 1024,
+        local_address=_source(i)[0],
+    )
     await client_handshake(ws, wire.FrameDecoder(), PrivateKey.generate())
+    # Idle: it reads nothing (the relay's keepalives wait in the socket's buffer).
+    nursery.start_soon(_hold, ws.stream)
+
+
+async def _hold(stream: trio.abc.Stream) -> None:
+    async with stream:
+        await trio.sleep_forever()
 
 
 async def _clients(args: argparse.Namespace) -> None:
@@ -199,9 +209,8 @@ def _wait_for(what: str, check: Any, timeout_s: float = 120.0) -> None:
 def _connect_times(url: str, n: int, interval_s: float = 0.0) -> dict[str, Any]:
     """Connect a normal client ``n`` times, one every ``interval_s`` (so several may be
     in flight at once): how long each took, from TCP connect to the relay's ServerInfo."""
-    from trio_websocket import open_websocket_url
-
     from relay.client import client_handshake
+    from relay.wsstream import connect_websocket
 
     samples: list[int] = []
     failed: list[str] = []
@@ -210,7 +219,10 @@ def _connect_times(url: str, n: int, interval_s: float = 0.0) -> dict[str, Any]:
         t0 = time.perf_counter_ns()
         try:
             with trio.fail_after(_PROBE_TIMEOUT_S):
-                async with open_websocket_url(url, subprotocols=[wire.SUBPROTOCOL]) as ws:
+                ws = await connect_websocket(
+                    url, subprotocol=wire.SUBPROTOCOL, max_message=1 << 20, receive_bytes=16384
+                )
+                async with ws.stream:
                     await client_handshake(ws, wire.FrameDecoder(), PrivateKey.generate())
                     samples.append(time.perf_counter_ns() - t0)
         except Exception as exc:

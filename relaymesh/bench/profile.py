@@ -23,7 +23,6 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]*)(?::\d+)?\)$")
 SOCKET = "socket send/recv calls"
 #: (area, file part, function part): the first whose parts are both in the frame wins.
 AREAS: list[tuple[str, str, str]] = [
-    ("masking (C, relay/_wsmask.py)", "relay/_wsmask.py", ""),
     (SOCKET, "trio/_socket.py", "_nonblocking_helper"),
     ("epoll wait and registration", "trio/_core/_io_epoll.py", ""),
     ("cancel scopes, fail_after", "trio/_core/_run.py", "CancelScope"),
@@ -33,6 +32,13 @@ AREAS: list[tuple[str, str, str]] = [
     ("trio scheduling, checkpoints, streams", "trio/", ""),
     ("trio-websocket", "trio_websocket/", ""),
     ("wsproto parsing and framing", "wsproto/", ""),
+    (
+        "WebSocket frames (relay/protocol/websocket.py, relay/wsstream.py)",
+        "relay/protocol/websocket.py",
+        "",
+    ),
+    ("WebSocket frames (relay/protocol/websocket.py, relay/wsstream.py)", "relay/wsstream.py", ""),
+    ("queues and outbox (relay/queue.py)", "relay/queue.py", ""),
     ("frame codec (relay/protocol/wire.py)", "relay/protocol/wire.py", ""),
     ("routing and writer (relay/server.py)", "relay/server.py", ""),
 ]

@@ -85,11 +85,10 @@ class _WsTransport(_Transport):
         self.ws = ws
 
     async def send(self, data: bytes) -> None:
-        await self.ws.send_message(data)
+        await self.ws.send(data)
 
     async def receive(self) -> bytes:
-        msg = await self.ws.get_message()
-        return msg if isinstance(msg, bytes) else msg.encode()
+        return bytes(await self.ws.receive())
 
 
 class _TcpTransport(_Transport):
@@ -108,24 +107,26 @@ class _TcpTransport(_Transport):
 
 async def _with_transport(args: argparse.Namespace, key: PrivateKey, role: str, body: Any) -> None:
     if args.target in ("relay", "ws_copy"):
-        from trio_websocket import open_websocket_url
-
-        from relay import _wsmask
         from relay.client import client_handshake
+        from relay.wsstream import connect_websocket
 
-        _wsmask.install()
         relay = args.target == "relay"
-        async with open_websocket_url(
+        # The same WebSocket client as the SDK's (relay/wsstream.py).
+        ws = await connect_websocket(
             args.url if relay else f"{args.url}/{role}/{args.pair}",
-            subprotocols=[wire.SUBPROTOCOL] if relay else None,
-            receive_buffer_size=256 * 1024,
-            max_message_size=4 * 1024 * 1024,
-        ) as ws:
+            subprotocol=wire.SUBPROTOCOL if relay else None,
+            receive_bytes=256 * 1024,
+            max_message=4 * 1024 * 1024,
+        )
+        try:
             if relay:
                 decoder = wire.FrameDecoder()
                 await client_handshake(ws, decoder, key)
                 await _ping(ws, decoder)
             await body(_WsTransport(ws))
+        finally:
+            with trio.move_on_after(1):
+                await ws.aclose(1000)
     else:
         stream = await trio.open_tcp_stream("127.0.0.1", args.port)
         async with stream:
@@ -395,41 +396,47 @@ async def _tcp_copy(args: argparse.Namespace) -> None:
 
 
 async def _ws_copy(args: argparse.Namespace) -> None:
-    from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+    """A relay that pairs WebSocket connections and copies what one sends to the other,
+    with the relay's own WebSocket path (relay/wsstream.py) and receive buffer: what
+    that path costs before the relay does any work of its own."""
+    from wsproto import ConnectionType
+    from wsproto.handshake import H11Handshake
 
-    from relay import _wsmask
     from relay.config import LimitsConfig
+    from relay.wsstream import (
+        WebSocketClosed,
+        WebSocketStream,
+        accept_upgrade,
+        read_upgrade_request,
+    )
 
-    _wsmask.install()
     lim = LimitsConfig()
     pairs = _Pairs()
 
-    async def handle(request: WebSocketRequest) -> None:
-        ws = await request.accept()
-        _, role, pair = request.path.split("/")
+    async def handle(stream: trio.SocketStream) -> None:
+        handshake = H11Handshake(ConnectionType.SERVER)
+        request = await read_upgrade_request(stream, handshake, lim.receive_buffer_bytes)
+        ws = WebSocketStream(
+            stream,
+            server_side=True,
+            max_message=lim.max_receive_message_bytes,
+            receive_bytes=lim.receive_buffer_bytes,
+            leftover=await accept_upgrade(stream, handshake, None),
+        )
+        _, role, pair = request.target.split("/")
         if role == "recv":
             pairs.add_receiver(pair, ws)
             await trio.sleep_forever()  # the sender's task forwards into us
         dest = await pairs.receiver(pair)
         try:
             while True:
-                await dest.send_message(await ws.get_message())
-        except ConnectionClosed:
+                await dest.send(await ws.receive())
+        except (WebSocketClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            partial(
-                serve_websocket,
-                handle,
-                "127.0.0.1",
-                0,
-                ssl_context=None,
-                max_message_size=lim.max_receive_message_bytes,
-                receive_buffer_size=lim.receive_buffer_bytes,
-            )
-        )
-        print(json.dumps({"port": server.port}), flush=True)
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        print(json.dumps({"port": listeners[0].socket.getsockname()[1]}), flush=True)
         await _answer_stdin(dict)
         nursery.cancel_scope.cancel()
 

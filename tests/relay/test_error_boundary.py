@@ -13,13 +13,14 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from relay.client import client_handshake, open_relay_client
 from relay.config import load_config
 from relay.protocol import wire
 from relay.protocol.keys import PrivateKey
 from relay.server import RelayServer
+from relay.wsstream import WebSocketStream
 from tests.conftest import start_relay, wait_until
 from tests.relay.hostile import (
     closes_total,
@@ -288,14 +289,14 @@ async def test_full_size_message_right_after_server_info_is_accepted(
     """The pre-auth message bound ends before ServerInfo is sent, not after: a client that
     sends a full-size message the moment it has read ServerInfo is served even when the
     relay's handler is descheduled right after sending it (a busy relay)."""
-    send_message = WebSocketConnection.send_message
+    send = WebSocketStream.send
 
-    async def slow_after_server_info(self: WebSocketConnection, message: bytes | str) -> None:
-        await send_message(self, message)
-        if not self.is_client and isinstance(message, bytes) and message[:1] == b"\x03":
-            await trio.sleep(0.2)  # the reader task runs meanwhile, as on a loaded machine
+    async def slow_after_server_info(self: WebSocketStream, message: bytes) -> None:
+        await send(self, message)
+        if message[:1] == b"\x03":
+            await trio.sleep(0.2)  # the client sends meanwhile, as on a loaded machine
 
-    monkeypatch.setattr(WebSocketConnection, "send_message", slow_after_server_info)
+    monkeypatch.setattr(WebSocketStream, "send", slow_after_server_info)
     server, url = await start_relay(nursery)
     sink = PrivateKey.generate()
     payload = b"x" * wire.MAX_PACKET_BYTES

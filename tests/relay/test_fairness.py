@@ -26,13 +26,14 @@ from contextlib import AsyncExitStack
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_stream
 
 from relay.client import RelayClient, client_handshake, open_relay_client
 from relay.metrics import relay_registry, render
 from relay.protocol import wire
 from relay.protocol.keys import PrivateKey
 from tests.conftest import start_relay, wait_until
+from tests.relay.hostile import open_raw, reset
 
 SEQ = struct.Struct(">I")
 MESSAGE_BYTES = 1024 * 1024
@@ -134,18 +135,37 @@ async def test_frames_that_deliver_nothing_are_limited_per_connection(
         open_relay_client(url, PrivateKey.generate()) as a,
         open_relay_client(url, PrivateKey.generate()) as b,
         open_relay_client(url, PrivateKey.generate()) as watcher,
-        open_websocket_url(url, subprotocols=["derp"], max_message_size=4 * MESSAGE_BYTES) as ws,
+        trio.open_nursery() as flooding,
     ):
+        stream = await open_raw(server)
+        ws = await wrap_client_stream(
+            flooding,
+            stream,
+            "127.0.0.1",
+            "/derp",
+            subprotocols=["derp"],
+            max_message_size=4 * MESSAGE_BYTES,
+        )
         await client_handshake(ws, wire.FrameDecoder(), PrivateKey.generate())
         marker = wire.encode(wire.SendPacket(dest=watcher.public_key.raw, payload=b"flood done"))
-        with trio.fail_after(60):
+
+        async def flood_then_mark() -> None:
+            # The relay reads the flood only as fast as the budget allows, so TCP holds
+            # the flooder's sends back: they run beside the victim, not before it.
             await ws.send_message(message)
             await ws.send_message(marker)
+
+        flooding.start_soon(flood_then_mark)
+        with trio.fail_after(60):
             await wait_until(lambda: server.statistics().rate_limited_s > 0)
             await victim_exchange(a, b)
         assert watcher.statistics().packets_received == 0
         # Victims are not paused: only the flooder was.
         assert a.statistics().connects == b.statistics().connects == 1
+        # The relay is still reading the flood: end it with a reset, not a Close that
+        # would wait behind the rest of the flood.
+        flooding.cancel_scope.cancel()
+        await reset(stream)
 
 
 async def test_victim_pair_is_served_while_one_connection_floods_before_its_handshake(
