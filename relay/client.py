@@ -279,6 +279,23 @@ class RelayClient:
             self._out.poke()
         return queued
 
+    def forward_frames_nowait(self, src: bytes, dest: bytes, frames: bytes, count: int) -> int:
+        """Queue a run of ``count`` packets from ``src`` to ``dest``, given as the
+        RecvPacket frames ``dest`` is to get (a relay's run, relay/protocol/wire.py), for a
+        mesh peer: as they are, in one ForwardRun, when the relay takes them (its
+        ServerInfo says ``forward_runs``) and they fit one frame; else as
+        :meth:`forward_run_nowait` would. How many were queued (all, or none of a
+        ForwardRun). Never blocks."""
+        if self.closed_reason is not None:
+            return 0
+        size = 2 * _K + len(frames)
+        if self.server_info.get("forward_runs") is not True or size > wire.MAX_FRAME_BODY:
+            return self.forward_run_nowait(src, dest, wire.run_payloads(frames))
+        if not self._out.data.offer(_HDR.pack(FrameType.FORWARD_RUN, size) + src + dest + frames):
+            return 0
+        self._out.poke()
+        return count
+
     def _queue(self, dest: NodeKey, payload: bytes) -> None:
         if self.closed_reason is not None:
             raise RelayClosedError(self.closed_reason)

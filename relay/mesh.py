@@ -147,25 +147,46 @@ class Mesh:
         """Send consecutive packets from ``src`` to ``dest`` towards the relay that holds
         ``dest`` (in ForwardPackets frames where the link takes them); False if none is known.
         """
+        link = self._link_to(dest)
+        if link is None:
+            return False
+        link.last_used = trio.current_time()
+        self._count(link, src, len(payloads), link.client.forward_run_nowait(src, dest, payloads))
+        return True
+
+    def forward_frames(self, src: bytes, dest: bytes, frames: bytes, count: int) -> bool:
+        """Send a run of ``count`` packets from ``src`` to ``dest`` (the RecvPacket frames
+        ``dest`` is to get) towards the relay that holds ``dest``: as they are, in one
+        ForwardRun, where the link takes them; False if no relay is known."""
+        link = self._link_to(dest)
+        if link is None:
+            return False
+        link.last_used = trio.current_time()
+        queued = link.client.forward_frames_nowait(src, dest, frames, count)
+        self._count(link, src, count, queued)
+        return True
+
+    def _link_to(self, dest: bytes) -> _Link | None:
+        """The link towards the relay that holds ``dest`` (opened if need be), or towards
+        a LOST peer's last relay while our link there is up; None if there is none."""
         record = self._state.route(dest)
         if record is None:
-            return self._forward_to_lost(src, dest, payloads)
+            relay_id = self._state.last_relay(dest)
+            link = self._links.get(relay_id) if relay_id is not None else None
+            if link is None or not link.client.connected:
+                return None
+            return link
         if record.relay_id == self._me.relay_id:
-            return False
+            return None
         link = self._links.get(record.relay_id)
         if link is None or link.record.ws_url != record.ws_url:
             link = self._open(record, eager=record.region == self._me.region)
-            if link is None:
-                return False
-        self._send(link, src, dest, payloads)
-        return True
+        return link
 
-    def _send(self, link: _Link, src: bytes, dest: bytes, payloads: list[bytes]) -> None:
-        link.last_used = trio.current_time()
-        queued = link.client.forward_run_nowait(src, dest, payloads)
+    def _count(self, link: _Link, src: bytes, count: int, queued: int) -> None:
         self.forwarded_out += queued
         link.packets += queued
-        lost = len(payloads) - queued
+        lost = count - queued
         if lost:
             link.drops += lost
             self._server.count_drop(DropReason.MESH_QUEUE_FULL, lost, src=src)
@@ -176,15 +197,6 @@ class Mesh:
         relay_id = record.relay_id if record is not None else self._state.last_relay(dest)
         link = self._links.get(relay_id) if relay_id is not None else None
         return link.client.outbox if link is not None else None
-
-    def _forward_to_lost(self, src: bytes, dest: bytes, payloads: list[bytes]) -> bool:
-        """A LOST peer's packets go to its last relay while our link there is up."""
-        relay_id = self._state.last_relay(dest)
-        link = self._links.get(relay_id) if relay_id is not None else None
-        if link is None or not link.client.connected:
-            return False
-        self._send(link, src, dest, payloads)
-        return True
 
     # ---- links ----------------------------------------------------------------
 

@@ -112,6 +112,7 @@ _RECV = FrameType.RECV_PACKET
 _SEND = FrameType.SEND_PACKET
 _FWD = FrameType.FORWARD_PACKET
 _FWDS = FrameType.FORWARD_PACKETS
+_FWDR = FrameType.FORWARD_RUN
 _K = wire.KEY_BYTES
 #: What a SendPacket or RecvPacket frame holds besides its payload: header and key.
 _PACKET_OVERHEAD = wire.HEADER_BYTES + _K
@@ -205,8 +206,9 @@ class PacketForwarder(Protocol):
         """
         ...
 
-    def forward_run(self, src: bytes, dest: bytes, payloads: list[bytes]) -> bool:
-        """Like :meth:`forward` for consecutive packets from ``src`` to ``dest``."""
+    def forward_frames(self, src: bytes, dest: bytes, frames: bytes, count: int) -> bool:
+        """Like :meth:`forward` for a run of ``count`` packets from ``src`` to ``dest``,
+        given as the RecvPacket frames ``dest`` is to get."""
         ...
 
     def gate(self, dest: bytes) -> Outbox | None:
@@ -1055,6 +1057,8 @@ class RelayServer:
                 "max_packet_bytes": wire.MAX_PACKET_BYTES,
                 # This relay takes ForwardPackets (runs of packets) from mesh peers.
                 "forward_batch": True,
+                # ... and ForwardRun (runs as RecvPacket frames).
+                "forward_runs": True,
             }
             if self.http_url is not None:
                 info["http_url"] = self.http_url
@@ -1221,14 +1225,16 @@ class RelayServer:
                 gate: Outbox | None = None
                 # Consecutive packets for a key on another relay, forwarded as one run.
                 pending: list[bytes] = []
+                pending_count = 0
                 for ftype, count, data, dest_key in runs:
                     if ftype != _SEND:
-                        if ftype in (_FWDS, _FWD) and client.is_mesh:
-                            fed = (
-                                self._deliver_forwarded_run(data)
-                                if ftype == _FWDS
-                                else self._deliver_forwarded(data)
-                            )
+                        if ftype in (_FWDR, _FWDS, _FWD) and client.is_mesh:
+                            if ftype == _FWDR:
+                                fed = self._deliver_forwarded_frames(data)
+                            elif ftype == _FWDS:
+                                fed = self._deliver_forwarded_run(data)
+                            else:
+                                fed = self._deliver_forwarded(data)
                             if fed is not gate and fed is not None:
                                 gate = fed
                                 gates.append(fed)
@@ -1239,8 +1245,11 @@ class RelayServer:
                     if dest_key != last_key:
                         if pending:
                             assert forwarder is not None and last_key is not None
-                            noop += self._forward_run(client, forwarder, last_key, pending, gates)
+                            noop += self._forward_run(
+                                client, forwarder, last_key, pending, pending_count, gates
+                            )
                             pending = []
+                            pending_count = 0
                         last_key = dest_key
                         dest = clients.get(dest_key)
                         if dest is not None:
@@ -1251,7 +1260,8 @@ class RelayServer:
                     routed_bytes += len(data) - count * _PACKET_OVERHEAD
                     if dest is None:
                         if forwarder is not None:
-                            pending += wire.run_payloads(data)
+                            pending.append(data)
+                            pending_count += count
                             continue
                         drops[DropReason.UNKNOWN_DEST] += count
                         self._note_gone(client, dest_key)
@@ -1268,7 +1278,9 @@ class RelayServer:
                         out.poke()
                 if pending:
                     assert forwarder is not None and last_key is not None
-                    noop += self._forward_run(client, forwarder, last_key, pending, gates)
+                    noop += self._forward_run(
+                        client, forwarder, last_key, pending, pending_count, gates
+                    )
                 client.packets_in += routed
                 client.bytes_in += routed_bytes
                 if noop and noop_bucket is not None:
@@ -1306,23 +1318,26 @@ class RelayServer:
         client: _Client,
         forwarder: PacketForwarder,
         dest_key: bytes,
-        payloads: list[bytes],
+        runs: list[bytes],
+        count: int,
         gates: list[Outbox],
     ) -> int:
-        """Hand consecutive packets for a key not here to the forwarder; note the queue
-        they went to in ``gates``. How many delivered nothing (no relay holds the key)."""
+        """Hand consecutive packets for a key not here (``runs`` of RecvPacket frames,
+        ``count`` packets) to the forwarder; note the queue they went to in ``gates``.
+        How many delivered nothing (no relay holds the key)."""
+        frames = runs[0] if len(runs) == 1 else b"".join(runs)
         try:
-            if forwarder.forward_run(client.key, dest_key, payloads):
+            if forwarder.forward_frames(client.key, dest_key, frames, count):
                 fed = forwarder.gate(dest_key)
                 if fed is not None:
                     gates.append(fed)
                 return 0
         except Exception as exc:
-            self._forward_failed(exc, len(payloads))
+            self._forward_failed(exc, count)
             return 0
-        self._c.drops[DropReason.UNKNOWN_DEST] += len(payloads)
+        self._c.drops[DropReason.UNKNOWN_DEST] += count
         self._note_gone(client, dest_key)
-        return len(payloads)
+        return count
 
     def _forward_failed(self, exc: Exception, n: int = 1) -> None:
         """The forwarder raised: the packets are dropped; the connection and the node go on."""
@@ -1350,6 +1365,20 @@ class RelayServer:
             return None
         if dest.out.data.push(_HDR.pack(_RECV, n - _K) + body[:_K] + body[2 * _K :]):
             dest.out.poke()
+        return dest.out
+
+    def _deliver_forwarded_frames(self, body: bytes) -> Outbox | None:
+        """A ForwardRun: the RecvPacket frames of a run from one source to a client of
+        ours, checked and queued as they came, as one entry.
+
+        Returns the queue they went to (for flow control), None if they were dropped.
+        """
+        count = wire.count_run(body)
+        dest = self._forwarded_to(body, count)
+        if dest is None:
+            return None
+        dest.out.data.push(body[2 * _K :], count)
+        dest.out.poke()
         return dest.out
 
     def _deliver_forwarded_run(self, body: bytes) -> Outbox | None:

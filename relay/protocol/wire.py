@@ -41,6 +41,7 @@ type   name            body
 0x15   Restarting      reconnect in (u32 ms) | try for (u32 ms)
 0x16   PacketsDropped  reason (1 B, :class:`DropCode`) | count (u32)
 0x17   ForwardPackets  source key (32) | dest key (32) | per packet: length (u32) | payload
+0x18   ForwardRun      source key (32) | dest key (32) | RecvPacket frames from that source
 =====  ==============  ======================================================
 
 A decoder skips frames of a type it does not know (so new frame types can be
@@ -86,6 +87,7 @@ __all__ = [
     "Event",
     "ForwardPacket",
     "ForwardPackets",
+    "ForwardRun",
     "FrameDecoder",
     "FrameType",
     "Health",
@@ -163,6 +165,7 @@ class FrameType(enum.IntEnum):
     RESTARTING = 0x15
     PACKETS_DROPPED = 0x16
     FORWARD_PACKETS = 0x17
+    FORWARD_RUN = 0x18
 
 
 class DropCode(enum.IntEnum):
@@ -299,6 +302,16 @@ class ForwardPackets:
 
 
 @dataclass(**_EV)
+class ForwardRun:
+    """A run of packets from one source to one destination, in one mesh frame, as the
+    RecvPacket frames the destination is to get (the origin relay's run, verbatim)."""
+
+    src: bytes
+    dest: bytes
+    frames: bytes
+
+
+@dataclass(**_EV)
 class KeepAlive:
     pass
 
@@ -364,6 +377,7 @@ Event = (
     | RecvPacket
     | ForwardPacket
     | ForwardPackets
+    | ForwardRun
     | KeepAlive
     | NotePreferred
     | PeerGone
@@ -466,6 +480,20 @@ def _body(event: Event) -> tuple[FrameType, bytes]:
                     CloseReason.FRAME_TOO_LARGE,
                 )
             return FrameType.FORWARD_PACKETS, body
+        case ForwardRun(src=src, dest=dest, frames=frames):
+            _check_key("src", src)
+            _check_key("dest", dest)
+            body = src + dest + frames
+            try:
+                count_run(body)
+            except RemoteProtocolError as exc:
+                raise LocalProtocolError(str(exc)) from None
+            if len(body) > MAX_FRAME_BODY:
+                raise LocalProtocolError(
+                    f"ForwardRun body of {len(body)} bytes is over {MAX_FRAME_BODY}",
+                    CloseReason.FRAME_TOO_LARGE,
+                )
+            return FrameType.FORWARD_RUN, body
         case PacketsDropped(reason=reason, count=count):
             if not 0 <= count < 2**32:
                 raise LocalProtocolError("a drop count must fit in 32 bits")
@@ -562,6 +590,9 @@ def decode_body(frame_type: int, body: bytes) -> Event | None:
             return ForwardPackets(
                 src=body[:k], dest=body[k : 2 * k], payloads=tuple(split_packets(body))
             )
+        case FrameType.FORWARD_RUN:
+            count_run(body)
+            return ForwardRun(src=body[:k], dest=body[k : 2 * k], frames=body[2 * k :])
         case FrameType.PACKETS_DROPPED:
             # Longer bodies: a newer relay's additions, ignored.
             _need(ft, body, least=_DROPPED.size)
@@ -593,6 +624,40 @@ def split_packets(body: bytes) -> list[bytes]:
     if not out:
         raise RemoteProtocolError("ForwardPackets carries no packet")
     return out
+
+
+def count_run(body: bytes) -> int:
+    """How many packets a ForwardRun body carries; RemoteProtocolError unless, after its
+    two keys, it is one or more whole RecvPacket frames from its source key."""
+    if len(body) < 2 * KEY_BYTES:
+        raise RemoteProtocolError(f"ForwardRun body of {len(body)} bytes has no keys")
+    src = body[:KEY_BYTES]
+    unpack = FRAME_HEADER.unpack_from
+    pos = 2 * KEY_BYTES
+    end = len(body)
+    count = 0
+    most = KEY_BYTES + MAX_PACKET_BYTES
+    while pos < end:
+        if end - pos < HEADER_BYTES + KEY_BYTES:
+            raise RemoteProtocolError("ForwardRun ends inside a frame")
+        frame_type, length = unpack(body, pos)
+        stop = pos + HEADER_BYTES + length
+        if stop > end and length <= most:
+            raise RemoteProtocolError("ForwardRun ends inside a frame")
+        if (
+            frame_type != _RECV_TYPE
+            or not KEY_BYTES <= length <= most
+            or stop > end
+            or body[pos + HEADER_BYTES : pos + HEADER_BYTES + KEY_BYTES] != src
+        ):
+            raise RemoteProtocolError(
+                "ForwardRun holds a frame that is not a RecvPacket from its source"
+            )
+        pos = stop
+        count += 1
+    if not count:
+        raise RemoteProtocolError("ForwardRun carries no packet")
+    return count
 
 
 def run_payloads(frames: bytes) -> list[bytes]:

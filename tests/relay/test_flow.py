@@ -188,6 +188,35 @@ def test_a_run_goes_in_forward_packets_frames_below_the_frame_limit() -> None:
         assert len(wire.encode(frame)) - wire.HEADER_BYTES <= wire.MAX_FRAME_BODY
 
 
+def test_a_run_of_frames_goes_as_one_forward_run_where_the_relay_takes_them() -> None:
+    """A relay's run (RecvPacket frames) crosses a link as it is, in one ForwardRun, to a
+    relay whose ServerInfo says ``forward_runs``; to an older one as ForwardPackets, and
+    to one older still as ForwardPacket; too large for one frame, it is split."""
+    src, dest = bytes(range(32)), bytes(range(32, 64))
+    payloads = [bytes([i]) * 1000 for i in range(5)]
+    frames = b"".join(wire.encode(wire.RecvPacket(src=src, payload=p)) for p in payloads)
+    for info, want in (
+        (
+            {"forward_runs": True, "forward_batch": True},
+            [wire.ForwardRun(src=src, dest=dest, frames=frames)],
+        ),
+        (
+            {"forward_batch": True},
+            [wire.ForwardPackets(src=src, dest=dest, payloads=tuple(payloads))],
+        ),
+        ({}, [wire.ForwardPacket(src=src, dest=dest, payload=p) for p in payloads]),
+    ):
+        link = RelayClient(["ws://127.0.0.1:1/derp"], PrivateKey.generate())
+        link.server_info = info
+        assert link.forward_frames_nowait(src, dest, frames, len(payloads)) == len(payloads)
+        assert queued_frames(link) == want
+    big = [bytes(40_000), bytes(40_000)]
+    frames = b"".join(wire.encode(wire.RecvPacket(src=src, payload=p)) for p in big)
+    link.server_info = {"forward_runs": True, "forward_batch": True}
+    assert link.forward_frames_nowait(src, dest, frames, 2) == 2
+    assert queued_frames(link) == [wire.ForwardPacket(src=src, dest=dest, payload=p) for p in big]
+
+
 def test_a_run_that_does_not_fit_the_link_queue_keeps_its_first_packets() -> None:
     link = RelayClient(["ws://127.0.0.1:1/derp"], PrivateKey.generate(), send_queue_packets=2)
     link.server_info = {"forward_batch": True}

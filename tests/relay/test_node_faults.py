@@ -144,7 +144,7 @@ async def test_presence_consumer_fault_is_retried_and_counted(
 async def test_forwarder_fault_drops_one_packet_and_is_counted(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(Mesh, "forward_run", fail_once(Mesh.forward_run))
+    monkeypatch.setattr(Mesh, "forward_frames", fail_once(Mesh.forward_frames))
     async with open_memory_store() as store:
         eu = await start(nursery, store, "eu-1")
         us = await start(nursery, store, "us-1", region="us")

@@ -60,6 +60,10 @@ TABLE: list[tuple[wire.Event, bytes]] = [
         wire.PacketsDropped(reason=wire.DropCode.MESH_QUEUE_FULL, count=300),
         hdr(0x16, 5) + b"\x04" + struct.pack(">I", 300),
     ),
+    (
+        wire.ForwardRun(src=A, dest=B, frames=hdr(5, 33) + A + b"p" + hdr(5, 32) + A),
+        hdr(0x18, 64 + 38 + 37) + A + B + hdr(5, 33) + A + b"p" + hdr(5, 32) + A,
+    ),
 ]
 
 
@@ -216,6 +220,9 @@ def test_malformed_bodies_are_remote_errors(
         wire.PacketsDropped(reason=wire.DropCode.QUEUE_FULL, count=2**32),
         wire.ForwardPackets(src=A, dest=B, payloads=()),
         wire.ForwardPackets(src=A, dest=B, payloads=(bytes(40_000), bytes(40_000))),
+        wire.ForwardRun(src=A, dest=B, frames=b""),
+        wire.ForwardRun(src=A, dest=B, frames=hdr(5, 33) + B + b"p"),
+        wire.ForwardRun(src=A, dest=B, frames=(hdr(5, 32 + 40_000) + A + bytes(40_000)) * 2),
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -274,6 +281,16 @@ events = st.one_of(
         payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=5).map(tuple),
     ),
     st.builds(wire.PacketsDropped, reason=st.sampled_from(wire.DropCode), count=u32),
+    keys.flatmap(
+        lambda src: st.builds(
+            wire.ForwardRun,
+            src=st.just(src),
+            dest=keys,
+            frames=st.lists(st.binary(max_size=300), min_size=1, max_size=5).map(
+                lambda ps: b"".join(hdr(5, 32 + len(p)) + src + p for p in ps)
+            ),
+        )
+    ),
 )
 
 
@@ -466,3 +483,32 @@ def test_fuzz_relay_split_never_crashes_otherwise(data: bytes, step: int) -> Non
                     assert len(dest) == 32 and len(wire.run_payloads(frames)) == count
     except RemoteProtocolError as exc:
         assert exc.reason in (CloseReason.FRAME_TOO_LARGE, CloseReason.BAD_FRAME)
+
+
+@pytest.mark.parametrize(
+    ("frames", "why"),
+    [
+        (b"", "no packet"),
+        (hdr(5, 33) + A, "ends inside a frame"),
+        (hdr(5, 33) + A + b"p" + b"\x05\x00", "ends inside a frame"),
+        (hdr(4, 33) + A + b"p", "not a RecvPacket"),
+        (hdr(5, 33) + B + b"p", "not a RecvPacket from its source"),
+        (hdr(5, 31) + A[:31], "ends inside a frame"),
+        (hdr(5, 34) + A + b"p", "ends inside a frame"),
+        (hdr(5, 32 + wire.MAX_PACKET_BYTES + 1) + A + bytes(wire.MAX_PACKET_BYTES + 1), "not a"),
+    ],
+)
+def test_a_forward_run_that_is_not_whole_recv_packets_from_its_source_is_refused(
+    frames: bytes, why: str
+) -> None:
+    with pytest.raises(wire.RemoteProtocolError, match=why):
+        wire.count_run(A + B + frames)
+    dec = wire.FrameDecoder()
+    dec.receive_data(hdr(0x18, 64 + len(frames)) + A + B + frames)
+    with pytest.raises(wire.RemoteProtocolError):
+        dec.next_event()
+
+
+def test_count_run_counts_the_packets() -> None:
+    frames = b"".join(hdr(5, 32 + n) + A + bytes(n) for n in (0, 1, 1200))
+    assert wire.count_run(A + B + frames) == 3
