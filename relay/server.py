@@ -119,6 +119,9 @@ _PACKET_OVERHEAD = wire.HEADER_BYTES + _K
 _PONG_HEADER = wire.frame_header(FrameType.PONG, wire.PING_BYTES)
 #: How long a close handshake may take before the socket is just closed.
 _CLOSE_TIMEOUT_S = 2.0
+#: Against the pre-auth budget, a WebSocket frame that carries nothing counts as this
+#: many bytes: at most 128 of them before a ClientInfo.
+_NOOP_FRAME_BYTES = 64
 #: Remember at most this many recent senders per client (for PeerGone on disconnect).
 _MAX_SENDERS_TRACKED = 4096
 #: A failing forwarder is logged at most this often (every failure is counted).
@@ -591,8 +594,9 @@ class RelayServer:
             task_status.started(self.port)
 
     async def _watch_writes(self) -> None:
-        """End every client whose current send has taken more than ``write_timeout_s``
-        (its socket accepted too little for that long), checking a few times per
+        """End every client whose current send has made no progress for more than
+        ``write_timeout_s`` (its socket took nothing for that long; over TLS, its send
+        took that long: see WebSocketStream.sending_since), checking a few times per
         timeout: one task for all connections instead of a timeout scope per send."""
         timeout = self._limits.write_timeout_s
         interval = min(1.0, timeout / 4)
@@ -1039,7 +1043,9 @@ class RelayServer:
             decoder.receive_data(msg)
             event = decoder.next_event()
             if event is wire.NEED_DATA:
-                if received > budget:
+                # A WebSocket frame that carries nothing (a Ping, an empty frame) costs
+                # work too: each counts as _NOOP_FRAME_BYTES.
+                if received + ws.noop_frames * _NOOP_FRAME_BYTES > budget:
                     conn.over_budget = True
                     await trio.sleep_forever()
                 continue
@@ -1180,13 +1186,23 @@ class RelayServer:
         )
         turn_frames = lim.frames_per_turn
         turn_bytes = lim.max_message_bytes
-        receive = client.ws.receive
+        ws = client.ws
+        receive = ws.receive
+        # WebSocket frames that carried nothing (Pings, empty frames), already charged.
+        ws_noop = ws.noop_frames
         clients = self._clients
         drops = self._c.drops
         src_key = client.key
         flow_wait = lim.flow_wait_s
         while True:
             decoder.receive_data(await receive())
+            if noop_bucket is not None and ws.noop_frames != ws_noop:
+                # WebSocket frames that deliver nothing count like the protocol's own.
+                pause = noop_bucket.take(ws.noop_frames - ws_noop, trio.current_time())
+                ws_noop = ws.noop_frames
+                if pause:
+                    self._c.rate_limited_s += pause
+                    await trio.sleep(pause)
             # A message (up to 1 MiB: 200,000 five-byte frames) is taken in turns of at
             # most turn_frames frames or turn_bytes bytes, with a yield to the other
             # connections between two turns: one connection's work cannot hold the

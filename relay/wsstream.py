@@ -7,15 +7,20 @@ One task reads (:meth:`WebSocketStream.receive`), one task writes
 one ``receive_some`` whose binary payload goes straight to the caller: no
 reader task, no channel, no message assembly (the relay protocol is a byte
 stream; relay.protocol.websocket says why). The reader answers a Ping with a
-Pong itself; sends never interleave: a send waits while another is under way
-(only the rare Pong or Close meets a writer's send that way), and a send cut
-short by cancellation marks the stream broken, since the peer may have a
-partial frame: no Close frame is sent after that, the TCP connection is just
-closed.
+Pong itself, the last Ping of a read only (RFC 6455 §5.5.3 lets an endpoint
+skip Pings it has not answered yet: a read full of Pings costs one send).
+Sends never interleave: a send waits while another is under way (only the
+rare Pong or Close meets a writer's send that way), and a send cut short by
+cancellation marks the stream broken, since the peer may have a partial
+frame: no Close frame is sent after that, the TCP connection is just closed.
 
-:attr:`WebSocketStream.sending_since` is when the send under way began
-(infinity when none is): the relay's write watchdog ends a connection whose
-send has taken too long, instead of a timeout scope around every send.
+:attr:`WebSocketStream.sending_since` is when the send under way last made
+progress (infinity when no send is under way): when it began, or when the
+socket last took some of its bytes. The relay's write watchdog ends a
+connection whose socket has taken nothing for too long, instead of a timeout
+scope around every send; a peer that reads slowly but steadily is never cut in
+the middle of a large message for being slow. Over TLS the progress is the
+whole message's (the TLS stream sends it in one piece).
 
 :meth:`aclose` is the close handshake (RFC 6455 §7.1): our Close (or the
 echo of the peer's), then, if we began it, reading until the peer's Close or
@@ -24,6 +29,7 @@ EOF; the caller bounds it in time.
 
 from __future__ import annotations
 
+import errno
 import math
 import ssl
 from urllib.parse import urlsplit
@@ -92,6 +98,7 @@ class WebSocketStream:
         "_reader",
         "_receive_bytes",
         "_sent_close",
+        "_socket",
         "close_received",
         "sending_since",
         "stream",
@@ -107,6 +114,8 @@ class WebSocketStream:
         leftover: bytes = b"",
     ) -> None:
         self.stream = stream
+        # A plain TCP stream's socket, sent to directly to see its progress (_send_all).
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._reader = FrameReader(from_client=server_side, max_message=max_message)
         self._mask = not server_side
         self._receive_bytes = receive_bytes
@@ -127,7 +136,10 @@ class WebSocketStream:
         self._reader.max_message = value
 
     async def receive(self) -> bytes:
-        """The next binary payload bytes (never empty), across message boundaries.
+        """The next binary payload bytes, across message boundaries; b"" after a read
+        that carried frames with nothing in them and no payload (control frames, empty
+        data frames: see :attr:`noop_frames`), so that the caller can count them and
+        pause before it reads on.
 
         Raises :class:`WebSocketClosed` once the peer closed (after the payload that
         came before its Close), :class:`~relay.protocol.websocket.WebSocketError` when
@@ -145,14 +157,27 @@ class WebSocketStream:
                 data = await self.stream.receive_some(self._receive_bytes)
                 if not data:
                     raise WebSocketClosed(ABNORMAL, "the connection ended without a Close frame")
+            noop_before = reader.noop_frames
             payload, events = reader.receive(data)
-            for event in events:
-                if isinstance(event, Ping):
-                    await self._send_raw(encode_frame(PONG, event.payload, mask=self._mask))
-                elif isinstance(event, Close):
-                    self.close_received = event
-            if payload:
+            if events:
+                ping: Ping | None = None
+                for event in events:
+                    if isinstance(event, Ping):
+                        ping = event
+                    elif isinstance(event, Close):
+                        self.close_received = event
+                if ping is not None:
+                    # Only the last Ping of a read is answered (RFC 6455 §5.5.3 allows
+                    # it): a read full of Pings costs one send, not a send per Ping.
+                    await self._send_raw(encode_frame(PONG, ping.payload, mask=self._mask))
+            if payload or reader.noop_frames != noop_before:
                 return payload
+
+    @property
+    def noop_frames(self) -> int:
+        """How many frames read so far carried nothing (control frames, empty data
+        frames)."""
+        return self._reader.noop_frames
 
     # The names trio-websocket gives these, so that code taking either kind works.
     async def get_message(self) -> bytes:
@@ -177,7 +202,7 @@ class WebSocketStream:
             raise trio.ClosedResourceError("the stream was cut in the middle of a frame")
         self.sending_since = trio.current_time()
         try:
-            await self.stream.send_all(data)
+            await self._send_all(data)
         except BaseException:
             self._broken = True
             raise
@@ -187,6 +212,24 @@ class WebSocketStream:
             if idle is not None:
                 self._idle = None
                 idle.set()
+
+    async def _send_all(self, data: bytes) -> None:
+        """``stream.send_all(data)``, noting in :attr:`sending_since` each time the socket
+        takes part of it (what trio's SocketStream.send_all does, progress aside)."""
+        sock = self._socket
+        if sock is None:
+            await self.stream.send_all(data)
+            return
+        try:
+            with memoryview(data) as view:
+                sent = await sock.send(view)
+                while sent < len(view):
+                    self.sending_since = trio.current_time()
+                    sent += await sock.send(view[sent:])
+        except OSError as exc:
+            if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                raise trio.ClosedResourceError("the socket was already closed") from None
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
     async def aclose(self, code: int, reason: str = "") -> None:
         """Close the WebSocket (see the module's doc), then the stream. Never raises for
@@ -288,7 +331,9 @@ async def _read_upgrade_answer(
             raise HandshakeFailed("the server closed the connection before it answered")
         try:
             handshake.receive_data(bytes(data))
-        except wsproto.utilities.RemoteProtocolError as exc:
+        except (wsproto.utilities.RemoteProtocolError, UnicodeError) as exc:
+            # wsproto decodes some header values (Sec-WebSocket-Protocol, -Extensions,
+            # Connection) as ASCII: bytes that are not raise UnicodeDecodeError.
             raise HandshakeFailed(
                 f"the server's answer is not a WebSocket upgrade: {exc}"
             ) from None
@@ -341,6 +386,11 @@ async def read_upgrade_request(
         except wsproto.utilities.RemoteProtocolError as exc:
             if isinstance(exc.event_hint, wsproto.events.RejectConnection):
                 await stream.send_all(handshake.send(exc.event_hint))
+            raise HandshakeFailed(f"not a WebSocket upgrade request: {exc}", 400) from None
+        except UnicodeError as exc:
+            # wsproto decodes some header values (Host as IDNA; Sec-WebSocket-Protocol,
+            # -Extensions, Connection as ASCII): bytes that are not raise a UnicodeError.
+            await stream.send_all(handshake.send(wsproto.events.RejectConnection()))
             raise HandshakeFailed(f"not a WebSocket upgrade request: {exc}", 400) from None
         for event in handshake.events():
             if isinstance(event, wsproto.events.Request):

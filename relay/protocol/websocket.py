@@ -138,6 +138,7 @@ class FrameReader:
         "_masked",
         "_message_bytes",
         "max_message",
+        "noop_frames",
     )
 
     def __init__(self, *, from_client: bool, max_message: int) -> None:
@@ -153,6 +154,10 @@ class FrameReader:
         self._in_message = False
         self._message_bytes = 0
         self._closed = False
+        #: Frames read that carried nothing: control frames and empty data frames. They
+        #: cost work all the same, so the relay counts them against a client's allowance
+        #: of frames that deliver nothing.
+        self.noop_frames = 0
 
     @property
     def closed(self) -> bool:
@@ -246,6 +251,7 @@ class FrameReader:
                 stop = pos + head + length
                 if stop > end:
                     break
+                self.noop_frames += 1
                 payload = bytes(view[pos + head : stop])
                 if masked:
                     payload = apply_mask(payload, bytes(view[pos + head - 4 : pos + head]))
@@ -281,6 +287,8 @@ class FrameReader:
                 )
             self._message_bytes = size
             self._in_message = not fin
+            if not length:
+                self.noop_frames += 1
             if masked:
                 self._key = bytes(view[pos + head - 4 : pos + head])
             self._left = length
