@@ -461,3 +461,38 @@ async def test_a_malformed_forward_run_closes_only_the_link_it_came_on(
     assert server.statistics().closes == {"bad_frame": len(bodies)}
     assert closes_total(server, "internal_error") == 0
     await pair_still_served(url)
+
+
+async def test_a_send_cut_by_cancellation_fails_the_sends_waiting_behind_it() -> None:
+    """Two sends never interleave: the second waits for the first; when the first is
+    cancelled halfway (a partial frame on the wire), the waiting one raises instead
+    of writing after the partial frame or waiting for ever."""
+    a, b = trio.socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    ws = WebSocketStream(
+        trio.SocketStream(a), server_side=True, max_message=1 << 20, receive_bytes=65536
+    )
+    second: list[BaseException] = []
+
+    async def send_second() -> None:
+        try:
+            await ws.send(b"second")
+        except trio.ClosedResourceError as exc:
+            second.append(exc)
+
+    first = trio.CancelScope()
+
+    async def send_first() -> None:
+        with first:
+            await ws.send(bytes(1 << 20))  # blocked halfway: nobody reads
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(send_second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not second  # waiting behind the first
+        first.cancel()
+    assert len(second) == 1
+    await ws.aclose(1000)  # broken: no Close frame, just closed
+    b.close()

@@ -253,3 +253,25 @@ def test_close_payload_keeps_the_code_and_fits_a_control_frame() -> None:
     payload = close_payload(4001, "x" * 500)
     assert len(payload) == 125
     assert struct.unpack(">H", payload[:2]) == (4001,)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+def test_frames_that_carry_nothing_are_counted_once_however_the_stream_is_cut(
+    step: int,
+) -> None:
+    """Control frames and empty data frames count in noop_frames (the relay's allowance
+    of frames that deliver nothing); frames with payload do not."""
+    conn = Connection(ConnectionType.CLIENT)
+    stream = (
+        conn.send(WsPing(payload=b"p"))
+        + conn.send(BytesMessage(data=b"", message_finished=False))
+        + conn.send(BytesMessage(data=b"data", message_finished=False))
+        + conn.send(WsPong(payload=b""))
+        + conn.send(BytesMessage(data=b"", message_finished=True))
+        + conn.send(BytesMessage(data=b"more", message_finished=True))
+    )
+    reader = FrameReader(from_client=True, max_message=1 << 20)
+    data, events = read_all([stream[i : i + step] for i in range(0, len(stream), step)], reader)
+    assert data == b"datamore"
+    assert events == [Ping(b"p"), Pong(b"")]
+    assert reader.noop_frames == 4
