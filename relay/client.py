@@ -296,6 +296,23 @@ class RelayClient:
         self._out.poke()
         return count
 
+    def report_drops_nowait(self, src: bytes, code: wire.DropCode, count: int) -> bool:
+        """For a mesh peer: tell the relay that ``count`` packets of its client ``src`` were
+        dropped here, if it takes such reports (its ServerInfo says ``drop_reports``).
+        False if it could not be queued now (not connected yet, control queue full): the
+        caller may try again later."""
+        if self.closed_reason is not None:
+            return True  # this link is over: nobody to tell
+        if not self.connected:
+            return False
+        if self.server_info.get("drop_reports") is not True:
+            return True  # an older relay: it has no way to pass the report on
+        frame = wire.encode(wire.PacketsDroppedFor(src=src, reason=code, count=count))
+        if not self._out.control.offer(frame):
+            return False
+        self._out.poke()
+        return True
+
     def _queue(self, dest: NodeKey, payload: bytes) -> None:
         if self.closed_reason is not None:
             raise RelayClosedError(self.closed_reason)

@@ -56,6 +56,7 @@ from coordinator.registry import RelayRecord
 from coordinator.state import MeshState
 from relay.protocol.backoff import Backoff
 from relay.protocol.keys import NodeKey, PrivateKey
+from relay.protocol.wire import DropCode
 
 from .client import RelayClient, RelayClosedError
 from .queue import Outbox
@@ -165,6 +166,15 @@ class Mesh:
         queued = link.client.forward_frames_nowait(src, dest, frames, count)
         self._count(link, src, count, queued)
         return True
+
+    def report_drops(self, src: bytes, code: DropCode, count: int) -> bool:
+        """Tell the relay that holds ``src`` that ``count`` of the packets it forwarded
+        from ``src`` were dropped here (PacketsDroppedFor, where the link takes it).
+        False if the link there is not up yet (try again later)."""
+        link = self._link_to(src)
+        if link is None:
+            return True  # no relay holds src now: nobody to tell
+        return link.client.report_drops_nowait(src, code, count)
 
     def _link_to(self, dest: bytes) -> _Link | None:
         """The link towards the relay that holds ``dest`` (opened if need be), or towards

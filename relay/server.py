@@ -214,6 +214,12 @@ class PacketForwarder(Protocol):
         given as the RecvPacket frames ``dest`` is to get."""
         ...
 
+    def report_drops(self, src: bytes, code: DropCode, count: int) -> bool:
+        """Tell the relay that holds ``src`` that ``count`` packets it forwarded from
+        ``src`` were dropped here (it tells ``src``); False if that cannot be done yet
+        (the link there is still opening). Never blocks."""
+        ...
+
     def gate(self, dest: bytes) -> Outbox | None:
         """The queue packets for ``dest`` wait in (a mesh link's), for flow control.
 
@@ -566,6 +572,9 @@ class RelayServer:
         #: Clients with drops to be told about, and the event that wakes the reporter.
         self._drops_unreported: dict[_Client, None] = {}
         self._drops_to_report = trio.Event()
+        #: Drops of packets forwarded here from clients of other relays, by source, to be
+        #: told to their relays (at most _MAX_SENDERS_TRACKED sources per interval).
+        self._remote_drops: dict[bytes, Counter[DropCode]] = {}
         self._accept_error_logged_at = -_ACCEPT_ERROR_LOG_INTERVAL_S
         #: Set once drain() has begun: the relay is on its way out.
         self.draining = False
@@ -695,11 +704,51 @@ class RelayServer:
 
     def _on_queue_drop(self, frames: bytes, why: Drop, count: int) -> None:
         """A data queue dropped ``count`` frames: their sender (the source of the
-        RecvPackets, the same for every packet of a run) is told."""
-        if frames[0] == _RECV:
-            sender = self._clients.get(frames[5 : 5 + _K])
-            if sender is not None:
-                self._report_drop(sender, why, count)
+        RecvPackets, the same for every packet of a run) is told, through its own relay
+        if it is a client of another one (PacketsDroppedFor)."""
+        if frames[0] != _RECV:
+            return
+        src = frames[5 : 5 + _K]
+        sender = self._clients.get(src)
+        if sender is not None:
+            self._report_drop(sender, why, count)
+            return
+        code = _DROP_CODES.get(why)
+        if code is None or self._forwarder is None:
+            return
+        remote = self._remote_drops
+        if src not in remote:
+            if len(remote) >= _MAX_SENDERS_TRACKED:
+                return
+            remote[src] = Counter()
+        remote[src][code] += count
+        self._drops_to_report.set()
+
+    def _report_remote_drops(self) -> None:
+        """Pass drops of other relays' clients' packets to the forwarder; what it cannot
+        pass yet (a link still opening) waits for the next interval."""
+        remote, self._remote_drops = self._remote_drops, {}
+        forwarder = self._forwarder
+        if forwarder is None:
+            return
+        for src, codes in remote.items():
+            for code, n in codes.items():
+                try:
+                    if not forwarder.report_drops(src, code, min(n, 2**32 - 1)):
+                        self._remote_drops.setdefault(src, Counter())[code] += n
+                        self._drops_to_report.set()
+                except Exception as exc:
+                    self._forward_failed(exc, 0)
+
+    def _told_of_drops(self, src: bytes, code: DropCode, count: int) -> None:
+        """A mesh peer dropped ``count`` packets of our client ``src``: it is told."""
+        sender = self._clients.get(src)
+        if sender is None or sender.is_mesh:
+            return
+        sender.drops_unreported[code] += count
+        if sender not in self._drops_unreported:
+            self._drops_unreported[sender] = None
+            self._drops_to_report.set()
 
     async def _report_drops(self) -> None:
         """Send PacketsDropped to the senders that lost packets, one report per interval."""
@@ -713,6 +762,7 @@ class RelayServer:
                     frame = wire.PacketsDropped(reason=code, count=min(n, 2**32 - 1))
                     self._enqueue_ctrl(sender, wire.encode(frame))
                 sender.drops_unreported.clear()
+            self._report_remote_drops()
             await trio.sleep(interval)
 
     def watch_presence(self) -> PresenceQueue:
@@ -1065,6 +1115,8 @@ class RelayServer:
                 "forward_batch": True,
                 # ... and ForwardRun (runs as RecvPacket frames).
                 "forward_runs": True,
+                # ... and PacketsDroppedFor: it tells its clients of drops at other relays.
+                "drop_reports": True,
             }
             if self.http_url is not None:
                 info["http_url"] = self.http_url
@@ -1470,6 +1522,8 @@ class RelayServer:
                 pass
             case wire.NotePreferred(preferred=preferred):
                 client.preferred = preferred
+            case wire.PacketsDroppedFor(src=src, reason=code, count=count) if client.is_mesh:
+                self._told_of_drops(src, code, count)
             case _:
                 raise RemoteProtocolError(
                     f"{type(event).__name__} is not a frame a client may send",

@@ -42,6 +42,7 @@ type   name            body
 0x16   PacketsDropped  reason (1 B, :class:`DropCode`) | count (u32)
 0x17   ForwardPackets  source key (32) | dest key (32) | per packet: length (u32) | payload
 0x18   ForwardRun      source key (32) | dest key (32) | RecvPacket frames from that source
+0x19   DroppedFor      source key (32) | reason (1 B, :class:`DropCode`) | count (u32)
 =====  ==============  ======================================================
 
 A decoder skips frames of a type it does not know (so new frame types can be
@@ -96,6 +97,7 @@ __all__ = [
     "NeedData",
     "NotePreferred",
     "PacketsDropped",
+    "PacketsDroppedFor",
     "PeerGone",
     "PeerGoneReason",
     "PeerPresent",
@@ -166,6 +168,7 @@ class FrameType(enum.IntEnum):
     PACKETS_DROPPED = 0x16
     FORWARD_PACKETS = 0x17
     FORWARD_RUN = 0x18
+    DROPPED_FOR = 0x19
 
 
 class DropCode(enum.IntEnum):
@@ -369,6 +372,16 @@ class PacketsDropped:
     count: int
 
 
+@dataclass(**_EV)
+class PacketsDroppedFor:
+    """Between relays: ``count`` packets from ``src`` (a client of the relay told) were
+    dropped at the sending relay, for ``reason``; that relay tells ``src``."""
+
+    src: bytes
+    reason: DropCode
+    count: int
+
+
 Event = (
     ServerKey
     | ClientInfo
@@ -389,6 +402,7 @@ Event = (
     | Health
     | Restarting
     | PacketsDropped
+    | PacketsDroppedFor
 )
 
 
@@ -498,6 +512,11 @@ def _body(event: Event) -> tuple[FrameType, bytes]:
             if not 0 <= count < 2**32:
                 raise LocalProtocolError("a drop count must fit in 32 bits")
             return FrameType.PACKETS_DROPPED, _DROPPED.pack(reason, count)
+        case PacketsDroppedFor(src=src, reason=reason, count=count):
+            _check_key("src", src)
+            if not 0 <= count < 2**32:
+                raise LocalProtocolError("a drop count must fit in 32 bits")
+            return FrameType.DROPPED_FOR, src + _DROPPED.pack(reason, count)
     raise LocalProtocolError(f"not a frame event: {event!r}")
 
 
@@ -602,6 +621,14 @@ def decode_body(frame_type: int, body: bytes) -> Event | None:
             except ValueError:
                 drop = DropCode.OTHER
             return PacketsDropped(reason=drop, count=count)
+        case FrameType.DROPPED_FOR:
+            _need(ft, body, least=k + _DROPPED.size)
+            code, count = _DROPPED.unpack_from(body, k)
+            try:
+                drop = DropCode(code)
+            except ValueError:
+                drop = DropCode.OTHER
+            return PacketsDroppedFor(src=body[:k], reason=drop, count=count)
     raise AssertionError(ft)  # pragma: no cover - every FrameType has an arm
 
 

@@ -72,9 +72,12 @@ async def test_fast_sender_to_a_slow_receiver_loses_nothing(nursery: trio.Nurser
     assert sender.statistics().dropped_by_relay == 0
 
 
-async def start_node(nursery: trio.Nursery, store, region: str, name: str) -> NodeInfo:  # type: ignore[no-untyped-def]
+async def start_node(  # type: ignore[no-untyped-def]
+    nursery: trio.Nursery, store, region: str, name: str, **limits: object
+) -> NodeInfo:
     cfg = load_config(
         overrides={
+            "limits": limits,
             "relay": {"port": 0, "http_port": 0, "stun_port": 0, "region": region, "name": name},
             "mesh": {"lease_ttl_s": 2, "keepalive_interval_s": 0.5},
             "health": {"enabled": False},
@@ -151,6 +154,37 @@ async def test_a_receiver_that_reads_nothing_does_not_stop_the_senders_other_flo
         st = server.statistics()
         assert st.flow_gave_up >= 1
         assert sum(st.drops.values()) == dropped()
+
+
+async def test_drops_at_the_far_relay_are_reported_to_the_sender(nursery: trio.Nursery) -> None:
+    """A receiver on us that reads nothing: its packets from a sender on eu are dropped
+    at us, which tells eu (PacketsDroppedFor), which tells the sender: every drop."""
+    fast = {"write_timeout_s": 120, "drop_report_interval_s": 0.05}
+    async with open_memory_store() as store:
+        eu = await start_node(nursery, store, "eu", "eu-1", **fast)
+        us = await start_node(nursery, store, "us", "us-1", **fast)
+        assert eu.state is not None
+        a, stuck = PrivateKey.generate(), PrivateKey.generate()
+        async with (
+            open_relay_client(eu.ws_url, a) as sender,
+            open_websocket_url(us.ws_url, subprotocols=["derp"], disconnect_timeout=0.1) as ws,
+        ):
+            await client_handshake(ws, wire.FrameDecoder(), stuck)
+            with trio.fail_after(10):
+                await wait_until(lambda: eu.state.route(stuck.public.raw) is not None)
+            with trio.fail_after(120):
+                await blast(sender, [stuck.public], PACKETS)
+
+            def dropped() -> int:
+                drops = us.server.statistics().drops
+                return drops["queue_full"] + drops["queue_bytes_full"]
+
+            with trio.fail_after(30):
+                await wait_until(lambda: dropped() > 0)
+                await wait_until(lambda: sender.statistics().dropped_by_relay == dropped())
+            assert set(sender.dropped_by_relay) == {wire.DropCode.QUEUE_FULL}
+            # Nothing was dropped on the sender's side of the hop.
+            assert sum(eu.server.statistics().drops.values()) == 0
 
 
 def queued_frames(client: RelayClient) -> list[wire.Event]:

@@ -61,6 +61,10 @@ TABLE: list[tuple[wire.Event, bytes]] = [
         hdr(0x16, 5) + b"\x04" + struct.pack(">I", 300),
     ),
     (
+        wire.PacketsDroppedFor(src=A, reason=wire.DropCode.QUEUE_FULL, count=7),
+        hdr(0x19, 37) + A + b"\x01" + struct.pack(">I", 7),
+    ),
+    (
         wire.ForwardRun(src=A, dest=B, frames=hdr(5, 33) + A + b"p" + hdr(5, 32) + A),
         hdr(0x18, 64 + 38 + 37) + A + B + hdr(5, 33) + A + b"p" + hdr(5, 32) + A,
     ),
@@ -281,6 +285,7 @@ events = st.one_of(
         payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=5).map(tuple),
     ),
     st.builds(wire.PacketsDropped, reason=st.sampled_from(wire.DropCode), count=u32),
+    st.builds(wire.PacketsDroppedFor, src=keys, reason=st.sampled_from(wire.DropCode), count=u32),
     keys.flatmap(
         lambda src: st.builds(
             wire.ForwardRun,
