@@ -125,6 +125,7 @@ class RelayClient:
         receive_queue_packets: int = 1024,
         max_message_bytes: int = 64 * 1024,
         connect_timeout_s: float = 5.0,
+        write_timeout_s: float = 15.0,
         disco_key: NodeKey | None = None,
         endpoints: Sequence[str] = (),
         backoff_initial_s: float = 0.05,
@@ -146,6 +147,8 @@ class RelayClient:
         self._preferred = preferred
         self._max_message = max_message_bytes
         self._connect_timeout = connect_timeout_s
+        #: A relay whose socket takes nothing of a send for this long is given up on.
+        self._write_timeout = write_timeout_s
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         #: What wss:// relays are verified with (None: the system's trust store).
         self._ssl_context = ssl_context
@@ -529,6 +532,7 @@ class RelayClient:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._reader, ws, decoder, nursery.cancel_scope, result)
                     nursery.start_soon(self._writer, ws, nursery.cancel_scope, result)
+                    nursery.start_soon(self._watch_writes, ws, nursery.cancel_scope, result)
         finally:
             self._session_scope = None
             self.connected = False
@@ -595,6 +599,20 @@ class RelayClient:
             result.append(_Disconnect(f"protocol error: {exc}"))
         finally:
             scope.cancel()
+
+    async def _watch_writes(
+        self, ws: WebSocketStream, scope: trio.CancelScope, result: list[_Disconnect]
+    ) -> None:
+        """End the connection when a send has made no progress for ``write_timeout_s``:
+        a relay that reads nothing (while it may still send keepalives, so the reader
+        sees no silence) would otherwise hold the writer, and every sender, for ever."""
+        timeout = self._write_timeout
+        while True:
+            await trio.sleep(min(1.0, timeout / 4))
+            if ws.sending_since < trio.current_time() - timeout:
+                result.append(_Disconnect(f"relay took nothing for {timeout:g} s"))
+                scope.cancel()
+                return
 
     def _on_control(self, event: wire.Event | None) -> None:
         match event:

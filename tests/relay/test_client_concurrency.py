@@ -19,7 +19,8 @@ from relay.client import RelayClient, RelayClosedError, open_relay_client
 from relay.protocol import wire
 from relay.protocol.handshake import new_challenge, open_client_info, seal_server_info
 from relay.protocol.keys import PrivateKey
-from tests.conftest import start_relay
+from relay.server import RelayServer
+from tests.conftest import start_relay, wait_until
 
 SEQ = struct.Struct(">II")
 
@@ -192,3 +193,31 @@ async def test_ping_whose_connection_dropped_is_sent_again(nursery: trio.Nursery
             rtt = await client.ping()
         assert swallowed.is_set() and rtt > 0
         assert client.statistics().connects == 2
+
+
+async def test_a_relay_that_reads_nothing_is_given_up_on_after_the_write_timeout(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay completes the handshake and keeps sending keepalives, but never reads:
+    the client's writer blocks once the socket buffers are full, and its write watchdog
+    ends the connection (and the client reconnects) instead of waiting for ever."""
+
+    async def reads_nothing(self: RelayServer, client: object, decoder: object) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(RelayServer, "_read_loop", reads_nothing)
+    _, url = await start_relay(nursery, keepalive_interval_s=0.2)
+    async with open_relay_client(url, PrivateKey.generate(), write_timeout_s=0.5) as client:
+        payload = bytes(wire.MAX_PACKET_BYTES)
+        dest = PrivateKey.generate().public
+
+        async def flood() -> None:
+            while True:
+                await client.send(dest, payload)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(flood)
+            with trio.fail_after(30):
+                await wait_until(lambda: client.statistics().connects >= 2)
+            inner.cancel_scope.cancel()
+        assert "took nothing for 0.5 s" in (client.statistics().last_close or "")
