@@ -175,21 +175,27 @@ async def _embedded_with(opts: UpOptions, tls: dict[str, dict[str, str]]) -> int
 
     mesh_key = secrets.token_bytes(32)
     # Signals are caught from the start, so a Ctrl-C while relays start stops cleanly.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP reloads every relay's certificate, as it does for `relaymesh relay`.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         got: list[int] = []
+        infos: list[NodeInfo] = []
         async with open_memory_store() as store, trio.open_nursery() as nursery:
             starting = trio.CancelScope()
             stop = trio.Event()
 
             async def watch() -> None:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        for info in infos:
+                            if info.tls is not None:
+                                info.tls.reload()
+                        continue
                     got.append(signum)
                     starting.cancel()
                     stop.set()
                     return
 
             nursery.start_soon(watch)
-            infos: list[NodeInfo] = []
             cfgs = []
             with starting:
                 for spec in _layout(opts):
@@ -264,8 +270,15 @@ def _processes(opts: UpOptions) -> int:
         nonlocal stop
         stop = signum
 
+    def on_hangup(signum: int, frame: object) -> None:
+        # Each relay process reloads its certificate on SIGHUP.
+        for relay in relays:
+            if relay.proc.poll() is None:
+                relay.proc.send_signal(signal.SIGHUP)
+
     old_int = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_hup = signal.signal(signal.SIGHUP, on_hangup)
     try:
         if opts.etcd == "auto":
             etcd = start_etcd(workdir / "etcd")
@@ -331,6 +344,7 @@ def _processes(opts: UpOptions) -> int:
             etcd.stop_all(kill=False)
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGHUP, old_hup)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

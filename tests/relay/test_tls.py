@@ -11,6 +11,7 @@ import os
 import signal
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -395,6 +396,22 @@ def test_up_tls_serves_wss_with_a_ca_it_prints(tmp_path: Path) -> None:
                             return
 
         trio.run(check)
+        # SIGHUP reloads every relay's certificate (counted), and stops nothing.
+        up.send_signal(signal.SIGHUP)
+
+        def reloads() -> int:
+            text = httpx.get(f"{eu['http_url']}/metrics", verify=trust, timeout=5).text
+            return sum(
+                int(float(line.rsplit(" ", 1)[1]))
+                for line in text.splitlines()
+                if line.startswith("relaymesh_tls_reloads_total{") and 'result="ok"' in line
+            )
+
+        deadline = time.monotonic() + 20
+        while reloads() < 1:
+            assert time.monotonic() < deadline, "no reload counted after SIGHUP"
+            time.sleep(0.1)
+        assert up.poll() is None
     finally:
         up.send_signal(signal.SIGINT)
         _, err = up.communicate(timeout=30)
