@@ -749,8 +749,8 @@ async def client_handshake(
 
 
 def _os_reason(exc: BaseException) -> str:
-    """The operating system's reason behind a failed connect ("Connection refused"), which
-    trio-websocket wraps in a HandshakeError without text and trio in an exception group."""
+    """The operating system's reason behind a failed connect ("Connection refused"), or
+    the TLS or upgrade problem, which trio may wrap in an exception group or a cause."""
     tls = describe_tls_error(exc)
     if tls is not None:
         return tls

@@ -140,21 +140,6 @@ class Mesh:
 
     # ---- the hot path -------------------------------------------------------
 
-    def forward(self, src: bytes, dest: bytes, payload: bytes) -> bool:
-        """Send a packet towards the relay that holds ``dest``; False if none is known."""
-        return self.forward_run(src, dest, [payload])
-
-    def forward_run(self, src: bytes, dest: bytes, payloads: list[bytes]) -> bool:
-        """Send consecutive packets from ``src`` to ``dest`` towards the relay that holds
-        ``dest`` (in ForwardPackets frames where the link takes them); False if none is known.
-        """
-        link = self._link_to(dest)
-        if link is None:
-            return False
-        link.last_used = trio.current_time()
-        self._count(link, src, len(payloads), link.client.forward_run_nowait(src, dest, payloads))
-        return True
-
     def forward_frames(self, src: bytes, dest: bytes, frames: bytes, count: int) -> bool:
         """Send a run of ``count`` packets from ``src`` to ``dest`` (the RecvPacket frames
         ``dest`` is to get) towards the relay that holds ``dest``: as they are, in one

@@ -8,9 +8,9 @@ once; at that cap a new connection from the source holding the most of them is
 closed right after accept, and one from any other source takes the place of
 that source's oldest (``_PreauthTable``). Each connection let in runs
 :meth:`RelayServer._connection`, an error boundary around its whole life: a
-nursery of the connection's own holds trio-websocket's reader task, the upgrade
-and the handshake (one deadline from accept), then a nursery
-holding our reader task and writer task. When one of them ends (peer closed,
+task of its own runs the TLS handshake, the upgrade and the relay handshake
+(one deadline from accept), then a nursery holding its reader task and writer
+task. When one of them ends (peer closed,
 bad frame, write timeout, replaced) it records why and cancels the nursery,
 and the connection closes the WebSocket with that reason. Whatever escapes is
 logged once, counted in ``closes`` and ends that connection only; every
@@ -202,16 +202,13 @@ _DROP_CODES = {
 class PacketForwarder(Protocol):
     """Carries packets for keys not connected here (the mesh); see add_forwarder."""
 
-    def forward(self, src: bytes, dest: bytes, payload: bytes) -> bool:
-        """Send a packet towards the relay that holds ``dest``; False if none is known.
+    def forward_frames(self, src: bytes, dest: bytes, frames: bytes, count: int) -> bool:
+        """Send a run of ``count`` packets from ``src`` to ``dest``, given as the
+        RecvPacket frames ``dest`` is to get, towards the relay that holds ``dest``;
+        False if none is known.
 
         Called on a reader's hot path: it must not block or await.
         """
-        ...
-
-    def forward_frames(self, src: bytes, dest: bytes, frames: bytes, count: int) -> bool:
-        """Like :meth:`forward` for a run of ``count`` packets from ``src`` to ``dest``,
-        given as the RecvPacket frames ``dest`` is to get."""
         ...
 
     def report_drops(self, src: bytes, code: DropCode, count: int) -> bool:
@@ -586,7 +583,7 @@ class RelayServer:
     ) -> None:
         """Accept WebSocket clients on ``host:port`` until cancelled; started() with the port.
 
-        Our own accept loop rather than trio-websocket's ``serve_websocket``: see
+        Our own accept loop rather than a WebSocket library's server: see
         :meth:`_connection` and docs/architecture.md. Out of file descriptors
         (EMFILE, ENFILE) or memory, accept waits and tries again every 100 ms, each
         failure counted in ``accept_errors``: connections already open are served
@@ -695,7 +692,12 @@ class RelayServer:
     def _report_drop(self, sender: _Client, why: Drop | DropReason, n: int = 1) -> None:
         """Tell ``sender`` (soon, rate-limited) that ``n`` of its packets were dropped."""
         code = _DROP_CODES.get(why)
-        if code is None or sender.is_mesh:
+        if code is not None:
+            self._queue_report(sender, code, n)
+
+    def _queue_report(self, sender: _Client, code: DropCode, n: int) -> None:
+        """Add ``n`` to what ``sender`` is told in its next PacketsDropped (by _report_drops)."""
+        if sender.is_mesh:
             return
         sender.drops_unreported[code] += n
         if sender not in self._drops_unreported:
@@ -743,12 +745,8 @@ class RelayServer:
     def _told_of_drops(self, src: bytes, code: DropCode, count: int) -> None:
         """A mesh peer dropped ``count`` packets of our client ``src``: it is told."""
         sender = self._clients.get(src)
-        if sender is None or sender.is_mesh:
-            return
-        sender.drops_unreported[code] += count
-        if sender not in self._drops_unreported:
-            self._drops_unreported[sender] = None
-            self._drops_to_report.set()
+        if sender is not None:
+            self._queue_report(sender, code, count)
 
     async def _report_drops(self) -> None:
         """Send PacketsDropped to the senders that lost packets, one report per interval."""
@@ -778,8 +776,8 @@ class RelayServer:
     def add_forwarder(self, forwarder: PacketForwarder) -> None:
         """Hand packets for keys not connected here to ``forwarder`` (one at a time).
 
-        Its ``forward`` runs synchronously in the sending client's reader; an
-        exception from it drops that packet (``forward_error``) and nothing else.
+        Its ``forward_frames`` runs synchronously in the sending client's reader; an
+        exception from it drops those packets (``forward_error``) and nothing else.
         """
         if self._forwarder is not None and self._forwarder is not forwarder:
             raise RuntimeError("another packet forwarder is registered")
@@ -848,16 +846,14 @@ class RelayServer:
     async def _connection(self, stream: trio.SocketStream, conn: _Conn) -> None:
         """The error boundary around one TCP connection's whole life.
 
-        Everything the connection runs (trio-websocket's reader task included) runs
-        in a nursery of its own, inside this guard. Whatever escapes it is logged
+        Everything the connection runs (TLS, upgrade, handshake, then the nursery of
+        its reader and writer) runs inside this guard. Whatever escapes it is logged
         once with the peer's address, counted in ``closes`` by reason, and ends this
         connection only: the server's own cancellation (and KeyboardInterrupt) pass
         through untouched. Every accepted connection is counted exactly once.
         """
         try:
-            async with trio.open_nursery() as nursery:
-                await self._serve_connection(nursery, stream, conn)
-                nursery.cancel_scope.cancel()
+            await self._serve_connection(stream, conn)
         except BaseException as exc:
             self._contain(conn, exc)
         finally:
@@ -926,9 +922,7 @@ class RelayServer:
         conn.stage = "upgrade"
         return stream
 
-    async def _serve_connection(
-        self, nursery: trio.Nursery, tcp: trio.SocketStream, conn: _Conn
-    ) -> None:
+    async def _serve_connection(self, tcp: trio.SocketStream, conn: _Conn) -> None:
         lim = self._limits
         decoder = wire.FrameDecoder(max_body=wire.MAX_HANDSHAKE_BODY)
         hello: ClientHello | None = None
@@ -1427,7 +1421,7 @@ class RelayServer:
         """
         n = len(body)
         if n < 2 * _K or n > 2 * _K + wire.MAX_PACKET_BYTES:
-            self._bad_packet(n - _K)
+            raise wire.bad_send_packet(n - _K)
         dest = self._forwarded_to(body, 1)
         if dest is None:
             return None
@@ -1489,15 +1483,6 @@ class RelayServer:
             self._c.drops[DropReason.DEST_CLOSING] += count
             return None
         return dest
-
-    @staticmethod
-    def _bad_packet(n: int) -> None:
-        if n < _K:
-            raise RemoteProtocolError(f"SendPacket body of {n} bytes has no destination")
-        raise RemoteProtocolError(
-            f"packet of {n - _K} bytes is over the limit of {wire.MAX_PACKET_BYTES}",
-            CloseReason.FRAME_TOO_LARGE,
-        )
 
     def _note_gone(self, src: _Client, dest_key: bytes) -> None:
         now = trio.current_time()

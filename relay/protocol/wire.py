@@ -111,6 +111,8 @@ __all__ = [
     "ServerInfo",
     "ServerKey",
     "WatchConns",
+    "bad_send_packet",
+    "count_run",
     "decode_body",
     "encode",
     "frame_header",
@@ -702,7 +704,9 @@ def run_payloads(frames: bytes) -> list[bytes]:
     return out
 
 
-def _bad_send_packet(length: int) -> RemoteProtocolError:
+def bad_send_packet(length: int) -> RemoteProtocolError:
+    """The error for a SendPacket (or a forwarded packet, keys aside) whose body of
+    ``length`` bytes has no destination key or holds a packet over the limit."""
     if length < KEY_BYTES:
         return RemoteProtocolError(f"SendPacket body of {length} bytes has no destination")
     return RemoteProtocolError(
@@ -880,7 +884,7 @@ class FrameDecoder:
             key = pos + HEADER_BYTES
             if frame_type == _SEND_TYPE:
                 if length < KEY_BYTES or length > largest:
-                    error = _bad_send_packet(length)
+                    error = bad_send_packet(length)
                     break
                 if not (run_count and at_key(run_key, key)):
                     if run_count:

@@ -52,6 +52,19 @@ async def _close(conn: ClientConnection) -> None:
     await trio.to_thread.run_sync(conn.close)
 
 
+async def _closed_after_sending(conn: ClientConnection, message: bytes | str) -> ConnectionClosed:
+    """Handshake, send ``message``, then read until the relay closes: how it closed."""
+    try:
+        await client_handshake(_Blocking(conn), wire.FrameDecoder(), PrivateKey.generate())
+        await trio.to_thread.run_sync(conn.send, message)
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                await trio.to_thread.run_sync(partial(conn.recv, timeout=10))
+    finally:
+        await _close(conn)
+    return info.value
+
+
 async def test_a_websockets_client_sends_fragments_and_pings_between_them(
     nursery: trio.Nursery,
 ) -> None:
@@ -90,38 +103,22 @@ async def test_the_relay_closes_a_websockets_client_with_code_and_reason(
     nursery: trio.Nursery,
 ) -> None:
     server, url = await start_relay(nursery)
-    conn = await _connect(url)
-    try:
-        await client_handshake(_Blocking(conn), wire.FrameDecoder(), PrivateKey.generate())
-        await trio.to_thread.run_sync(conn.send, "a text message")
-        with pytest.raises(ConnectionClosed) as info:
-            while True:
-                await trio.to_thread.run_sync(partial(conn.recv, timeout=10))
-    finally:
-        await _close(conn)
-    assert info.value.rcvd is not None
-    assert info.value.rcvd.code == CloseReason.TEXT_MESSAGE
-    assert info.value.rcvd.reason.startswith("text_message: ")
+    closed = await _closed_after_sending(await _connect(url), "a text message")
+    assert closed.rcvd is not None
+    assert closed.rcvd.code == CloseReason.TEXT_MESSAGE
+    assert closed.rcvd.reason.startswith("text_message: ")
     # The client answered our Close: the close handshake finished on both sides.
-    assert info.value.sent is not None
-    assert info.value.sent.code == CloseReason.TEXT_MESSAGE
+    assert closed.sent is not None
+    assert closed.sent.code == CloseReason.TEXT_MESSAGE
     assert server.statistics().closes == {"text_message": 1}
 
 
 async def test_a_message_over_the_relay_limit_is_closed_1009(nursery: trio.Nursery) -> None:
     server, url = await start_relay(nursery, max_receive_message_bytes=100_000)
-    conn = await _connect(url, max_size=None)
-    try:
-        await client_handshake(_Blocking(conn), wire.FrameDecoder(), PrivateKey.generate())
-        await trio.to_thread.run_sync(conn.send, b"\x00" * 100_001)
-        with pytest.raises(ConnectionClosed) as info:
-            while True:
-                await trio.to_thread.run_sync(partial(conn.recv, timeout=10))
-    finally:
-        await _close(conn)
-    assert info.value.rcvd is not None
-    assert info.value.rcvd.code == CloseReason.MESSAGE_TOO_BIG
-    assert info.value.rcvd.reason.startswith("message_too_big: ")
+    closed = await _closed_after_sending(await _connect(url, max_size=None), b"\x00" * 100_001)
+    assert closed.rcvd is not None
+    assert closed.rcvd.code == CloseReason.MESSAGE_TOO_BIG
+    assert closed.rcvd.reason.startswith("message_too_big: ")
     assert server.statistics().closes == {"message_too_big": 1}
 
 
